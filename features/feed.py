@@ -1,0 +1,71 @@
+"""Composing a feed from ranked candidate lists: the one definition of the fallback chain.
+
+Sources are tried in order; each contributes its best items that are not blocked (already bought, excluded,
+filtered) and not already taken, until the feed holds `n`. Serving and offline evaluation both call this,
+so what is measured is what is served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+
+class Source(StrEnum):
+    """Where an item in a feed came from; the order of the fallback chain (DESIGN)."""
+
+    ALS = "als"
+    FOLD_IN = "fold_in"
+    NEIGHBOURS = "neighbours"
+    TRENDING_CATEGORY = "trending_category"
+    TRENDING = "trending"
+    POPULAR = "popular"
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    source: Source
+    items: np.ndarray  # item idx, best first
+    scores: np.ndarray  # same length, the source's own score
+
+
+@dataclass(frozen=True, slots=True)
+class Feed:
+    items: np.ndarray  # item idx, best first
+    scores: np.ndarray
+    sources: tuple[Source, ...]
+
+    @property
+    def step(self) -> Source | None:
+        """The step of the chain that answered first (the feed's main source)."""
+        return self.sources[0] if self.sources else None
+
+
+def compose_feed(chain: Sequence[Candidates], n: int, blocked: np.ndarray | None = None) -> Feed:
+    """Take up to `n` items along the chain, skipping blocked (bool mask per item idx) and repeated ones."""
+    taken: list[int] = []
+    scores: list[float] = []
+    sources: list[Source] = []
+    seen: set[int] = set()
+    for candidates in chain:
+        if len(taken) >= n:
+            break
+        items = candidates.items
+        if blocked is not None and len(items):
+            keep = ~blocked[items]
+            items, cand_scores = items[keep], candidates.scores[keep]
+        else:
+            cand_scores = candidates.scores
+        for idx, score in zip(items.tolist(), cand_scores.tolist(), strict=True):
+            if idx in seen:
+                continue
+            seen.add(idx)
+            taken.append(idx)
+            scores.append(score)
+            sources.append(candidates.source)
+            if len(taken) >= n:
+                break
+    return Feed(np.asarray(taken, dtype=np.int64), np.asarray(scores, dtype=np.float32), tuple(sources))

@@ -1,0 +1,125 @@
+"""Reading the raw tables of a data directory: CSV (optionally gzipped), Parquet and JSON Lines.
+
+Every column is read as text (ids stay strings: "007" is never 7); typing and checking the values is the
+job of `features.validation`. Each row keeps its file and 1-based record number for the rejects file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.schema import Table
+
+SUFFIXES = (".csv", ".csv.gz", ".parquet", ".jsonl", ".jsonl.gz", ".ndjson", ".json")
+SOURCE_FILE = "_file"
+SOURCE_ROW = "_row"
+
+
+class DataDirectoryError(ValueError):
+    """The data directory cannot be read as a whole (missing table, unreadable file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RawTable:
+    """A table as read: values text (or datetimes from typed files) or missing, plus `_file`, `_row`."""
+
+    name: Table
+    frame: pd.DataFrame
+    files: tuple[Path, ...]
+
+
+def _has_table_suffix(path: Path) -> bool:
+    return any(path.name.endswith(suffix) for suffix in SUFFIXES)
+
+
+def table_files(data_dir: Path, table: Table) -> list[Path]:
+    """Files holding `table`: `events.csv`, `events-*.jsonl`, or any data file under an `events/` folder.
+
+    The event log writes one file per process and hour into `events/`, so a data directory plus the log is
+    one training set.
+    """
+    found = [
+        p for p in sorted(data_dir.iterdir())
+        if p.is_file() and _has_table_suffix(p)
+        and (p.name.split(".")[0] == table.value or p.name.startswith(f"{table.value}-"))
+    ]
+    folder = data_dir / table.value
+    if folder.is_dir():
+        found += [p for p in sorted(folder.rglob("*")) if p.is_file() and _has_table_suffix(p)]
+    return found
+
+
+def _as_text(column: pd.Series) -> pd.Series:
+    """Text form of a column that a typed format (Parquet, JSON) may have stored as numbers.
+
+    Datetime columns stay datetimes (validation checks their zone); missing values stay missing.
+    """
+    if pd.api.types.is_datetime64_any_dtype(column.dtype):
+        return column
+    return column.astype("str")
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], compression="infer")
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    table: pa.Table = pq.read_table(path)
+    return table.to_pandas()
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    records: list[dict[str, object]] = []
+    with opener(path, "rb") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                value = {"_parse_error": f"line {line_no} is not JSON: {exc}"}
+            if not isinstance(value, dict):
+                value = {"_parse_error": f"line {line_no} is not a JSON object"}
+            records.append(value)
+    return pd.DataFrame.from_records(records)
+
+
+def read_file(path: Path) -> pd.DataFrame:
+    """One file as a frame of text values (None where missing), with its source columns."""
+    name = path.name
+    try:
+        if name.endswith((".csv", ".csv.gz")):
+            frame = _read_csv(path).replace({"": None})
+        elif name.endswith(".parquet"):
+            frame = _read_parquet(path)
+        else:
+            frame = _read_jsonl(path)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise DataDirectoryError(f"cannot read {path}: {exc}") from exc
+    frame = pd.DataFrame({str(col): _as_text(frame[col]) for col in frame.columns}, index=frame.index)
+    frame[SOURCE_FILE] = str(path)
+    frame[SOURCE_ROW] = range(1, len(frame) + 1)
+    return frame.reset_index(drop=True)
+
+
+def read_table(data_dir: Path, table: Table, *, required: bool = False) -> RawTable | None:
+    """All files of one table, concatenated; None when the table is absent and optional."""
+    files = table_files(data_dir, table)
+    if not files:
+        if required:
+            raise DataDirectoryError(
+                f"{data_dir} has no {table.value} table: expected {table.value}.csv[.gz], .parquet or .jsonl"
+            )
+        return None
+    frames = [read_file(path) for path in files]
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return RawTable(name=table, frame=frame, files=tuple(files))

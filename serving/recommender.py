@@ -1,0 +1,127 @@
+"""Answering feeds from a loaded bundle: ALS retrieval through FAISS, then the fallback chain.
+
+Batch `sharefeed recommend` and the HTTP feed both call `Recommender.feed`, so a user with no events
+since training gets the same items from either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from features.feed import Candidates, Feed, Source, compose_feed
+from features.popularity import ranked
+from features.repurchase import NO_CATEGORY
+from training.bundle import Bundle
+
+FALLBACK_DEPTH = 2000  # how far down the trending and popular lists a feed may reach
+RETRIEVAL_MARGIN = 32  # over-fetch beyond n + blocked items, so filters rarely leave a feed short
+
+
+@dataclass(frozen=True, slots=True)
+class FeedItem:
+    item_id: str
+    score: float
+    source: Source
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FeedResult:
+    user_id: str
+    items: tuple[FeedItem, ...]
+    personalized: bool
+    step: Source | None
+
+
+class Recommender:
+    """Read-only after construction, so one instance serves concurrent requests."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        meta = bundle.item_meta
+        self._category = meta["category"].fillna(NO_CATEGORY).to_numpy(dtype=object)
+        self._out_of_stock = (meta["in_stock"].fillna(True) == False).to_numpy(dtype=bool)  # noqa: E712
+        policy = bundle.manifest.repurchase
+        self._once_only = ~policy.repeatable_mask(self._category)
+        pop = bundle.popularity
+        trending, popular = ranked(pop.trending, FALLBACK_DEPTH), ranked(pop.popular, FALLBACK_DEPTH)
+        self._trending = Candidates(Source.TRENDING, trending, pop.trending[trending])
+        self._popular = Candidates(Source.POPULAR, popular, pop.popular[popular])
+        self._by_category = pd.Series(np.arange(len(self._category))).groupby(self._category).indices
+        if hasattr(bundle.index, "hnsw"):
+            bundle.index.hnsw.efSearch = bundle.manifest.model.ef_search
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    def _blocked(self, user_idx: int | None, exclude: Sequence[str], category: str | None,
+                 personalized: bool) -> np.ndarray:
+        mask = self._out_of_stock.copy()
+        if personalized and user_idx is not None:
+            bought = self.bundle.bought
+            items = bought.indices[bought.indptr[user_idx] : bought.indptr[user_idx + 1]]
+            mask[items[self._once_only[items]]] = True
+        if exclude:
+            codes = self.bundle.items.indexes(list(exclude))
+            mask[codes[codes >= 0]] = True
+        if category is not None:
+            mask |= self._category != category
+        return mask
+
+    def _retrieve(self, user_idx: int, n: int, blocked: np.ndarray, category: str | None) -> Candidates:
+        vector = self.bundle.user_factors[user_idx : user_idx + 1]
+        if category is not None:
+            members = self._by_category.get(category, np.empty(0, dtype=np.int64))
+            scores = self.bundle.item_factors[members] @ vector[0]
+            order = np.argsort(-scores, kind="stable")
+            return Candidates(Source.ALS, members[order], scores[order])
+        n_items = len(blocked)
+        k = min(n_items, n + int(blocked.sum()) + RETRIEVAL_MARGIN)
+        while True:
+            scores, items = self.bundle.index.search(vector, k)
+            found = items[0] >= 0
+            kept = (~blocked[items[0][found]]).sum()
+            if kept >= n or k >= n_items:
+                return Candidates(Source.ALS, items[0][found].astype(np.int64), scores[0][found])
+            k = min(n_items, k * 2)
+
+    def _category_trending(self, category: str) -> Candidates:
+        members = self._by_category.get(category, np.empty(0, dtype=np.int64))
+        trending = self.bundle.popularity.trending[members]
+        popular = self.bundle.popularity.popular[members]
+        order = np.lexsort((members, -popular, -trending))
+        chosen = members[order][:FALLBACK_DEPTH]
+        return Candidates(Source.TRENDING_CATEGORY, chosen, trending[order][:FALLBACK_DEPTH])
+
+    def feed(self, user_id: str, n: int, *, category: str | None = None, exclude: Sequence[str] = (),
+             personalized: bool = True) -> FeedResult:
+        user_idx = self.bundle.users.index_of(user_id) if personalized else None
+        blocked = self._blocked(user_idx, exclude, category, personalized)
+        chain: list[Candidates] = []
+        if user_idx is not None:
+            chain.append(self._retrieve(user_idx, n, blocked, category))
+        if category is not None:
+            chain.append(self._category_trending(category))
+        chain += [self._trending, self._popular]
+        feed = compose_feed(chain, n, blocked)
+        return FeedResult(user_id, self._items(feed, category), user_idx is not None, feed.step)
+
+    def _items(self, feed: Feed, category: str | None) -> tuple[FeedItem, ...]:
+        ids = self.bundle.items.ids
+        return tuple(
+            FeedItem(str(ids[idx]), float(score), source, self._reason(source, int(idx)))
+            for idx, score, source in zip(feed.items.tolist(), feed.scores.tolist(), feed.sources, strict=True)
+        )
+
+    def _reason(self, source: Source, item_idx: int) -> str:
+        category = self._category[item_idx]
+        if source is Source.ALS:
+            return "picked for your taste from what you browsed and bought"
+        if source in (Source.TRENDING, Source.TRENDING_CATEGORY):
+            return f"trending in {category}" if category else "trending now"
+        return f"popular in {category}" if category else "popular with shoppers"

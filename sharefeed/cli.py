@@ -1,0 +1,126 @@
+"""The `sharefeed` console script. Each command parses its options and settings and calls one library
+function; no logic lives here."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+
+def _echo(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group()
+def main() -> None:
+    """sharefeed: recommendations and audience segments for social e-commerce."""
+
+
+@main.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--rejects", type=click.Path(path_type=Path), default=Path("rejects.csv"), show_default=True,
+              help="Where to write the refused rows with their row numbers and reasons.")
+@click.option("--params", "params_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Training parameters YAML (for configured event types and the reject limit).")
+def validate(data_dir: Path, rejects: Path, params_file: Path | None) -> None:
+    """Check a data directory: print counts per table and write the rejects file."""
+    from features.dataset import RejectLimitError, load_dataset
+    from training.params import load_params
+
+    params = load_params(params_file)
+    data = load_dataset(data_dir, params.weights.keys())
+    data.write_rejects(rejects)
+    click.echo(data.summary().to_string(index=False))
+    if not data.rejects.empty:
+        click.echo("\nrejected rows by reason:")
+        for check in data.checks:
+            for reason, count in check.reasons().items():
+                click.echo(f"  {check.table}: {reason}: {count}")
+    click.echo(f"\nrejects written to {rejects}")
+    try:
+        data.enforce_reject_limit(params.max_reject_share, rejects)
+    except RejectLimitError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command("demo-data")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--users", default=5_000, show_default=True)
+@click.option("--items", default=2_000, show_default=True)
+@click.option("--categories", default=20, show_default=True)
+@click.option("--days", default=60, show_default=True)
+@click.option("--intensity", default=0.6, show_default=True, help="Average activity per user and day.")
+@click.option("--seed", default=7, show_default=True)
+def demo_data(out: Path, users: int, items: int, categories: int, days: int, intensity: float, seed: int) -> None:
+    """Write a realistic synthetic social-commerce data set (deterministic for a seed)."""
+    from features.synthetic import DemoDataConfig, generate_demo_data
+
+    config = DemoDataConfig(users=users, items=items, categories=categories, days=days,
+                            events_per_user_day=intensity, seed=seed)
+    summary = generate_demo_data(out, config, progress=_echo)
+    click.echo(f"wrote {summary.events:,} events, {summary.users:,} users, {summary.items:,} items, "
+               f"{summary.social_edges:,} social edges, {summary.shares:,} shares to {out}")
+
+
+@main.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--params", "params_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Training parameters YAML (see docs/training.md).")
+@click.option("--rejects", type=click.Path(path_type=Path), help="Default: BUNDLE.rejects.csv beside the bundle.")
+@click.option("--now", type=click.DateTime(formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"]),
+              help="Pin 'now' for time windows (default: the newest event).")
+def train(data_dir: Path, out: Path, params_file: Path | None, rejects: Path | None, now: datetime | None) -> None:
+    """Train, evaluate against baselines, log to MLflow and write the bundle."""
+    from features.dataset import RejectLimitError
+    from training.params import load_params
+    from training.pipeline import train as run_training
+    from training.settings import TrainingSettings
+
+    settings = TrainingSettings()
+    if now is not None:
+        settings = settings.model_copy(update={"now": now})
+    try:
+        run_training(data_dir, out, load_params(params_file), settings, rejects_path=rejects, say=_echo)
+    except RejectLimitError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("--bundle", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--users", "users_file", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("-n", "n", default=20, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+def recommend(bundle: Path, users_file: Path, n: int, out: Path) -> None:
+    """Batch feeds: one JSON line per user, {"user_id": ..., "items": [...best first...]}."""
+    from serving.batch import read_user_ids, write_recommendations
+    from serving.recommender import Recommender
+    from training.bundle import load_bundle
+
+    written = write_recommendations(Recommender(load_bundle(bundle)), read_user_ids(users_file), n, out)
+    _echo(f"wrote {written:,} feeds to {out}")
+
+
+@main.command()
+@click.option("--bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--host")
+@click.option("--port", type=int)
+def serve(bundle: Path | None, host: str | None, port: int | None) -> None:
+    """The HTTP service (OpenAPI at /docs)."""
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.settings import ServingSettings
+
+    overrides = {k: v for k, v in {"bundle": bundle, "host": host, "port": port}.items() if v is not None}
+    settings = ServingSettings(**overrides)  # type: ignore[arg-type]
+    if settings.bundle is None:
+        raise click.UsageError("no bundle: pass --bundle or set SHAREFEED_BUNDLE")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

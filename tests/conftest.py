@@ -1,0 +1,35 @@
+"""Shared fixtures: a small trained bundle built once per session from the synthetic generator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from features.synthetic import DemoDataConfig, generate_demo_data
+from training.params import ALSParams, TrainParams
+from training.pipeline import TrainResult, train
+from training.settings import TrainingSettings
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TINY_ALS = ALSParams(factors=16, iterations=6, regularization=0.1, alpha=10.0)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "data"
+    generate_demo_data(out, DemoDataConfig(users=400, items=200, categories=6, days=21, seed=3))
+    return out
+
+
+@pytest.fixture(scope="session")
+def training_settings(tmp_path_factory: pytest.TempPathFactory) -> TrainingSettings:
+    return TrainingSettings(home=tmp_path_factory.mktemp("home"), mlflow_uri=None, now=None)
+
+
+@pytest.fixture(scope="session")
+def trained(demo_dir: Path, training_settings: TrainingSettings,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainResult]:
+    out = tmp_path_factory.mktemp("bundles") / "demo"
+    yield train(demo_dir, out, TrainParams(als=TINY_ALS), training_settings, say=lambda _: None)

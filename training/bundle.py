@@ -1,0 +1,242 @@
+"""The bundle: one versioned directory with everything serving needs to answer for a model.
+
+Writing happens in a temporary directory that is renamed into place, so a reader never sees half a
+bundle; loading checks the schema version and the checksum of every file and refuses on any mismatch.
+This module and `features` are all of training that serving imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from features.popularity import ItemPopularity
+from features.repurchase import RepurchasePolicy
+from features.vocab import Vocabulary
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ITEM_META_COLUMNS = ("category", "brand", "title", "price", "in_stock", "created_at")
+
+
+class BundleError(ValueError):
+    """A bundle that must not be served: missing, tampered with, or of another schema."""
+
+
+class DataWindow(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    start: datetime
+    end: datetime  # newest event seen
+    now: datetime  # the moment time windows are measured back from
+
+
+class HoldoutInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str
+    cut: datetime | None
+    note: str
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    factors: int
+    regularization: float
+    alpha: float
+    confidence_scale: str
+    index_kind: str
+    ef_search: int
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: int
+    bundle_version: str
+    created_at: datetime
+    params_digest: str
+    feature_set_digest: str
+    data_window: DataWindow
+    holdout: HoldoutInfo
+    model: ModelInfo
+    repurchase: RepurchasePolicy
+    event_weights: dict[str, float]
+    counts: dict[str, int]
+    metrics: dict[str, float]
+    mlflow_run_id: str | None
+    files: dict[str, str]  # file name -> sha256
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """A loaded, verified bundle."""
+
+    path: Path
+    manifest: Manifest
+    users: Vocabulary
+    items: Vocabulary
+    item_meta: pd.DataFrame  # one row per item idx, ITEM_META_COLUMNS
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    item_gram: np.ndarray
+    index: faiss.Index
+    bought: sp.csr_matrix  # users x items, 1 where the user bought the item
+    popularity: ItemPopularity
+
+    @property
+    def version(self) -> str:
+        return self.manifest.bundle_version
+
+
+@dataclass(frozen=True, slots=True)
+class BundleContents:
+    """What training hands over to be written."""
+
+    users: Vocabulary
+    items: Vocabulary
+    item_meta: pd.DataFrame
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    item_gram: np.ndarray
+    index: faiss.Index
+    bought: sp.csr_matrix
+    popularity: ItemPopularity
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_items(path: Path, contents: BundleContents) -> None:
+    meta = contents.item_meta.reset_index(drop=True)
+    columns = {c: pa.Array.from_pandas(meta[c]) for c in ITEM_META_COLUMNS if c != "created_at"}
+    # UTC instants as naive numpy values, typed back as UTC (the tz-aware .values path is deprecated).
+    created = meta["created_at"].dt.tz_convert(None).to_numpy()
+    columns["created_at"] = pa.array(created, type=pa.timestamp("ns", tz="UTC"), from_pandas=True)
+    columns["popular"] = pa.array(contents.popularity.popular)
+    columns["trending"] = pa.array(contents.popularity.trending)
+    pq.write_table(pa.table(columns), path)
+
+
+def write_bundle(out: Path, contents: BundleContents, manifest: Manifest) -> Manifest:
+    """Write the bundle to `out` (replacing what is there) and return the manifest with checksums."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        contents.users.save(tmp / "users.parquet")
+        contents.items.save(tmp / "items.parquet")
+        _write_items(tmp / "item_meta.parquet", contents)
+        np.save(tmp / "user_factors.npy", contents.user_factors)
+        np.save(tmp / "item_factors.npy", contents.item_factors)
+        np.save(tmp / "item_gram.npy", contents.item_gram)
+        faiss.write_index(contents.index, str(tmp / "items_ip.faiss"))
+        sp.save_npz(tmp / "bought.npz", contents.bought.tocsr(), compressed=False)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        content_digest = hashlib.sha256("".join(f"{k}{v}" for k, v in files.items()).encode()).hexdigest()
+        created = datetime.now(UTC)
+        final = manifest.model_copy(
+            update={
+                "files": files,
+                "created_at": created,
+                "bundle_version": f"{created:%Y%m%dT%H%M%S}-{content_digest[:8]}",
+            }
+        )
+        (tmp / MANIFEST).write_text(final.model_dump_json(indent=2))
+        for path in tmp.iterdir():
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_manifest(path: Path) -> Manifest:
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{path} is not a bundle: no {MANIFEST}")
+    try:
+        manifest = Manifest.model_validate_json(manifest_path.read_text())
+    except ValidationError as exc:
+        raise BundleError(f"{manifest_path} is not a valid manifest: {exc.error_count()} error(s)") from exc
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise BundleError(
+            f"bundle schema version {manifest.schema_version} is not supported (expected {SCHEMA_VERSION})"
+        )
+    return manifest
+
+
+def verify_bundle(path: Path) -> Manifest:
+    """The manifest, after checking that every listed file is there with its checksum."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for name, expected in manifest.files.items():
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"bundle {path} lacks {name}")
+        if _sha256(file) != expected:
+            raise BundleError(f"bundle {path}: checksum mismatch for {name}")
+    return manifest
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Load a bundle for serving, refusing it on any integrity problem."""
+    path = Path(path)
+    manifest = verify_bundle(path)
+    try:
+        items = Vocabulary.load(path / "items.parquet")
+        meta = pq.read_table(path / "item_meta.parquet").to_pandas()
+        bundle = Bundle(
+            path=path,
+            manifest=manifest,
+            users=Vocabulary.load(path / "users.parquet"),
+            items=items,
+            item_meta=meta[list(ITEM_META_COLUMNS)],
+            user_factors=np.load(path / "user_factors.npy", allow_pickle=False),
+            item_factors=np.load(path / "item_factors.npy", allow_pickle=False),
+            item_gram=np.load(path / "item_gram.npy", allow_pickle=False),
+            index=faiss.read_index(str(path / "items_ip.faiss")),
+            bought=sp.load_npz(path / "bought.npz").tocsr(),
+            popularity=ItemPopularity(
+                popular=meta["popular"].to_numpy(np.float32), trending=meta["trending"].to_numpy(np.float32)
+            ),
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise BundleError(f"bundle {path} cannot be loaded: {exc}") from exc
+    n_users, n_items = len(bundle.users), len(bundle.items)
+    checks = {
+        "user_factors rows": (bundle.user_factors.shape[0], n_users),
+        "item_factors rows": (bundle.item_factors.shape[0], n_items),
+        "item_meta rows": (len(bundle.item_meta), n_items),
+        "index size": (bundle.index.ntotal, n_items),
+        "bought shape": (bundle.bought.shape, (n_users, n_items)),
+    }
+    for what, (got, want) in checks.items():
+        if got != want:
+            raise BundleError(f"bundle {path}: {what} is {got}, expected {want}")
+    return bundle

@@ -1,0 +1,105 @@
+"""Training parameters: what to fit. A YAML file parsed into a strict model, hashed into the bundle.
+
+Deployment settings (where MLflow is, which directory) are not here: see `training.settings`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from features.weights import merged_weights
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ALSParams(_Strict):
+    factors: int = Field(64, ge=2, le=1024)
+    regularization: float = Field(0.05, ge=0.0)
+    alpha: float = Field(10.0, gt=0.0)  # confidence = 1 + alpha * scaled weight
+    iterations: int = Field(15, ge=1, le=200)
+    confidence_scale: Literal["linear", "log"] = "log"
+    seed: int = 13
+
+
+class SplitParams(_Strict):
+    """The time holdout: a cut on the data's own time resolution."""
+
+    test_fraction: float = Field(0.1, gt=0.0, lt=0.9)
+    cut: datetime | None = None  # an explicit cut (UTC) overrides test_fraction
+    max_buckets: int = Field(60, ge=2)  # at most this many distinct times: a bucketed data set
+    test_buckets: int = Field(1, ge=1)  # a bucketed data set holds out its last buckets
+    random_seed: int = 11  # for the per-user random split used when time carries no order
+
+
+class IndexParams(_Strict):
+    kind: Literal["auto", "flat", "hnsw"] = "auto"
+    flat_max_items: int = 50_000  # auto: exact search up to this many items, HNSW above
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+
+
+class PopularityParams(_Strict):
+    trending_half_life_days: float = Field(7.0, gt=0.0)
+
+
+class RepurchaseParams(_Strict):
+    threshold: float = Field(0.1, ge=0.0, le=1.0)
+    min_pairs: int = 20
+    overrides: dict[str, bool] = {}
+
+
+class EvalParams(_Strict):
+    k: tuple[int, ...] = (10, 20)
+
+
+class TrainParams(_Strict):
+    event_weights: dict[str, float] = {}  # merged over the defaults of features.weights
+    als: ALSParams = ALSParams()
+    split: SplitParams = SplitParams()
+    index: IndexParams = IndexParams()
+    popularity: PopularityParams = PopularityParams()
+    repurchase: RepurchaseParams = RepurchaseParams()
+    evaluation: EvalParams = EvalParams()
+    max_reject_share: float = Field(0.01, ge=0.0, le=1.0)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return merged_weights(self.event_weights)
+
+    def digest(self) -> str:
+        canonical = orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(canonical).hexdigest()[:16]
+
+    def flat(self) -> dict[str, str]:
+        """Dotted names to values, for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: object) -> None:
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else str(key), sub)
+            else:
+                out[prefix] = str(value)
+
+        walk("", self.model_dump(mode="json"))
+        out["event_weights"] = str(self.weights)
+        return out
+
+
+def load_params(path: Path | None) -> TrainParams:
+    if path is None:
+        return TrainParams()
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: training parameters must be a mapping")
+    return TrainParams.model_validate(data)

@@ -1,0 +1,61 @@
+"""MLflow bookkeeping for a training run: params, metrics, the rejects and the bundle as artifacts.
+
+The experiment is created with an artifact root next to the tracking store, so artifacts do not land in
+whatever directory the command happened to run from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from training.settings import TrainingSettings
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def tracked_run(settings: TrainingSettings, run_name: str) -> Iterator[str]:
+    """Open an MLflow run in the configured store; yields its id."""
+    import mlflow
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(settings.mlflow_experiment)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment is not None
+        else client.create_experiment(settings.mlflow_experiment, artifact_location=settings.artifact_root)
+    )
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        yield run.info.run_id
+
+
+def log_params(params: dict[str, str]) -> None:
+    import mlflow
+
+    mlflow.log_params({k: v[:6000] for k, v in params.items()})
+
+
+def log_metrics(metrics: dict[str, float]) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k.replace("@", "_at_"): float(v) for k, v in metrics.items()})
+
+
+def log_artifacts(path: Path, artifact_path: str) -> None:
+    import mlflow
+
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+    elif path.is_file():
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    import mlflow
+
+    mlflow.set_tags(tags)
