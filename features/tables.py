@@ -70,8 +70,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
-    table: pa.Table = pq.read_table(path)
-    return table.to_pandas()
+    frame: pd.DataFrame = pq.read_table(path).to_pandas()
+    return frame
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
@@ -79,6 +79,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
 
     opener = gzip.open if path.name.endswith(".gz") else open
     records: list[dict[str, object]] = []
+    line_numbers: list[int] = []
     with opener(path, "rb") as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
@@ -90,7 +91,12 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
             if not isinstance(value, dict):
                 value = {"_parse_error": f"line {line_no} is not a JSON object"}
             records.append(value)
-    return pd.DataFrame.from_records(records)
+            line_numbers.append(line_no)
+    # object dtype: a column of JSON integers with a gap must not turn into floats ("42" -> "42.0")
+    columns = dict.fromkeys(key for record in records for key in record)
+    frame = pd.DataFrame({c: pd.Series([r.get(c) for r in records], dtype=object) for c in columns})
+    frame[SOURCE_ROW] = line_numbers
+    return frame
 
 
 def read_file(path: Path) -> pd.DataFrame:
@@ -105,9 +111,13 @@ def read_file(path: Path) -> pd.DataFrame:
             frame = _read_jsonl(path)
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise DataDirectoryError(f"cannot read {path}: {exc}") from exc
-    frame = pd.DataFrame({str(col): _as_text(frame[col]) for col in frame.columns}, index=frame.index)
+    frame = pd.DataFrame(
+        {str(col): frame[col] if col == SOURCE_ROW else _as_text(frame[col]) for col in frame.columns},
+        index=frame.index,
+    )
     frame[SOURCE_FILE] = str(path)
-    frame[SOURCE_ROW] = range(1, len(frame) + 1)
+    if SOURCE_ROW not in frame.columns:  # JSON Lines already numbered its records by line
+        frame[SOURCE_ROW] = range(1, len(frame) + 1)
     return frame.reset_index(drop=True)
 
 

@@ -22,7 +22,10 @@ from features.schema import (
 from features.tables import SOURCE_FILE, SOURCE_ROW
 
 MAX_ID_LENGTH = 256
-_ZONE_SUFFIX = r"(?:[Zz]|[+-]\d{2}(?::?\d{2})?)$"
+# A zone counts only after a time of day: "2024-03-01" ends in "-01", which is a day, not an offset.
+_ZONE_SUFFIX = r"[T ]\d{2}(?::?\d{2}(?::?\d{2}(?:[.,]\d+)?)?)?\s*(?:[Zz]|[+-]\d{2}(?::?\d{2})?)$"
+_EPOCH = pd.Timestamp(0, unit="s", tz="UTC")
+_YEAR_2100 = pd.Timestamp(MAX_EPOCH_SECONDS, unit="s", tz="UTC")
 _CONTROL = r"[\x00-\x1f\x7f]"
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f"}
@@ -112,14 +115,15 @@ def parse_timestamps(values: pd.Series, column: str) -> tuple[pd.Series, pd.Seri
     than guessed.
     """
     reason = pd.Series(None, index=values.index, dtype=object)
+    parsed = pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns, UTC]")
     if pd.api.types.is_datetime64_any_dtype(values.dtype):
         if getattr(values.dt, "tz", None) is None:
             reason[values.notna()] = f"{column} has no time zone"
-            return pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns, UTC]"), reason
-        return values.dt.tz_convert("UTC").astype("datetime64[ns, UTC]"), reason
+            return parsed, reason
+        _store_in_range(values.dt.tz_convert("UTC").dropna(), parsed, reason, column)
+        return parsed, reason
 
     text = values.astype("str").str.strip()
-    parsed = pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns, UTC]")
     numbers = pd.to_numeric(text, errors="coerce")
     is_number = numbers.notna()
     finite = is_number & np.isfinite(numbers.where(is_number, 0.0))
@@ -133,22 +137,33 @@ def parse_timestamps(values: pd.Series, column: str) -> tuple[pd.Series, pd.Seri
     ok_number = finite & ~too_late & ~too_early
     if ok_number.any():
         seconds = numbers[ok_number].astype("float64")
-        parsed[ok_number] = pd.to_datetime(seconds * 1e9, unit="ns", utc=True).astype("datetime64[ns, UTC]")
+        # Whole seconds and the fraction apart: float seconds * 1e9 would lose the fraction's last digits.
+        whole = np.floor(seconds)
+        nanos = whole.astype("int64") * 1_000_000_000 + np.round((seconds - whole) * 1e9).astype("int64")
+        parsed[ok_number] = pd.to_datetime(nanos, unit="ns", utc=True)
 
     is_text = values.notna() & ~is_number
     has_zone = text.str.contains(_ZONE_SUFFIX, regex=True)
     reason[is_text & ~has_zone] = f"{column} has no time zone"
     zoned = is_text & has_zone
     if zoned.any():
-        iso = pd.to_datetime(text[zoned], format="ISO8601", utc=True, errors="coerce")
+        upper_z = text[zoned].str.replace(r"z$", "Z", regex=True)  # RFC 3339 allows a lowercase z
+        iso = pd.to_datetime(upper_z, format="ISO8601", utc=True, errors="coerce")
         bad = iso.isna()
         reason[bad[bad].index] = text[bad[bad].index].map(lambda v: f"{column} is not ISO 8601: {v[:40]!r}")
-        good = iso[~bad]
-        late = good >= pd.Timestamp(MAX_EPOCH_SECONDS, unit="s", tz="UTC")
-        reason[late[late].index] = f"{column} is after 2100"
-        parsed[good.index] = good.astype("datetime64[ns, UTC]")
+        _store_in_range(iso[~bad], parsed, reason, column)
     parsed[reason.notna()] = pd.NaT
     return parsed, reason
+
+
+def _store_in_range(times: pd.Series, parsed: pd.Series, reason: pd.Series, column: str) -> None:
+    """Copy UTC times between 1970 and 2100 into `parsed`; give the others a reason."""
+    late = times >= _YEAR_2100
+    early = times < _EPOCH
+    reason[late[late].index] = f"{column} is after 2100"
+    reason[early[early].index] = f"{column} is before 1970"
+    fine = times[~late & ~early]
+    parsed[fine.index] = fine.astype("datetime64[ns, UTC]")
 
 
 def _parse_number(verdict: _Verdict, frame: pd.DataFrame, column: str, *, allow_zero: bool = True) -> pd.Series:
@@ -165,9 +180,9 @@ def _parse_number(verdict: _Verdict, frame: pd.DataFrame, column: str, *, allow_
 
 
 def _first_row_of(frame: pd.DataFrame, key: str) -> pd.Series:
-    """For rows whose `key` repeats an earlier row's, that earlier row's record number."""
-    first = frame.groupby(key, sort=False)[SOURCE_ROW].transform("first")
-    return first
+    """For rows whose `key` repeats an earlier row's, where that earlier row is ("file row N")."""
+    where = frame[SOURCE_FILE].astype(str).map(lambda f: f.rsplit("/", 1)[-1]) + " row " + frame[SOURCE_ROW].astype(str)
+    return where.groupby(frame[key], sort=False).transform("first")
 
 
 def _rejects(table: str, frame: pd.DataFrame, verdict: _Verdict) -> pd.DataFrame:
@@ -193,13 +208,25 @@ def _rejects(table: str, frame: pd.DataFrame, verdict: _Verdict) -> pd.DataFrame
 def derive_event_ids(frame: pd.DataFrame) -> pd.Series:
     """Content-derived ids for events that carry none, so a retried batch is recognised as the same.
 
-    A keyed 64-bit hash over the identifying fields (time in epoch nanoseconds), computed the same way
+    A keyed 64-bit hash over every field (time in epoch nanoseconds), computed the same way
     for a batch file and for one event arriving online.
     """
-    columns = {
-        c: frame[c].astype(object).where(frame[c].notna(), "").astype(str).to_numpy(dtype=object)
-        for c in ("user_id", "item_id", "event_type", "target_user_id", "referrer_id", "session_id")
+    def text(column: str) -> np.ndarray:
+        if column not in frame.columns:
+            return np.full(len(frame), "", dtype=object)
+        values = frame[column]
+        return values.astype(object).where(values.notna(), "").astype(str).to_numpy(dtype=object)
+
+    def number(column: str) -> np.ndarray:
+        if column not in frame.columns:
+            return np.full(len(frame), -1.0)
+        return frame[column].astype("float64").fillna(-1.0).to_numpy()
+
+    columns: dict[str, np.ndarray] = {
+        c: text(c)
+        for c in ("user_id", "item_id", "event_type", "target_user_id", "referrer_id", "session_id", "request_id")
     }
+    columns |= {c: number(c) for c in ("quantity", "price")}
     columns["ts"] = frame["ts"].astype("datetime64[ns, UTC]").astype("int64").to_numpy()
     hashed = pd.util.hash_pandas_object(pd.DataFrame(columns), index=False, hash_key="sharefeed-events")
     return pd.Series(
@@ -254,12 +281,12 @@ def check_events(raw: pd.DataFrame, event_types: Iterable[str]) -> TableCheck:
     event_id = optional("event_id")
     has_id = event_id.notna() & ~verdict.bad
     if has_id.any():
-        keyed = frame.loc[has_id, [SOURCE_ROW]].assign(event_id=event_id[has_id])
+        keyed = frame.loc[has_id, [SOURCE_FILE, SOURCE_ROW]].assign(event_id=event_id[has_id])
         repeated = keyed["event_id"].duplicated(keep="first")
         first = _first_row_of(keyed, "event_id")
         verdict.flag(
             repeated.reindex(frame.index, fill_value=False),
-            first[repeated].map(lambda r: f"event_id repeats row {r} with other content"),
+            first[repeated].map(lambda r: f"event_id repeats {r} with other content"),
         )
 
     good = ~verdict.bad
@@ -300,7 +327,7 @@ def _check_unique(verdict: _Verdict, frame: pd.DataFrame, key: str) -> None:
     repeated = frame[key].notna() & frame[key].duplicated(keep="first")
     if repeated.any():
         first = _first_row_of(frame, key)
-        verdict.flag(repeated, first.map(lambda r: f"{key} repeats row {r}"))
+        verdict.flag(repeated, first.map(lambda r: f"{key} repeats {r}"))
 
 
 def check_items(raw: pd.DataFrame) -> TableCheck:

@@ -51,7 +51,10 @@ class Recommender:
         trending, popular = ranked(pop.trending, FALLBACK_DEPTH), ranked(pop.popular, FALLBACK_DEPTH)
         self._trending = Candidates(Source.TRENDING, trending, pop.trending[trending])
         self._popular = Candidates(Source.POPULAR, popular, pop.popular[popular])
-        self._by_category = pd.Series(np.arange(len(self._category))).groupby(self._category).indices
+        groups = pd.Series(np.arange(len(self._category))).groupby(self._category).indices
+        self._by_category: dict[str, np.ndarray] = {str(k): np.asarray(v, dtype=np.int64) for k, v in groups.items()}
+        norms = np.linalg.norm(bundle.item_factors, axis=1, keepdims=True)
+        self._unit_items = bundle.item_factors / np.maximum(norms, 1e-12)
         if hasattr(bundle.index, "hnsw"):
             bundle.index.hnsw.efSearch = bundle.manifest.model.ef_search
 
@@ -109,19 +112,41 @@ class Recommender:
             chain.append(self._category_trending(category))
         chain += [self._trending, self._popular]
         feed = compose_feed(chain, n, blocked)
-        return FeedResult(user_id, self._items(feed, category), user_idx is not None, feed.step)
+        return FeedResult(user_id, self._items(feed, user_idx), user_idx is not None, feed.step)
 
-    def _items(self, feed: Feed, category: str | None) -> tuple[FeedItem, ...]:
+    def _items(self, feed: Feed, user_idx: int | None) -> tuple[FeedItem, ...]:
         ids = self.bundle.items.ids
+        anchors = self._anchors(feed, user_idx)
         return tuple(
-            FeedItem(str(ids[idx]), float(score), source, self._reason(source, int(idx)))
+            FeedItem(str(ids[idx]), float(score), source, self._reason(source, idx, anchors.get(idx)))
             for idx, score, source in zip(feed.items.tolist(), feed.scores.tolist(), feed.sources, strict=True)
         )
 
-    def _reason(self, source: Source, item_idx: int) -> str:
+    def _anchors(self, feed: Feed, user_idx: int | None) -> dict[int, int]:
+        """For each personal pick, the item of the user's recent history it is most like (cosine)."""
+        if user_idx is None:
+            return {}
+        recent = self.bundle.recent
+        history = recent.indices[recent.indptr[user_idx] : recent.indptr[user_idx + 1]]
+        picks = [i for i, s in zip(feed.items.tolist(), feed.sources, strict=True) if s is Source.ALS]
+        if not len(history) or not picks:
+            return {}
+        similarity = self._unit_items[picks] @ self._unit_items[history].T
+        for row, pick in enumerate(picks):  # an item is not its own explanation
+            similarity[row, history == pick] = -np.inf
+        best = history[np.argmax(similarity, axis=1)]
+        return {pick: int(anchor) for pick, anchor in zip(picks, best.tolist(), strict=True) if anchor != pick}
+
+    def _label(self, item_idx: int) -> str:
+        title = self.bundle.item_meta["title"].iloc[item_idx]
+        return str(title) if isinstance(title, str) and title else self.bundle.items.id_of(item_idx)
+
+    def _reason(self, source: Source, item_idx: int, anchor: int | None) -> str:
         category = self._category[item_idx]
         if source is Source.ALS:
-            return "picked for your taste from what you browsed and bought"
+            if anchor is None:
+                return "picked for your taste from what you browsed and bought"
+            return f"similar to {self._label(anchor)} you looked at"
         if source in (Source.TRENDING, Source.TRENDING_CATEGORY):
             return f"trending in {category}" if category else "trending now"
         return f"popular in {category}" if category else "popular with shoppers"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,6 @@ def training_settings(tmp_path_factory: pytest.TempPathFactory) -> TrainingSetti
 
 @pytest.fixture(scope="session")
 def trained(demo_dir: Path, training_settings: TrainingSettings,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainResult]:
+            tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     out = tmp_path_factory.mktemp("bundles") / "demo"
-    yield train(demo_dir, out, TrainParams(als=TINY_ALS), training_settings, say=lambda _: None)
+    return train(demo_dir, out, TrainParams(als=TINY_ALS), training_settings, say=lambda _: None)

@@ -109,8 +109,8 @@ def test_every_format_gives_the_same_accepted_events(tmp_path: Path, fmt: str) -
     assert dataset.rejects.empty, dataset.rejects.to_dict("records")
     assert _accepted_tuples(dataset.events) == sorted(EXPECTED_MIXED, key=lambda t: (t[3], t[0], t[1], t[2]))
     assert str(dataset.events["ts"].dtype) == "datetime64[ns, UTC]"
-    by_user = dataset.events.set_index("session_id", drop=False)
-    assert by_user.loc["000", "user_id"] == "007"
+    by_session = dataset.events.set_index("session_id", drop=False)
+    assert by_session.loc["000", "user_id"] == "007"
     share = dataset.events.loc[dataset.events["event_type"] == "share"].iloc[0]
     assert share["target_user_id"] == "0u3"
     purchase = dataset.events.loc[dataset.events["price"].notna()].iloc[0]
@@ -240,8 +240,9 @@ def test_epoch_in_milliseconds_is_rejected_as_after_2100(tmp_path: Path, fmt: st
     ["2024-03-01T10:00:00", "2024-03-01 10:00:00", "2024-03-01T10:00:00.123456", "2024-03-01T10:00"],
 )
 def test_iso_time_without_a_zone_is_rejected(tmp_path: Path, text: str) -> None:
-    write_table(tmp_path, "events", [event("a", "x", "view", "2024-03-01T10:00:00Z"), event("b", "x", "view", text)],
-                "csv")
+    write_table(
+        tmp_path, "events", [event("a", "x", "view", "2024-03-01T10:00:00Z"), event("b", "x", "view", text)], "csv"
+    )
 
     dataset = load(tmp_path)
 
@@ -251,8 +252,12 @@ def test_iso_time_without_a_zone_is_rejected(tmp_path: Path, text: str) -> None:
 
 def test_iso_date_without_a_zone_is_rejected(tmp_path: Path) -> None:
     # "2024-03-01" is as zone-less as "2024-03-01T00:00:00": which midnight it means depends on the zone.
-    write_table(tmp_path, "events", [event("a", "x", "view", "2024-03-01T10:00:00Z"),
-                                     event("b", "x", "view", "2024-03-01")], "csv")
+    write_table(
+        tmp_path,
+        "events",
+        [event("a", "x", "view", "2024-03-01T10:00:00Z"), event("b", "x", "view", "2024-03-01")],
+        "csv",
+    )
 
     dataset = load(tmp_path)
 
@@ -279,8 +284,9 @@ def test_zoned_iso_time_is_converted_to_utc(tmp_path: Path, text: str, utc: str)
 
 @pytest.mark.parametrize("text", ["0001-01-01T00:00:00Z", "9999-12-31T00:00:00Z", "1600-01-01T00:00:00+00:00"])
 def test_iso_time_outside_the_supported_range_is_a_reject_not_a_crash(tmp_path: Path, text: str) -> None:
-    write_table(tmp_path, "events", [event("a", "x", "view", "2024-03-01T10:00:00Z"), event("b", "x", "view", text)],
-                "csv")
+    write_table(
+        tmp_path, "events", [event("a", "x", "view", "2024-03-01T10:00:00Z"), event("b", "x", "view", text)], "csv"
+    )
 
     dataset = load(tmp_path)
 
@@ -345,7 +351,7 @@ EXPECTED_CSV_REASONS = {
     3: "missing user_id",
     4: "negative price",
     5: "share to oneself: target_user_id equals user_id",
-    6: "event_id repeats row 1 with other content",
+    6: "event_id repeats events.csv row 1 with other content",
 }
 
 
@@ -373,8 +379,11 @@ def test_each_bad_row_is_rejected_with_file_row_and_reason(tmp_path: Path) -> No
     (json_reason,) = from_jsonl["reason"]
     assert json_reason.startswith("line 2 is not JSON")
     assert set(rejects["table"]) == {"events"}
-    assert sorted(zip(dataset.events["user_id"], dataset.events["item_id"])) == [
-        ("u1", "i1"), ("u2", "i2"), ("u5", "i5"), ("u6", "i6")
+    assert sorted(zip(dataset.events["user_id"], dataset.events["item_id"], strict=True)) == [
+        ("u1", "i1"),
+        ("u2", "i2"),
+        ("u5", "i5"),
+        ("u6", "i6"),
     ]
 
 
@@ -504,7 +513,7 @@ def test_items_repeated_item_id_is_rejected(tmp_path: Path) -> None:
     assert dataset.items.set_index("item_id").loc["a", "category"] == "food"
     rejects = dataset.rejects.loc[dataset.rejects["table"] == "items"]
     assert rejects[["file", "row", "reason"]].to_dict("records") == [
-        {"file": str(items_path), "row": 3, "reason": "item_id repeats row 1"}
+        {"file": str(items_path), "row": 3, "reason": f"item_id repeats {items_path.name} row 1"}
     ]
 
 
@@ -541,7 +550,10 @@ def test_items_in_stock_from_json_booleans_and_numbers(tmp_path: Path) -> None:
 
     assert dataset.items is not None
     assert dict(zip(dataset.items["item_id"], dataset.items["in_stock"], strict=True)) == {
-        "a": True, "b": False, "c": True, "d": False
+        "a": True,
+        "b": False,
+        "c": True,
+        "d": False,
     }
 
 
@@ -589,8 +601,9 @@ def test_social_kind_defaults_to_friend_and_self_loops_are_rejected(tmp_path: Pa
 
 def test_social_without_a_kind_column_is_all_friendships(tmp_path: Path) -> None:
     write_table(tmp_path, "events", [event("u", "a", "view", "2024-03-01T10:00:00Z")], "csv")
-    write_table(tmp_path, "social", [{"user_id": "007", "friend_id": "08"}, {"user_id": "x", "friend_id": "x"}],
-                "jsonl")
+    write_table(
+        tmp_path, "social", [{"user_id": "007", "friend_id": "08"}, {"user_id": "x", "friend_id": "x"}], "jsonl"
+    )
 
     dataset = load(tmp_path)
 
@@ -605,10 +618,18 @@ def test_social_without_a_kind_column_is_all_friendships(tmp_path: Path) -> None
 def test_event_log_folder_is_read_together_with_events_csv(tmp_path: Path) -> None:
     write_table(tmp_path, "events", [event("u0", "i0", "view", "2024-03-01T09:00:00Z")], "csv")
     log = tmp_path / "events"
-    write_table(log / "2024-03-01", "proc-1-10", [event("u1", "i1", "view", "2024-03-01T10:00:00Z"),
-                                                 event("u1", "i2", "view", "2024-03-01T10:05:00Z")], "jsonl")
-    second = write_table(log / "2024-03-01", "proc-2-10", [event("u2", "i1", "purchase", 1709290800),
-                                                          event("u2", "i1", "oops", 1709290801)], "jsonl")
+    write_table(
+        log / "2024-03-01",
+        "proc-1-10",
+        [event("u1", "i1", "view", "2024-03-01T10:00:00Z"), event("u1", "i2", "view", "2024-03-01T10:05:00Z")],
+        "jsonl",
+    )
+    second = write_table(
+        log / "2024-03-01",
+        "proc-2-10",
+        [event("u2", "i1", "purchase", 1709290800), event("u2", "i1", "oops", 1709290801)],
+        "jsonl",
+    )
     write_table(log / "2024-03-01", "proc-1-11", [event("u1", "i1", "view", "2024-03-01T10:00:00Z")], "jsonl")
     (log / "README.txt").write_text("not a table")
 

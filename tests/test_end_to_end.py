@@ -112,7 +112,8 @@ def test_feed_filters_and_bounds(trained: TrainResult) -> None:
         again = client.get(f"/v1/users/{user}/feed", params={"n": 5, "exclude": ",".join(excluded)}).json()
         assert not set(excluded) & {i["item_id"] for i in again["items"]}
         plain = client.get(f"/v1/users/{user}/feed", params={"personalized": False}).json()
-        assert plain["personalized"] is False and plain["items"][0]["source"] != "als"
+        assert plain["personalized"] is False
+        assert plain["items"][0]["source"] != "als"
         assert client.get(f"/v1/users/{user}/feed", params={"n": 51}).status_code == 422
         assert client.get(f"/v1/users/{user}/feed", params={"n": 0}).status_code == 422
         assert client.get("/readyz").json()["bundle_version"] == bundle.version
@@ -133,7 +134,7 @@ def test_tampered_or_foreign_bundle_is_refused(trained: TrainResult, tmp_path: P
     with (copy / "item_factors.npy").open("r+b") as fh:
         fh.seek(-4, 2)
         fh.write(b"\x00\x01\x02\x03")
-    with pytest.raises(BundleError, match="checksum mismatch for item_factors.npy"):
+    with pytest.raises(BundleError, match=r"checksum mismatch for item_factors\.npy"):
         load_bundle(copy)
 
     other = tmp_path / "other"
@@ -146,7 +147,7 @@ def test_tampered_or_foreign_bundle_is_refused(trained: TrainResult, tmp_path: P
     (other / "users.parquet").unlink()
     with pytest.raises(BundleError):
         load_bundle(other)
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match=r"no manifest\.json"):
         load_bundle(tmp_path)
 
 
@@ -200,5 +201,24 @@ def test_validate_prints_counts_and_writes_rejects(demo_dir: Path, tmp_path: Pat
     rejects = tmp_path / "rejects.csv"
     result = CliRunner().invoke(main, ["validate", "--data", str(data), "--rejects", str(rejects)])
     assert result.exit_code == 0, result.output
-    assert "events" in result.output and "unknown event_type" in result.output
+    assert "events" in result.output
+    assert "unknown event_type" in result.output
     assert len(pd.read_csv(rejects)) == 4
+
+
+def test_personal_picks_are_explained_by_the_users_own_history(trained: TrainResult) -> None:
+    bundle = load_bundle(trained.bundle_path)
+    titles = bundle.item_meta["title"]
+    explained = 0
+    with TestClient(create_app(ServingSettings(), bundle=bundle)) as client:
+        for user_idx in range(30):
+            history = bundle.recent.indices[bundle.recent.indptr[user_idx]:bundle.recent.indptr[user_idx + 1]]
+            labels = {str(titles.iloc[i]) for i in history}
+            body = client.get(f"/v1/users/{bundle.users.id_of(user_idx)}/feed",
+                              params={"n": 10, "explain": True}).json()
+            for item in body["items"]:
+                if item["reason"].startswith("similar to "):
+                    anchor = item["reason"].removeprefix("similar to ").removesuffix(" you looked at")
+                    assert anchor in labels
+                    explained += 1
+    assert explained > 0

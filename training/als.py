@@ -25,7 +25,8 @@ class Factors:
 
     def item_gram(self) -> np.ndarray:
         """Y^T Y: with the item factors it is all fold-in of a new user needs."""
-        return (self.item_factors.T @ self.item_factors).astype(np.float32)
+        gram: np.ndarray = (self.item_factors.T @ self.item_factors).astype(np.float32)
+        return gram
 
 
 def fit_als(user_items: sp.csr_matrix, params: ALSParams, *, show_progress: bool = False) -> Factors:

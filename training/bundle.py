@@ -92,6 +92,7 @@ class Bundle:
     item_gram: np.ndarray
     index: faiss.Index
     bought: sp.csr_matrix  # users x items, 1 where the user bought the item
+    recent: sp.csr_matrix  # users x items, epoch seconds of the last positive event (latest items only)
     popularity: ItemPopularity
 
     @property
@@ -111,6 +112,7 @@ class BundleContents:
     item_gram: np.ndarray
     index: faiss.Index
     bought: sp.csr_matrix
+    recent: sp.csr_matrix
     popularity: ItemPopularity
 
 
@@ -147,6 +149,7 @@ def write_bundle(out: Path, contents: BundleContents, manifest: Manifest) -> Man
         np.save(tmp / "item_gram.npy", contents.item_gram)
         faiss.write_index(contents.index, str(tmp / "items_ip.faiss"))
         sp.save_npz(tmp / "bought.npz", contents.bought.tocsr(), compressed=False)
+        sp.save_npz(tmp / "recent.npz", contents.recent.tocsr(), compressed=False)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         content_digest = hashlib.sha256("".join(f"{k}{v}" for k, v in files.items()).encode()).hexdigest()
         created = datetime.now(UTC)
@@ -222,6 +225,7 @@ def load_bundle(path: Path) -> Bundle:
             item_gram=np.load(path / "item_gram.npy", allow_pickle=False),
             index=faiss.read_index(str(path / "items_ip.faiss")),
             bought=sp.load_npz(path / "bought.npz").tocsr(),
+            recent=sp.load_npz(path / "recent.npz").tocsr(),
             popularity=ItemPopularity(
                 popular=meta["popular"].to_numpy(np.float32), trending=meta["trending"].to_numpy(np.float32)
             ),
@@ -235,6 +239,7 @@ def load_bundle(path: Path) -> Bundle:
         "item_meta rows": (len(bundle.item_meta), n_items),
         "index size": (bundle.index.ntotal, n_items),
         "bought shape": (bundle.bought.shape, (n_users, n_items)),
+        "recent shape": (bundle.recent.shape, (n_users, n_items)),
     }
     for what, (got, want) in checks.items():
         if got != want:

@@ -22,11 +22,13 @@ def build_item_index(item_factors: np.ndarray, params: IndexParams) -> faiss.Ind
     """An inner-product index whose ids are the item indexes."""
     vectors = np.ascontiguousarray(item_factors, dtype=np.float32)
     dim = vectors.shape[1]
+    index: faiss.Index
     if index_kind(len(vectors), params) == "flat":
         index = faiss.IndexFlatIP(dim)
     else:
-        index = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = params.ef_construction
-        index.hnsw.efSearch = params.ef_search
+        hnsw = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = params.ef_construction
+        hnsw.hnsw.efSearch = params.ef_search
+        index = hnsw
     index.add(vectors)
     return index

@@ -27,6 +27,7 @@ class ALSParams(_Strict):
     alpha: float = Field(10.0, gt=0.0)  # confidence = 1 + alpha * scaled weight
     iterations: int = Field(15, ge=1, le=200)
     confidence_scale: Literal["linear", "log"] = "log"
+    recency_half_life_days: float | None = Field(None, gt=0.0)  # decay event weights with age; None: off
     seed: int = 13
 
 

@@ -51,6 +51,7 @@ from training.settings import TrainingSettings
 from training.split import Holdout, time_holdout
 
 log = logging.getLogger(__name__)
+RECENT_ITEMS = 50  # per user, kept in the bundle for explanations and history-based candidates
 FEATURE_SET = ("user_items:summed_weights", "popular:distinct_users", "trending:decayed_weights",
                "repurchase:category_rate", *ITEM_META_COLUMNS)
 
@@ -119,6 +120,19 @@ def _bought(events: pd.DataFrame, users: Vocabulary, items: Vocabulary) -> sp.cs
     return matrix
 
 
+def _recent(events: pd.DataFrame, users: Vocabulary, items: Vocabulary, weights: dict[str, float],
+            cap: int) -> sp.csr_matrix:
+    """Each user's latest `cap` items with a positive signal, valued by the time of the last one."""
+    positive = events.loc[events["event_type"].map(weights).fillna(0.0) > 0, ["user_id", "item_id", "ts"]]
+    last = positive.groupby(["user_id", "item_id"], sort=False)["ts"].max().reset_index()
+    last = last.sort_values("ts", ascending=False, kind="stable")
+    last = last.loc[last.groupby("user_id", sort=False).cumcount() < cap]
+    rows, cols = users.indexes(last["user_id"]), items.indexes(last["item_id"])
+    seconds = last["ts"].astype("int64").to_numpy() / 1e9
+    keep = (rows >= 0) & (cols >= 0)
+    return sp.csr_matrix((seconds[keep], (rows[keep], cols[keep])), shape=(len(users), len(items)))
+
+
 def _blocked(bought: sp.csr_matrix, meta: pd.DataFrame, policy: RepurchasePolicy) -> sp.csr_matrix:
     """Bought items the policy does not allow to be recommended again."""
     categories = meta["category"].fillna(NO_CATEGORY).to_numpy(dtype=object)
@@ -146,7 +160,9 @@ def evaluate_on_holdout(data: Dataset, holdout: Holdout, params: TrainParams, cl
     meta = _item_meta(items, data.items)
     as_of = holdout.cut if holdout.cut is not None else train["ts"].max()
     with clock.stage("holdout: fit ALS"):
-        factors = fit_als(user_items_matrix(train, users, items, weights), params.als)
+        matrix = user_items_matrix(train, users, items, weights, now=as_of,
+                                   half_life_days=params.als.recency_half_life_days)
+        factors = fit_als(matrix, params.als)
     popularity = item_popularity(train, items, weights, as_of, params.popularity.trending_half_life_days)
     blocked = _blocked(_bought(train, users, items), meta, _policy(train, data.items, params))
     targets = holdout_targets(holdout.test, users, items, weights)
@@ -205,8 +221,9 @@ def train(
         with clock.stage("refit on all data"):
             users = Vocabulary.from_ids(events["user_id"])
             items = _item_vocabulary(events, data.items)
-            factors = fit_als(user_items_matrix(events, users, items, params.weights), params.als,
-                              show_progress=False)
+            matrix = user_items_matrix(events, users, items, params.weights, now=now,
+                                       half_life_days=params.als.recency_half_life_days)
+            factors = fit_als(matrix, params.als)
             meta = _item_meta(items, data.items)
             policy = _policy(events, data.items, params)
             popularity = item_popularity(events, items, params.weights, now,
@@ -237,6 +254,7 @@ def train(
                 users=users, items=items, item_meta=meta, user_factors=factors.user_factors,
                 item_factors=factors.item_factors, item_gram=factors.item_gram(), index=index,
                 bought=_bought(events, users, items), popularity=popularity,
+                recent=_recent(events, users, items, params.weights, RECENT_ITEMS),
             )
             manifest = write_bundle(out, bundle, manifest)
         tracking.log_metrics(report.flat_metrics() | {f"time.{k}_s": v for k, v in clock.seconds.items()})

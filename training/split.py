@@ -8,7 +8,7 @@ per-user split is used and the holdout says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -67,8 +67,13 @@ def time_holdout(events: pd.DataFrame, params: SplitParams) -> Holdout:
         cut = pd.Timestamp(times[-buckets]).tz_convert("UTC")
         return _cut_at(events, cut, "bucket",
                        f"{len(times)} distinct times: the last {buckets} bucket(s) from {cut.isoformat()} held out")
-    quantile = events["ts"].quantile(1.0 - params.test_fraction)
-    cut = quantile.floor("D")
-    if cut <= events["ts"].iloc[0]:
+    quantile = cast(pd.Timestamp, events["ts"].quantile(1.0 - params.test_fraction))
+    first = pd.Timestamp(times[0]).tz_convert("UTC")
+    day = quantile.floor("D")
+    if day > first:
+        return _cut_at(events, day, "day", f"cut at the day boundary {day.isoformat()}")
+    if quantile > first:
         return _cut_at(events, quantile, "day", f"cut at {quantile.isoformat()} (data spans less than a day)")
-    return _cut_at(events, cut, "day", f"cut at the day boundary {cut.isoformat()}")
+    # Most events share the first time (a backfill): the test part starts at the next distinct time.
+    following = pd.Timestamp(times[1]).tz_convert("UTC")
+    return _cut_at(events, following, "day", f"cut at {following.isoformat()}, the first time after a backfill")

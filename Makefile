@@ -1,0 +1,43 @@
+# The two commands of the README: `make demo` runs the product on embedded defaults,
+# `make test` installs what the tests need and passes them.
+SHELL := /bin/bash
+PACKAGES := features training serving sharefeed
+DEMO_DIR ?= .demo
+DEMO_PORT ?= 8000
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+
+.PHONY: setup demo demo-data demo-train test lint typecheck imports unit benchmarks clean
+
+setup:  ## the locked environment (installs uv itself when missing)
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --frozen
+
+demo-data: setup
+	$(UV) run sharefeed demo-data --out $(DEMO_DIR)/data --users 5000 --items 2000 --days 60
+
+demo-train: demo-data
+	$(UV) run sharefeed train --data $(DEMO_DIR)/data --out $(DEMO_DIR)/bundle
+
+demo: demo-train  ## demo data -> train -> serve on http://127.0.0.1:$(DEMO_PORT)
+	@echo "serving on http://127.0.0.1:$(DEMO_PORT)  (try: curl 'http://127.0.0.1:$(DEMO_PORT)/v1/users/u000001/feed?n=5&explain=true')"
+	$(UV) run sharefeed serve --bundle $(DEMO_DIR)/bundle --port $(DEMO_PORT)
+
+lint: setup
+	$(UV) run ruff check $(PACKAGES) tests benchmarks
+
+typecheck: setup
+	$(UV) run mypy
+
+imports: setup
+	$(UV) run lint-imports
+
+unit: setup
+	$(UV) run pytest -q
+
+test: lint typecheck imports unit
+
+benchmarks: setup
+	$(UV) run python benchmarks/train_cost.py
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache
