@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,10 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = [ROOT.parent / "shared" / "data" / "amazon", ROOT.parent / "shared" / "data" / "epinions"]
 
 
+STAGE = re.compile(r"^\[(?P<stage>[^\]]+)\] done in (?P<seconds>[0-9.]+)s$", re.MULTILINE)
+
+
 def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS in MiB of the child, and its stdout."""
+    """Wall seconds, peak RSS in MiB of the child, and its stdout and stderr."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -70,12 +74,19 @@ def main() -> None:
         bare_fit(args.bare)
         return
     rows = []
+    stages: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, SHAREFEED_HOME=str(Path(tmp) / "home"))
+        # Create the MLflow store first: its one-time schema set-up is not a cost of each training run.
+        init = "from training.settings import TrainingSettings; import mlflow; " \
+               "s = TrainingSettings(); s.home.mkdir(parents=True); " \
+               "mlflow.MlflowClient(s.tracking_uri).search_experiments()"
+        _run([sys.executable, "-c", init], env)
         for data_dir in args.data:
             out = Path(tmp) / f"bundle-{data_dir.name}"
-            wall, rss, _ = _run([sys.executable, "-m", "sharefeed.cli", "train", "--data", str(data_dir),
-                                 "--out", str(out)], env)
+            wall, rss, log = _run([sys.executable, "-m", "sharefeed.cli", "train", "--data", str(data_dir),
+                                   "--out", str(out)], env)
+            stages[data_dir.name] = {m["stage"]: float(m["seconds"]) for m in STAGE.finditer(log)}
             _, bare_rss, bare_out = _run([sys.executable, __file__, "--bare", str(data_dir)], env)
             fit_s, n_users, n_items, nnz = bare_out.split()[-4:]
             rows.append((data_dir.name, f"{int(n_users):,} x {int(n_items):,} ({int(nnz):,} cells)", wall, rss,
@@ -87,6 +98,12 @@ def main() -> None:
     for name, shape, wall, rss, fit_s, bare_rss in rows:
         print(f"| {name} | {shape} | {wall:.1f} s | {rss:.0f} MiB | {fit_s:.1f} s | {wall / fit_s:.1f}x | "
               f"{bare_rss:.0f} MiB |")
+    names = list(stages)
+    print("\nWall time per stage of `sharefeed train` (seconds; the rest is start-up, imports and MLflow logging):\n")
+    print("| stage | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for stage in dict.fromkeys(s for per in stages.values() for s in per):
+        print(f"| {stage} | " + " | ".join(f"{stages[n].get(stage, 0.0):.1f}" for n in names) + " |")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,15 @@ def _collapse_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return frame.loc[~dup], int(dup.sum())
 
 
+def _begin(raw: pd.DataFrame) -> tuple[pd.DataFrame, int, _Verdict]:
+    """Collapse exact duplicates and open a verdict; lines a JSON reader could not parse fail first."""
+    frame, duplicates = _collapse_duplicates(raw)
+    verdict = _Verdict(frame.index)
+    if "_parse_error" in frame.columns:
+        verdict.flag(frame["_parse_error"].notna(), frame["_parse_error"].astype(object))
+    return frame, duplicates, verdict
+
+
 def _check_id(verdict: _Verdict, frame: pd.DataFrame, column: str, *, required: bool) -> None:
     if column not in frame.columns:
         if required:
@@ -236,11 +245,7 @@ def derive_event_ids(frame: pd.DataFrame) -> pd.Series:
 
 def check_events(raw: pd.DataFrame, event_types: Iterable[str]) -> TableCheck:
     """Validate the events table; the accepted frame has typed columns and a `ts` in UTC."""
-    rows_read = len(raw)
-    frame, duplicates = _collapse_duplicates(raw)
-    verdict = _Verdict(frame.index)
-    if "_parse_error" in frame.columns:
-        verdict.flag(frame["_parse_error"].notna(), frame["_parse_error"].astype(object))
+    frame, duplicates, verdict = _begin(raw)
     for column in ("user_id", "item_id"):
         _check_id(verdict, frame, column, required=True)
     for column in EVENT_OPTIONAL_STR:
@@ -309,7 +314,7 @@ def check_events(raw: pd.DataFrame, event_types: Iterable[str]) -> TableCheck:
     if missing_id.any():
         accepted.loc[missing_id, "event_id"] = derive_event_ids(accepted.loc[missing_id])
     accepted = accepted.sort_values("ts", kind="stable").reset_index(drop=True)
-    return TableCheck("events", rows_read, accepted, _rejects("events", frame, verdict), duplicates)
+    return TableCheck("events", len(raw), accepted, _rejects("events", frame, verdict), duplicates)
 
 
 def _parse_bool(verdict: _Verdict, frame: pd.DataFrame, column: str) -> pd.Series:
@@ -332,9 +337,7 @@ def _check_unique(verdict: _Verdict, frame: pd.DataFrame, key: str) -> None:
 
 def check_items(raw: pd.DataFrame) -> TableCheck:
     """Validate the catalog; missing optional fields stay missing (features declare their defaults)."""
-    rows_read = len(raw)
-    frame, duplicates = _collapse_duplicates(raw)
-    verdict = _Verdict(frame.index)
+    frame, duplicates, verdict = _begin(raw)
     _check_id(verdict, frame, "item_id", required=True)
     _check_unique(verdict, frame, "item_id")
     price = _parse_number(verdict, frame, "price")
@@ -355,25 +358,22 @@ def check_items(raw: pd.DataFrame) -> TableCheck:
     columns["in_stock"] = in_stock[good]
     columns["created_at"] = created[good]
     accepted = pd.DataFrame(columns).reset_index(drop=True)
-    return TableCheck("items", rows_read, accepted, _rejects("items", frame, verdict), duplicates)
+    return TableCheck("items", len(raw), accepted, _rejects("items", frame, verdict), duplicates)
 
 
 def check_users(raw: pd.DataFrame) -> TableCheck:
     """Validate user attributes: a unique id per row; other columns are kept as text."""
-    rows_read = len(raw)
-    frame, duplicates = _collapse_duplicates(raw)
-    verdict = _Verdict(frame.index)
+    frame, duplicates, verdict = _begin(raw)
     _check_id(verdict, frame, "user_id", required=True)
     _check_unique(verdict, frame, "user_id")
-    accepted = frame.loc[~verdict.bad, _data_columns(frame)].reset_index(drop=True)
-    return TableCheck("users", rows_read, accepted, _rejects("users", frame, verdict), duplicates)
+    columns = [c for c in _data_columns(frame) if c != "_parse_error"]
+    accepted = frame.loc[~verdict.bad, columns].reset_index(drop=True)
+    return TableCheck("users", len(raw), accepted, _rejects("users", frame, verdict), duplicates)
 
 
 def check_social(raw: pd.DataFrame) -> TableCheck:
     """Validate the social graph: friendships (undirected) and follows (directed)."""
-    rows_read = len(raw)
-    frame, duplicates = _collapse_duplicates(raw)
-    verdict = _Verdict(frame.index)
+    frame, duplicates, verdict = _begin(raw)
     _check_id(verdict, frame, "user_id", required=True)
     _check_id(verdict, frame, "friend_id", required=True)
     if "friend_id" in frame.columns and "user_id" in frame.columns:
@@ -392,4 +392,4 @@ def check_social(raw: pd.DataFrame) -> TableCheck:
             "kind": kind[good],
         }
     ).reset_index(drop=True)
-    return TableCheck("social", rows_read, accepted, _rejects("social", frame, verdict), duplicates)
+    return TableCheck("social", len(raw), accepted, _rejects("social", frame, verdict), duplicates)

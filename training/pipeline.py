@@ -7,7 +7,6 @@ same users; the served model is then refit on all the data so it knows the lates
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,7 +49,6 @@ from training.params import TrainParams
 from training.settings import TrainingSettings
 from training.split import Holdout, time_holdout
 
-log = logging.getLogger(__name__)
 RECENT_ITEMS = 50  # per user, kept in the bundle for explanations and history-based candidates
 FEATURE_SET = ("user_items:summed_weights", "popular:distinct_users", "trending:decayed_weights",
                "repurchase:category_rate", *ITEM_META_COLUMNS)

@@ -6,14 +6,11 @@ whatever directory the command happened to run from.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from training.settings import TrainingSettings
-
-log = logging.getLogger(__name__)
 
 
 @contextmanager
