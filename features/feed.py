@@ -18,9 +18,14 @@ class Source(StrEnum):
     """Where an item in a feed came from; the order of the fallback chain (DESIGN)."""
 
     ALS = "als"
+    BPR = "bpr"
+    ITEM_KNN = "item_knn"
+    REPEAT = "repeat"
+    CATEGORY_TRENDING = "category_trending"  # trending in the user's favourite categories
+    NEW_ARRIVALS = "new_arrivals"
     FOLD_IN = "fold_in"
     NEIGHBOURS = "neighbours"
-    TRENDING_CATEGORY = "trending_category"
+    TRENDING_CATEGORY = "trending_category"  # trending in the category the caller asked for
     TRENDING = "trending"
     POPULAR = "popular"
 
@@ -30,6 +35,10 @@ class Candidates:
     source: Source
     items: np.ndarray  # item idx, best first
     scores: np.ndarray  # same length, the source's own score
+    item_sources: tuple[Source, ...] | None = None  # per item, when a ranked union mixes sources
+
+    def source_of(self, position: int) -> Source:
+        return self.item_sources[position] if self.item_sources is not None else self.source
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,18 +63,17 @@ def compose_feed(chain: Sequence[Candidates], n: int, blocked: np.ndarray | None
         if len(taken) >= n:
             break
         items = candidates.items
+        positions = np.arange(len(items))
         if blocked is not None and len(items):
-            keep = ~blocked[items]
-            items, cand_scores = items[keep], candidates.scores[keep]
-        else:
-            cand_scores = candidates.scores
-        for idx, score in zip(items.tolist(), cand_scores.tolist(), strict=True):
+            positions = positions[~blocked[items]]
+        for position in positions.tolist():
+            idx = int(items[position])
             if idx in seen:
                 continue
             seen.add(idx)
             taken.append(idx)
-            scores.append(score)
-            sources.append(candidates.source)
+            scores.append(float(candidates.scores[position]))
+            sources.append(candidates.source_of(position))
             if len(taken) >= n:
                 break
     return Feed(np.asarray(taken, dtype=np.int64), np.asarray(scores, dtype=np.float32), tuple(sources))

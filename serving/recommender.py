@@ -1,4 +1,5 @@
-"""Answering feeds from a loaded bundle: ALS retrieval through FAISS, then the fallback chain.
+"""Answering feeds from a loaded bundle: candidates from every source (ALS through FAISS), ranked by the
+LightGBM ranker with the bundle's feature state, then the fallback chain.
 
 Batch `sharefeed recommend` and the HTTP feed both call `Recommender.feed`, so a user with no events
 since training gets the same items from either.
@@ -12,13 +13,23 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from features.candidates import (
+    SOURCE_ORDER,
+    PopularLists,
+    candidate_features,
+    merge_candidates,
+    top_scores,
+    user_candidates,
+)
 from features.feed import Candidates, Feed, Source, compose_feed
 from features.popularity import ranked
 from features.repurchase import NO_CATEGORY
 from training.bundle import Bundle
+from training.ranker import Ranker
 
 FALLBACK_DEPTH = 2000  # how far down the trending and popular lists a feed may reach
 RETRIEVAL_MARGIN = 32  # over-fetch beyond n + blocked items, so filters rarely leave a feed short
+_HISTORY_SOURCES = frozenset({Source.ALS, Source.BPR, Source.ITEM_KNN})  # explained by a similar past item
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +66,9 @@ class Recommender:
         self._by_category: dict[str, np.ndarray] = {str(k): np.asarray(v, dtype=np.int64) for k, v in groups.items()}
         norms = np.linalg.norm(bundle.item_factors, axis=1, keepdims=True)
         self._unit_items = bundle.item_factors / np.maximum(norms, 1e-12)
+        self._ranker = Ranker.from_string(bundle.ranker_text) if bundle.ranker_text else None
+        self._lists = PopularLists.from_state(bundle.state)
+        self._k = {Source(name): int(k) for name, k in bundle.manifest.candidates.items()}
         if hasattr(bundle.index, "hnsw"):
             bundle.index.hnsw.efSearch = bundle.manifest.model.ef_search
 
@@ -93,6 +107,30 @@ class Recommender:
                 return Candidates(Source.ALS, items[0][found].astype(np.int64), scores[0][found])
             k = min(n_items, k * 2)
 
+    def _rank(self, user_idx: int, blocked: np.ndarray, category: str | None) -> Candidates:
+        """Every source's candidates for the user, merged and ordered by the ranker."""
+        assert self._ranker is not None
+        models, state = self.bundle.models, self.bundle.state
+        factor_lists = {
+            Source.ALS: self._factor_top(self._retrieve(user_idx, self._k[Source.ALS], blocked, category),
+                                         self._k[Source.ALS], blocked),
+            Source.BPR: top_scores(models.bpr_items @ models.bpr_users[user_idx], self._k[Source.BPR], blocked),
+        }
+        lists = user_candidates(state, models, self._lists, user_idx, self._k, blocked, factor_lists)
+        items, scores, ranks, first, _ = merge_candidates(lists, self.bundle.manifest.union_size)
+        if not len(items):
+            return Candidates(Source.ALS, items, np.empty(0, dtype=np.float32))
+        rows = np.full(len(items), user_idx, dtype=np.int64)
+        predicted = self._ranker.predict(candidate_features(state, models, rows, items, scores, ranks))
+        order = np.argsort(-predicted, kind="stable")
+        return Candidates(Source.ALS, items[order], predicted[order].astype(np.float32),
+                          tuple(SOURCE_ORDER[i] for i in first[order].tolist()))
+
+    @staticmethod
+    def _factor_top(retrieved: Candidates, k: int, blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep = ~blocked[retrieved.items]
+        return retrieved.items[keep][:k], retrieved.scores[keep][:k]
+
     def _category_trending(self, category: str) -> Candidates:
         members = self._by_category.get(category, np.empty(0, dtype=np.int64))
         trending = self.bundle.popularity.trending[members]
@@ -106,7 +144,9 @@ class Recommender:
         user_idx = self.bundle.users.index_of(user_id) if personalized else None
         blocked = self._blocked(user_idx, exclude, category, personalized)
         chain: list[Candidates] = []
-        if user_idx is not None:
+        if user_idx is not None and self._ranker is not None:
+            chain.append(self._rank(user_idx, blocked, category))
+        elif user_idx is not None:
             chain.append(self._retrieve(user_idx, n, blocked, category))
         if category is not None:
             chain.append(self._category_trending(category))
@@ -128,7 +168,7 @@ class Recommender:
             return {}
         recent = self.bundle.recent
         history = recent.indices[recent.indptr[user_idx] : recent.indptr[user_idx + 1]]
-        picks = [i for i, s in zip(feed.items.tolist(), feed.sources, strict=True) if s is Source.ALS]
+        picks = [i for i, s in zip(feed.items.tolist(), feed.sources, strict=True) if s in _HISTORY_SOURCES]
         if not len(history) or not picks:
             return {}
         similarity = self._unit_items[picks] @ self._unit_items[history].T
@@ -143,10 +183,16 @@ class Recommender:
 
     def _reason(self, source: Source, item_idx: int, anchor: int | None) -> str:
         category = self._category[item_idx]
-        if source is Source.ALS:
+        if source in _HISTORY_SOURCES:
             if anchor is None:
                 return "picked for your taste from what you browsed and bought"
             return f"similar to {self._label(anchor)} you looked at"
+        if source is Source.REPEAT:
+            return "you bought this before"
+        if source is Source.NEW_ARRIVALS:
+            return f"new in {category}" if category else "new arrival"
+        if source is Source.CATEGORY_TRENDING:
+            return f"trending in {category}, a category you like" if category else "trending now"
         if source in (Source.TRENDING, Source.TRENDING_CATEGORY):
             return f"trending in {category}" if category else "trending now"
         return f"popular in {category}" if category else "popular with shoppers"

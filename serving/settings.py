@@ -13,6 +13,7 @@ class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHAREFEED_", extra="ignore")
 
     bundle: Path | None = None
+    model_alias: str | None = None  # or serve what an MLflow registered-model alias names (resolved by the CLI)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1)

@@ -106,21 +106,95 @@ def recommend(bundle: Path, users_file: Path, n: int, out: Path) -> None:
 
 @main.command()
 @click.option("--bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--model", "model_alias", help="Instead of --bundle: serve the version this MLflow registered-model "
+              "alias names (e.g. champion), downloaded and verified.")
 @click.option("--host")
 @click.option("--port", type=int)
-def serve(bundle: Path | None, host: str | None, port: int | None) -> None:
+def serve(bundle: Path | None, model_alias: str | None, host: str | None, port: int | None) -> None:
     """The HTTP service (OpenAPI at /docs)."""
     import uvicorn
 
     from serving.app import create_app
     from serving.settings import ServingSettings
 
-    overrides = {k: v for k, v in {"bundle": bundle, "host": host, "port": port}.items() if v is not None}
+    if bundle is not None and model_alias is not None:
+        raise click.UsageError("--bundle and --model are alternatives: pass one")
+    overrides: dict[str, object] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    if bundle is not None or model_alias is not None:
+        # A source given on the command line replaces both SHAREFEED_BUNDLE and SHAREFEED_MODEL_ALIAS.
+        overrides |= {"bundle": bundle, "model_alias": model_alias}
     settings = ServingSettings(**overrides)  # type: ignore[arg-type]
+    if settings.bundle is not None and settings.model_alias is not None:
+        raise click.UsageError("SHAREFEED_BUNDLE and SHAREFEED_MODEL_ALIAS are both set: serve one of them")
+    if settings.model_alias is not None:
+        settings = settings.model_copy(update={"bundle": _fetch_bundle(settings.model_alias)})
     if settings.bundle is None:
-        raise click.UsageError("no bundle: pass --bundle or set SHAREFEED_BUNDLE")
+        raise click.UsageError("no bundle: pass --bundle or --model, or set SHAREFEED_BUNDLE or SHAREFEED_MODEL_ALIAS")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
+
+def _fetch_bundle(alias: str) -> Path:
+    from training.bundle import BundleError
+    from training.registry import RegistryError, fetch_bundle
+    from training.settings import TrainingSettings
+
+    try:
+        fetched = fetch_bundle(TrainingSettings(), alias)
+    except (RegistryError, BundleError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _echo(f"serving {fetched.model}@{alias}: version {fetched.version}, bundle {fetched.bundle_version} "
+          f"from {fetched.path}")
+    return fetched.path
+
+
+@main.group()
+def models() -> None:
+    """The model registry: every `train` registers a version; an alias (champion) names the one to serve."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """Registered versions, newest first, with aliases, bundle version, headline metric and creation time."""
+    from training.registry import RegistryError, versions_table
+    from training.settings import TrainingSettings
+
+    try:
+        click.echo(versions_table(TrainingSettings()))
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@models.command()
+@click.argument("version", type=click.IntRange(min=1))
+@click.option("--alias", default="champion", show_default=True)
+@click.option("--force", is_flag=True, help="Promote even when the candidate is worse than the alias holder or "
+              "was measured on another holdout.")
+def promote(version: int, alias: str, force: bool) -> None:
+    """Point ALIAS at VERSION; refused when it is worse than the current holder on the same holdout."""
+    from training.registry import RegistryError
+    from training.registry import promote as promote_version
+    from training.settings import TrainingSettings
+
+    try:
+        change = promote_version(TrainingSettings(), version, alias, force=force)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(change.message)
+
+
+@models.command()
+@click.option("--alias", default="champion", show_default=True)
+def rollback(alias: str) -> None:
+    """Point ALIAS back at the version it named before its last promotion."""
+    from training.registry import RegistryError
+    from training.registry import rollback as rollback_alias
+    from training.settings import TrainingSettings
+
+    try:
+        change = rollback_alias(TrainingSettings(), alias)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(change.message)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,12 +22,19 @@ from training.settings import TrainingSettings
 
 def test_training_reports_model_and_baselines_on_the_same_holdout(trained: TrainResult) -> None:
     table = trained.report.table()
-    assert {"als", "popular", "trending"} <= set(table.index)
+    assert {"als", "bpr", "item_knn", "repeat", "union_rrf", "ranker"} <= set(table.index)
+    popular = [name for name in table.index if name.startswith("popular_")]
+    assert len(popular) == 1
     assert trained.report.users > 0
-    for column in ("recall_at_20", "ndcg_at_20", "hit_rate_at_20", "coverage"):
+    for column in ("recall_at_20", "ndcg_at_20", "hit_rate_at_20", "map_at_20", "coverage"):
         assert table[column].between(0, 1).all()
-    # The generator plants tastes: collaborative filtering must find them.
-    assert table.loc["als", "ndcg_at_20"] > table.loc["popular", "ndcg_at_20"]
+    # The generator plants tastes: collaborative filtering and the ranker must find them.
+    assert table.loc["als", "ndcg_at_20"] > table.loc[popular[0], "ndcg_at_20"]
+    assert table.loc["ranker", "ndcg_at_20"] > table.loc[popular[0], "ndcg_at_20"]
+    assert 0 < table.loc["ranker", "candidate_recall_at_union"] <= 1
+    comparison = trained.report.comparison
+    assert comparison["ci_low"] <= comparison["ratio"] <= comparison["ci_high"]
+    assert set(trained.manifest.windows) == {"T0", "T1", "T2", "T3"}
 
 
 def test_mlflow_run_holds_params_metrics_and_bundle(trained: TrainResult,
@@ -76,7 +83,9 @@ def test_recommend_gives_every_user_a_line_and_serve_agrees(trained: TrainResult
         assert unknown["step"] in {"trending", "popular"}
         known = client.get(f"/v1/users/{users[0]}/feed").json()
         assert known["personalized"] is True
-        assert known["items"][0]["source"] == "als"
+        assert known["items"][0]["source"] in {"als", "bpr", "item_knn", "repeat", "category_trending",
+                                                "new_arrivals", "trending"}
+        assert known["step"] not in {"popular", None}
 
 
 def test_feed_never_offers_a_bought_item_of_a_once_only_category(trained: TrainResult) -> None:
@@ -113,7 +122,7 @@ def test_feed_filters_and_bounds(trained: TrainResult) -> None:
         assert not set(excluded) & {i["item_id"] for i in again["items"]}
         plain = client.get(f"/v1/users/{user}/feed", params={"personalized": False}).json()
         assert plain["personalized"] is False
-        assert plain["items"][0]["source"] != "als"
+        assert plain["items"][0]["source"] in {"trending", "popular"}
         assert client.get(f"/v1/users/{user}/feed", params={"n": 51}).status_code == 422
         assert client.get(f"/v1/users/{user}/feed", params={"n": 0}).status_code == 422
         assert client.get("/readyz").json()["bundle_version"] == bundle.version

@@ -23,11 +23,14 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from features.candidates import CandidateModels
 from features.popularity import ItemPopularity
+from features.ranking import FEATURE_NAMES
 from features.repurchase import RepurchasePolicy
+from features.state import FeatureState, load_state, save_state
 from features.vocab import Vocabulary
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 ITEM_META_COLUMNS = ("category", "brand", "title", "price", "in_stock", "created_at")
 
@@ -69,6 +72,12 @@ class Manifest(BaseModel):
     feature_set_digest: str
     data_window: DataWindow
     holdout: HoldoutInfo
+    windows: dict[str, str]  # T0..T3 of the two-stage evaluation (empty when no ranker was trained)
+    categories: list[str]  # category codes of the feature state
+    brands: list[str]
+    candidates: dict[str, int]  # items each source proposes per user
+    union_size: int  # candidates ranked per user
+    feature_names: list[str] = list(FEATURE_NAMES)
     model: ModelInfo
     repurchase: RepurchasePolicy
     event_weights: dict[str, float]
@@ -94,6 +103,9 @@ class Bundle:
     bought: sp.csr_matrix  # users x items, 1 where the user bought the item
     recent: sp.csr_matrix  # users x items, epoch seconds of the last positive event (latest items only)
     popularity: ItemPopularity
+    models: CandidateModels
+    state: FeatureState
+    ranker_text: str | None  # LightGBM model; None when the data had no time order to train one
 
     @property
     def version(self) -> str:
@@ -114,6 +126,9 @@ class BundleContents:
     bought: sp.csr_matrix
     recent: sp.csr_matrix
     popularity: ItemPopularity
+    models: CandidateModels
+    state: FeatureState
+    ranker_text: str | None
 
 
 def _sha256(path: Path) -> str:
@@ -150,6 +165,12 @@ def write_bundle(out: Path, contents: BundleContents, manifest: Manifest) -> Man
         faiss.write_index(contents.index, str(tmp / "items_ip.faiss"))
         sp.save_npz(tmp / "bought.npz", contents.bought.tocsr(), compressed=False)
         sp.save_npz(tmp / "recent.npz", contents.recent.tocsr(), compressed=False)
+        np.save(tmp / "bpr_user_factors.npy", contents.models.bpr_users)
+        np.save(tmp / "bpr_item_factors.npy", contents.models.bpr_items)
+        sp.save_npz(tmp / "item_neighbours.npz", contents.models.item_neighbours.tocsr(), compressed=False)
+        save_state(contents.state, tmp)
+        if contents.ranker_text is not None:
+            (tmp / "ranker.txt").write_text(contents.ranker_text)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         content_digest = hashlib.sha256("".join(f"{k}{v}" for k, v in files.items()).encode()).hexdigest()
         created = datetime.now(UTC)
@@ -226,6 +247,15 @@ def load_bundle(path: Path) -> Bundle:
             index=faiss.read_index(str(path / "items_ip.faiss")),
             bought=sp.load_npz(path / "bought.npz").tocsr(),
             recent=sp.load_npz(path / "recent.npz").tocsr(),
+            models=CandidateModels(
+                als_users=np.load(path / "user_factors.npy", allow_pickle=False),
+                als_items=np.load(path / "item_factors.npy", allow_pickle=False),
+                bpr_users=np.load(path / "bpr_user_factors.npy", allow_pickle=False),
+                bpr_items=np.load(path / "bpr_item_factors.npy", allow_pickle=False),
+                item_neighbours=sp.load_npz(path / "item_neighbours.npz").tocsr(),
+            ),
+            state=load_state(path),
+            ranker_text=(path / "ranker.txt").read_text() if (path / "ranker.txt").is_file() else None,
             popularity=ItemPopularity(
                 popular=meta["popular"].to_numpy(np.float32), trending=meta["trending"].to_numpy(np.float32)
             ),
@@ -240,6 +270,9 @@ def load_bundle(path: Path) -> Bundle:
         "index size": (bundle.index.ntotal, n_items),
         "bought shape": (bundle.bought.shape, (n_users, n_items)),
         "recent shape": (bundle.recent.shape, (n_users, n_items)),
+        "state pairs shape": (bundle.state.pair_last.shape, (n_users, n_items)),
+        "neighbours shape": (bundle.models.item_neighbours.shape, (n_items, n_items)),
+        "feature names": (tuple(manifest.feature_names), FEATURE_NAMES),
     }
     for what, (got, want) in checks.items():
         if got != want:

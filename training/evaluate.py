@@ -42,6 +42,8 @@ class EvalReport:
     target_kind: str = ""
     unseen_item_share: float = 0.0
     cold_user_share: float = 0.0
+    comparison: dict[str, float | str] = field(default_factory=dict)  # ranker vs best baseline, with CI
+    breakdown: dict[str, dict[str, float]] = field(default_factory=dict)  # new / returning users: NDCG@K
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame.from_dict(self.rows, orient="index")
@@ -51,6 +53,10 @@ class EvalReport:
         out["holdout.users"] = float(self.users)
         out["holdout.unseen_item_share"] = self.unseen_item_share
         out["holdout.cold_user_share"] = self.cold_user_share
+        out |= {f"comparison.{k}": float(v) for k, v in self.comparison.items() if not isinstance(v, str)}
+        for group, row in self.breakdown.items():
+            out |= {f"{group}.{model}.ndcg": value for model, value in row.items() if model != "users"}
+            out[f"{group}.users"] = row.get("users", 0.0)
         return out
 
 
@@ -80,14 +86,36 @@ def holdout_targets(test: pd.DataFrame, users: Vocabulary, items: Vocabulary,
     )
 
 
-def _user_metrics(recs: np.ndarray, targets: np.ndarray, n_targets: int, k: int) -> tuple[float, float, float]:
+def _user_metrics(recs: np.ndarray, targets: np.ndarray, n_targets: int, k: int) -> tuple[float, float, float, float]:
+    """Recall, NDCG, hit and average precision at k for one user."""
     top = recs[:k]
     hits = np.isin(top, targets)
-    if not hits.any():
-        return 0.0, 0.0, 0.0
+    if not hits.any() or n_targets == 0:
+        return 0.0, 0.0, 0.0, 0.0
     discounts = 1.0 / np.log2(np.arange(2, len(top) + 2))
     ideal = discounts[: min(n_targets, k)].sum()
-    return float(hits.sum() / n_targets), float(discounts[hits].sum() / ideal), 1.0
+    precision_at_hits = np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1)
+    average_precision = float(precision_at_hits.sum() / min(n_targets, k))
+    return float(hits.sum() / n_targets), float(discounts[hits].sum() / ideal), 1.0, average_precision
+
+
+def per_user_metrics(lists: Sequence[np.ndarray], targets: Targets, k: int) -> np.ndarray:
+    """NDCG@k of every user, for confidence intervals and breakdowns."""
+    return np.asarray([_user_metrics(recs, t, int(n), k)[1]
+                       for recs, t, n in zip(lists, targets.items, targets.n_targets, strict=True)])
+
+
+def bootstrap_ratio(ours: np.ndarray, theirs: np.ndarray, rng: np.random.Generator,
+                    samples: int = 1000) -> tuple[float, float, float]:
+    """95% interval of mean(ours) / mean(theirs) with users resampled; and the ratio itself."""
+    ratio = float(ours.mean() / theirs.mean()) if theirs.mean() > 0 else float("inf")
+    if len(ours) == 0:
+        return float("nan"), ratio, float("nan")
+    picks = rng.integers(0, len(ours), size=(samples, len(ours)))
+    a, b = ours[picks].mean(axis=1), theirs[picks].mean(axis=1)
+    ratios = np.divide(a, b, out=np.full(samples, np.inf), where=b > 0)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), ratio, float(high)
 
 
 def score_lists(lists: Sequence[np.ndarray], targets: Targets, ks: Sequence[int], n_items: int) -> dict[str, float]:
@@ -101,6 +129,7 @@ def score_lists(lists: Sequence[np.ndarray], targets: Targets, ks: Sequence[int]
         row[f"recall_at_{k}"] = float(values[:, 0].mean())
         row[f"ndcg_at_{k}"] = float(values[:, 1].mean())
         row[f"hit_rate_at_{k}"] = float(values[:, 2].mean())
+        row[f"map_at_{k}"] = float(values[:, 3].mean())
     shown = np.unique(np.concatenate([recs[: max(ks)] for recs in lists])) if lists else np.array([])
     row["coverage"] = float(len(shown) / n_items) if n_items else 0.0
     return row

@@ -31,6 +31,46 @@ class ALSParams(_Strict):
     seed: int = 13
 
 
+class BPRParams(_Strict):
+    factors: int = Field(64, ge=2, le=1024)
+    learning_rate: float = Field(0.05, gt=0.0)
+    regularization: float = Field(0.01, ge=0.0)
+    iterations: int = Field(60, ge=1, le=1000)
+    seed: int = 17
+
+
+class NeighbourParams(_Strict):
+    neighbours: int = Field(50, ge=1, le=1000)  # similar items kept per item (cosine over co-interactions)
+
+
+class CandidateParams(_Strict):
+    """How many items each source proposes per user before ranking."""
+
+    als: int = Field(100, ge=0)
+    bpr: int = Field(50, ge=0)
+    item_knn: int = Field(100, ge=0)
+    repeat: int = Field(50, ge=0)
+    category_trending: int = Field(30, ge=0)
+    new_arrivals: int = Field(20, ge=0)
+    trending: int = Field(30, ge=0)
+
+
+class RankerParams(_Strict):
+    """LightGBM LambdaRank over the union of candidates."""
+
+    num_leaves: int = Field(31, ge=2)
+    learning_rate: float = Field(0.05, gt=0.0)
+    max_rounds: int = Field(400, ge=1)
+    early_stopping_rounds: int = Field(40, ge=1)
+    min_data_in_leaf: int = Field(50, ge=1)
+    feature_fraction: float = Field(0.8, gt=0.0, le=1.0)
+    bagging_fraction: float = Field(0.8, gt=0.0, le=1.0)
+    lambda_l2: float = Field(1.0, ge=0.0)
+    negatives_per_group: int = Field(100, ge=1)  # training rows: all positives plus this many sampled negatives
+    validation_share: float = Field(0.2, gt=0.0, lt=1.0)  # users held out for early stopping
+    seed: int = 23
+
+
 class SplitParams(_Strict):
     """The time holdout: a cut on the data's own time resolution."""
 
@@ -66,6 +106,10 @@ class EvalParams(_Strict):
 class TrainParams(_Strict):
     event_weights: dict[str, float] = {}  # merged over the defaults of features.weights
     als: ALSParams = ALSParams()
+    bpr: BPRParams = BPRParams()
+    neighbours: NeighbourParams = NeighbourParams()
+    candidates: CandidateParams = CandidateParams()
+    ranker: RankerParams = RankerParams()
     split: SplitParams = SplitParams()
     index: IndexParams = IndexParams()
     popularity: PopularityParams = PopularityParams()

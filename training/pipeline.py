@@ -1,7 +1,8 @@
 """`sharefeed train`: data directory -> validated events -> holdout evaluation -> refit -> bundle -> MLflow.
 
-Reads top to bottom as the stages run. The holdout measures ALS against the popularity baselines on the
-same users; the served model is then refit on all the data so it knows the latest events.
+Reads top to bottom as the stages run. On a time holdout the two-stage recommender (candidates + LambdaRank)
+is measured against the baselines on the same users (`training.twostage`); then every model is refit on all
+the data as of "now", so the served bundle knows the latest events.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import scipy.sparse as sp
 from features.dataset import Dataset, load_dataset
 from features.interactions import user_items_matrix
 from features.popularity import item_popularity
-from features.repurchase import NO_CATEGORY, RepurchasePolicy, infer_repurchase_policy
+from features.ranking import FEATURE_NAMES
 from features.vocab import Vocabulary
-from features.weights import CONVERSION_TYPES
-from training import tracking
+from training import registry, tracking
 from training.als import fit_als
 from training.bundle import (
     ITEM_META_COLUMNS,
@@ -48,10 +48,19 @@ from training.index import build_item_index, index_kind
 from training.params import TrainParams
 from training.settings import TrainingSettings
 from training.split import Holdout, time_holdout
+from training.twostage import UNION_SIZE, evaluate_two_stage
+from training.window import (
+    blocked_matrix,
+    bought_matrix,
+    fit_window,
+    item_meta_frame,
+    item_vocabulary,
+    repurchase_policy,
+)
 
 RECENT_ITEMS = 50  # per user, kept in the bundle for explanations and history-based candidates
 FEATURE_SET = ("user_items:summed_weights", "popular:distinct_users", "trending:decayed_weights",
-               "repurchase:category_rate", *ITEM_META_COLUMNS)
+               "repurchase:category_rate", *ITEM_META_COLUMNS, *FEATURE_NAMES)
 
 
 @dataclass(slots=True)
@@ -79,43 +88,7 @@ class TrainResult:
     rejects_path: Path
     run_id: str
     stage_seconds: dict[str, float]
-
-
-def _item_vocabulary(events: pd.DataFrame, catalog: pd.DataFrame | None) -> Vocabulary:
-    """Items with events first, then catalog items nobody has touched yet (they still need metadata)."""
-    ids = events["item_id"]
-    if catalog is not None:
-        ids = pd.concat([ids, catalog["item_id"]], ignore_index=True)
-    return Vocabulary.from_ids(ids)
-
-
-def _item_meta(items: Vocabulary, catalog: pd.DataFrame | None) -> pd.DataFrame:
-    """Catalog fields per item idx; absent fields stay missing (features declare their own defaults)."""
-    frame = pd.DataFrame({"item_id": pd.Series(items.ids, dtype="str")})
-    if catalog is not None:
-        frame = frame.merge(catalog, on="item_id", how="left")
-    for column in ITEM_META_COLUMNS:
-        if column not in frame.columns:
-            frame[column] = pd.Series(pd.NA, index=frame.index)
-    meta = frame[list(ITEM_META_COLUMNS)].copy()
-    meta["category"] = meta["category"].astype("str")
-    meta["brand"] = meta["brand"].astype("str")
-    meta["title"] = meta["title"].astype("str")
-    meta["price"] = meta["price"].astype("float64")
-    meta["in_stock"] = meta["in_stock"].astype("boolean")
-    meta["created_at"] = pd.to_datetime(meta["created_at"], utc=True)
-    return meta
-
-
-def _bought(events: pd.DataFrame, users: Vocabulary, items: Vocabulary) -> sp.csr_matrix:
-    conversions = events.loc[events["event_type"].isin(CONVERSION_TYPES)]
-    rows, cols = users.indexes(conversions["user_id"]), items.indexes(conversions["item_id"])
-    keep = (rows >= 0) & (cols >= 0)
-    matrix = sp.csr_matrix((np.ones(keep.sum(), dtype=np.float32), (rows[keep], cols[keep])),
-                           shape=(len(users), len(items)))
-    matrix.sum_duplicates()
-    matrix.data[:] = 1.0
-    return matrix
+    model_version: int  # this bundle's version of the registered model (settings.registered_model)
 
 
 def _recent(events: pd.DataFrame, users: Vocabulary, items: Vocabulary, weights: dict[str, float],
@@ -131,38 +104,20 @@ def _recent(events: pd.DataFrame, users: Vocabulary, items: Vocabulary, weights:
     return sp.csr_matrix((seconds[keep], (rows[keep], cols[keep])), shape=(len(users), len(items)))
 
 
-def _blocked(bought: sp.csr_matrix, meta: pd.DataFrame, policy: RepurchasePolicy) -> sp.csr_matrix:
-    """Bought items the policy does not allow to be recommended again."""
-    categories = meta["category"].fillna(NO_CATEGORY).to_numpy(dtype=object)
-    once_only = (~policy.repeatable_mask(categories)).astype(np.float32)
-    blocked = bought @ sp.diags(once_only)
-    blocked = sp.csr_matrix(blocked)
-    blocked.eliminate_zeros()
-    return blocked
-
-
-def _policy(events: pd.DataFrame, catalog: pd.DataFrame | None, params: TrainParams) -> RepurchasePolicy:
-    category = (catalog.set_index("item_id")["category"] if catalog is not None
-                else pd.Series(dtype="str"))
-    return infer_repurchase_policy(events, category, threshold=params.repurchase.threshold,
-                                   min_pairs=params.repurchase.min_pairs,
-                                   overrides=params.repurchase.overrides)
-
-
 def evaluate_on_holdout(data: Dataset, holdout: Holdout, params: TrainParams, clock: StageClock) -> EvalReport:
     """Fit on the train part; score ALS and the popularity baselines on the test part's users."""
     weights = params.weights
     train = holdout.train
     users = Vocabulary.from_ids(train["user_id"])
-    items = _item_vocabulary(train, None)
-    meta = _item_meta(items, data.items)
+    items = item_vocabulary(train, None)
+    meta = item_meta_frame(items, data.items, ITEM_META_COLUMNS)
     as_of = holdout.cut if holdout.cut is not None else train["ts"].max()
     with clock.stage("holdout: fit ALS"):
         matrix = user_items_matrix(train, users, items, weights, now=as_of,
                                    half_life_days=params.als.recency_half_life_days)
         factors = fit_als(matrix, params.als)
     popularity = item_popularity(train, items, weights, as_of, params.popularity.trending_half_life_days)
-    blocked = _blocked(_bought(train, users, items), meta, _policy(train, data.items, params))
+    blocked = blocked_matrix(bought_matrix(train, users, items), meta, repurchase_policy(train, data.items, params))
     targets = holdout_targets(holdout.test, users, items, weights)
     n = max(params.evaluation.k)
     fallback = fallback_chain(popularity, n + 1000)
@@ -211,23 +166,30 @@ def train(
         tracking.log_params(params.flat() | {"data_dir": str(data_dir), "now": now.isoformat()})
         holdout = time_holdout(events, params.split)
         say(f"holdout: {holdout.note}; train {len(holdout.train):,} / test {len(holdout.test):,} events")
-        report = evaluate_on_holdout(data, holdout, params, clock)
+        ranker_text: str | None = None
+        windows: dict[str, str] = {}
+        if holdout.cut is not None:
+            with clock.stage("two-stage evaluation"):
+                two_stage = evaluate_two_stage(events, data.items, holdout, params, ITEM_META_COLUMNS, say)
+            report, ranker_text, windows = two_stage.report, two_stage.ranker.to_string(), two_stage.windows
+        else:
+            say("no time order: the ranker needs one, so only ALS and popularity are evaluated and served")
+            report = evaluate_on_holdout(data, holdout, params, clock)
         say(f"evaluated {report.users:,} users on {report.target_kind}; unseen-item share "
             f"{report.unseen_item_share:.1%}, cold-user share {report.cold_user_share:.1%}")
         say(report.table().round(4).to_string())
+        if report.comparison:
+            c = report.comparison
+            say(f"ranker / best baseline ({c['best_baseline']}) NDCG@{c['k']}: {float(c['ratio']):.3f} "
+                f"(95% interval {float(c['ci_low']):.3f} - {float(c['ci_high']):.3f})")
 
         with clock.stage("refit on all data"):
-            users = Vocabulary.from_ids(events["user_id"])
-            items = _item_vocabulary(events, data.items)
-            matrix = user_items_matrix(events, users, items, params.weights, now=now,
-                                       half_life_days=params.als.recency_half_life_days)
-            factors = fit_als(matrix, params.als)
-            meta = _item_meta(items, data.items)
-            policy = _policy(events, data.items, params)
+            window = fit_window(events, data.items, params, now + pd.Timedelta(1, "ns"), ITEM_META_COLUMNS)
+            users, items = window.users, window.items
             popularity = item_popularity(events, items, params.weights, now,
                                          params.popularity.trending_half_life_days)
         with clock.stage("index"):
-            index = build_item_index(factors.item_factors, params.index)
+            index = build_item_index(window.models.als_items, params.index)
         with clock.stage("write bundle"):
             manifest = Manifest(
                 schema_version=SCHEMA_VERSION,
@@ -237,27 +199,37 @@ def train(
                 feature_set_digest=_feature_set_digest(params),
                 data_window=DataWindow(start=events["ts"].min(), end=events["ts"].max(), now=now),
                 holdout=HoldoutInfo(kind=holdout.kind, cut=holdout.cut, note=holdout.note),
+                windows=windows,
+                categories=window.categories,
+                brands=window.brands,
+                candidates=params.candidates.model_dump(),
+                union_size=UNION_SIZE,
                 model=ModelInfo(factors=params.als.factors, regularization=params.als.regularization,
                                 alpha=params.als.alpha, confidence_scale=params.als.confidence_scale,
                                 index_kind=index_kind(len(items), params.index),
                                 ef_search=params.index.ef_search),
-                repurchase=policy,
+                repurchase=window.policy,
                 event_weights=params.weights,
                 counts={"users": len(users), "items": len(items), "events": len(events)},
                 metrics=report.flat_metrics(),
                 mlflow_run_id=run_id,
                 files={},
             )
+            als_items = window.models.als_items
             bundle = BundleContents(
-                users=users, items=items, item_meta=meta, user_factors=factors.user_factors,
-                item_factors=factors.item_factors, item_gram=factors.item_gram(), index=index,
-                bought=_bought(events, users, items), popularity=popularity,
+                users=users, items=items, item_meta=window.item_meta, user_factors=window.models.als_users,
+                item_factors=als_items, item_gram=(als_items.T @ als_items).astype(np.float32), index=index,
+                bought=bought_matrix(events, users, items), popularity=popularity,
                 recent=_recent(events, users, items, params.weights, RECENT_ITEMS),
+                models=window.models, state=window.state, ranker_text=ranker_text,
             )
             manifest = write_bundle(out, bundle, manifest)
         tracking.log_metrics(report.flat_metrics() | {f"time.{k}_s": v for k, v in clock.seconds.items()})
         tracking.set_tags({"bundle_version": manifest.bundle_version, "holdout": holdout.kind})
         tracking.log_artifacts(rejects_path, "validation")
         tracking.log_artifacts(out, "bundle")
+        model_version = registry.register_bundle(settings, run_id, manifest, events, params.split)
     say(f"bundle {manifest.bundle_version} written to {out} (MLflow run {run_id})")
-    return TrainResult(out, manifest, report, data.summary(), rejects_path, run_id, dict(clock.seconds))
+    say(f"registered as {settings.registered_model} version {model_version}")
+    return TrainResult(out, manifest, report, data.summary(), rejects_path, run_id, dict(clock.seconds),
+                       model_version)

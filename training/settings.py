@@ -18,6 +18,7 @@ class TrainingSettings(BaseSettings):
     home: Path = Path.home() / ".sharefeed"  # embedded MLflow store and artifacts live here
     mlflow_uri: str | None = None  # default: SQLite file in `home`, so runs never scatter by directory
     mlflow_experiment: str = "sharefeed"
+    registered_model: str = "sharefeed"  # every train run registers its bundle as a version of this model
     now: datetime | None = None  # pin "now" for time windows; default: the newest event seen
 
     @property

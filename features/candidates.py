@@ -1,0 +1,220 @@
+"""Candidate sources: each proposes (item, score) lists for users, the first stage of the recommender.
+
+One small interface for every source (collaborative filtering, neighbours of recent history, the user's
+own purchases, trending, trending in the user's categories, new arrivals). Only numpy and scipy: the
+fitted arrays come from training, and serving runs the very same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from features.feed import Candidates, Source
+from features.ranking import FEATURE_NAMES, SOURCE_FEATURES, pair_features
+from features.state import DAY, FeatureState, cell_values
+
+RECENT_FOR_NEIGHBOURS = 20
+NEW_ARRIVAL_DAYS = 14.0
+TOP_CATEGORIES = 3
+RRF_K = 60.0  # reciprocal rank fusion constant: the candidate union's order without a ranker
+SOURCE_ORDER: tuple[Source, ...] = tuple(Source(s) for s in SOURCE_FEATURES)
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateModels:
+    """Fitted arrays the sources score with; indexes follow the window's vocabularies."""
+
+    als_users: np.ndarray
+    als_items: np.ndarray
+    bpr_users: np.ndarray
+    bpr_items: np.ndarray
+    item_neighbours: sp.csr_matrix  # items x items similarity (top neighbours per row)
+
+
+def _top(
+    scores: np.ndarray, k: int, blocked: np.ndarray | None, items: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best `k` entries of `scores` (over `items` when given), skipping blocked items and -inf."""
+    ids = np.arange(len(scores)) if items is None else items
+    keep = np.isfinite(scores)
+    if blocked is not None:
+        keep &= ~blocked[ids]
+    ids, scores = ids[keep], scores[keep]
+    if len(ids) > k:
+        part = np.argpartition(-scores, k - 1)[:k]
+        ids, scores = ids[part], scores[part]
+    order = np.lexsort((ids, -scores))
+    return ids[order].astype(np.int64), scores[order].astype(np.float32)
+
+
+def factor_scores(users: np.ndarray, items: np.ndarray, user_idx: np.ndarray) -> np.ndarray:
+    """Inner products of a chunk of users with every item (rows of -1 users are -inf)."""
+    scores = np.full((len(user_idx), len(items)), -np.inf, dtype=np.float32)
+    known = user_idx >= 0
+    if known.any():
+        scores[known] = users[user_idx[known]] @ items.T
+    return scores
+
+
+def top_scores(scores: np.ndarray, k: int, blocked: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Best `k` items of a full score row, skipping blocked ones."""
+    return _top(scores, k, blocked)
+
+
+def neighbour_candidates(
+    state: FeatureState, neighbours: sp.csr_matrix, user: int, k: int, blocked: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Items like the user's most recent ones: recency-weighted sum of neighbour similarities."""
+    if user < 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    row = state.pair_last.getrow(user)
+    if row.nnz == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    order = np.argsort(-row.data)[:RECENT_FOR_NEIGHBOURS]
+    recent, last = row.indices[order], row.data[order]
+    weight = np.power(0.5, (state.cutoff_seconds - last) / DAY / 30.0)
+    profile = sp.csr_matrix((weight, (np.zeros(len(recent), dtype=np.int64), recent)), shape=(1, neighbours.shape[0]))
+    scores = (profile @ neighbours).toarray().ravel()
+    touched = np.flatnonzero(scores > 0)
+    return _top(scores[touched], k, blocked, touched)
+
+
+def repeat_candidates(
+    state: FeatureState, user: int, k: int, blocked: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The user's own past purchases: bought more often and more recently first."""
+    if user < 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    row = state.pair_purchases.getrow(user)
+    if row.nnz == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    last = cell_values(state.pair_last, np.full(row.nnz, user), row.indices)
+    recency = np.power(0.5, np.clip(state.cutoff_seconds - last, 0, None) / DAY / 30.0)
+    return _top(row.data * (1.0 + recency), k, blocked, row.indices)
+
+
+@dataclass(frozen=True, slots=True)
+class PopularLists:
+    """Non-personal rankings as of the state's cut-off, computed once per window."""
+
+    trending: np.ndarray  # item idx, best first
+    by_category: Mapping[int, np.ndarray]  # category code -> item idx by trending, best first
+    new_arrivals: np.ndarray  # items first seen in the last NEW_ARRIVAL_DAYS, by trending
+
+    @classmethod
+    def from_state(cls, state: FeatureState, depth: int = 500) -> PopularLists:
+        score = state.item_trending + 1e-6 * state.item_buyers  # all-time buyers break ties
+        order = np.lexsort((np.arange(len(score)), -score))
+        order = order[score[order] > 0]
+        categories = state.item_category[order]
+        by_category = {int(c): order[categories == c][:depth] for c in np.unique(categories) if c >= 0}
+        age = (state.cutoff_seconds - state.item_first_seen[order]) / DAY
+        fresh = order[(age >= 0) & (age <= NEW_ARRIVAL_DAYS)]
+        return cls(trending=order[:depth], by_category=by_category, new_arrivals=fresh[:depth])
+
+
+def _listed(
+    items: np.ndarray, scores_by_item: np.ndarray, k: int, blocked: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    if blocked is not None:
+        items = items[~blocked[items]]
+    items = items[:k]
+    return items.astype(np.int64), scores_by_item[items].astype(np.float32)
+
+
+def user_candidates(
+    state: FeatureState,
+    models: CandidateModels,
+    lists: PopularLists,
+    user: int,
+    k: Mapping[Source, int],
+    blocked: np.ndarray | None,
+    factor_lists: Mapping[Source, tuple[np.ndarray, np.ndarray]],
+) -> list[Candidates]:
+    """Every source's list for one user; `factor_lists` carries the ALS / BPR results scored in batches."""
+    out = [Candidates(source, *factor_lists[source]) for source in (Source.ALS, Source.BPR) if source in factor_lists]
+    if k.get(Source.ITEM_KNN, 0):
+        out.append(
+            Candidates(
+                Source.ITEM_KNN, *neighbour_candidates(state, models.item_neighbours, user, k[Source.ITEM_KNN], blocked)
+            )
+        )
+    if k.get(Source.REPEAT, 0):
+        out.append(Candidates(Source.REPEAT, *repeat_candidates(state, user, k[Source.REPEAT], blocked)))
+    trending = state.item_trending
+    if k.get(Source.CATEGORY_TRENDING, 0) and user >= 0:
+        row = state.user_category.getrow(user)
+        favourite = row.indices[np.argsort(-row.data)[:TOP_CATEGORIES]]
+        pooled = [lists.by_category.get(int(c), np.empty(0, dtype=np.int64)) for c in favourite]
+        items = np.concatenate(pooled) if pooled else np.empty(0, dtype=np.int64)
+        items = items[np.argsort(-trending[items], kind="stable")] if len(items) else items
+        out.append(
+            Candidates(Source.CATEGORY_TRENDING, *_listed(items, trending, k[Source.CATEGORY_TRENDING], blocked))
+        )
+    if k.get(Source.NEW_ARRIVALS, 0):
+        out.append(
+            Candidates(Source.NEW_ARRIVALS, *_listed(lists.new_arrivals, trending, k[Source.NEW_ARRIVALS], blocked))
+        )
+    if k.get(Source.TRENDING, 0):
+        out.append(Candidates(Source.TRENDING, *_listed(lists.trending, trending, k[Source.TRENDING], blocked)))
+    return out
+
+
+def merge_candidates(
+    lists: list[Candidates], union_size: int
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Union of the sources' lists, cut to the `union_size` best by reciprocal rank fusion."""
+    fused: dict[int, float] = {}
+    first: dict[int, tuple[float, int]] = {}
+    for candidates in lists:
+        source = SOURCE_ORDER.index(candidates.source)
+        for rank, item in enumerate(candidates.items.tolist()):
+            fused[item] = fused.get(item, 0.0) + 1.0 / (RRF_K + rank + 1)
+            if item not in first or rank < first[item][0]:
+                first[item] = (rank, source)
+    order = sorted(fused, key=lambda i: (-fused[i], i))[:union_size]
+    items = np.asarray(order, dtype=np.int64)
+    position = {item: p for p, item in enumerate(order)}
+    scores = {s: np.full(len(items), np.nan, dtype=np.float32) for s in SOURCE_FEATURES}
+    ranks = {s: np.full(len(items), np.nan, dtype=np.float32) for s in SOURCE_FEATURES}
+    for candidates in lists:
+        name = candidates.source.value
+        for rank, (item, score) in enumerate(zip(candidates.items.tolist(), candidates.scores.tolist(), strict=True)):
+            p = position.get(item)
+            if p is not None:
+                scores[name][p] = score
+                ranks[name][p] = rank + 1
+    return (
+        items,
+        scores,
+        ranks,
+        np.asarray([first[i][1] for i in order], dtype=np.int64),
+        np.asarray([fused[i] for i in order], dtype=np.float32),
+    )
+
+
+def candidate_features(
+    state: FeatureState,
+    models: CandidateModels,
+    rows_user: np.ndarray,
+    items: np.ndarray,
+    scores: dict[str, np.ndarray],
+    ranks: dict[str, np.ndarray],
+) -> np.ndarray:
+    """Ranking features of candidate rows; every row gets the factor models' opinion, proposed or not."""
+    if not len(items):
+        return np.empty((0, len(FEATURE_NAMES)), dtype=np.float32)
+    scores = dict(scores)
+    known = rows_user >= 0
+    for name, users_f, items_f in (
+        ("als", models.als_users, models.als_items),
+        ("bpr", models.bpr_users, models.bpr_items),
+    ):
+        full = np.full(len(items), np.nan, dtype=np.float32)
+        full[known] = np.einsum("ij,ij->i", users_f[rows_user[known]], items_f[items[known]])
+        scores[name] = full
+    return pair_features(state, rows_user, items, scores, ranks)

@@ -1,0 +1,90 @@
+"""Ranking features for (user, item) candidate pairs, read from a `FeatureState`.
+
+The one definition used to build the ranker's training rows and, in serving, the rows it scores; the
+order of `FEATURE_NAMES` is pinned in the bundle. Missing values stay NaN (LightGBM treats them as
+missing), each with an explicit indicator where absence itself means something.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from features.state import DAY, ITEM_WINDOWS_DAYS, USER_EVENT_TYPES, FeatureState, cell_values
+
+SOURCE_FEATURES = ("als", "bpr", "item_knn", "repeat", "trending", "category_trending", "new_arrivals")
+
+FEATURE_NAMES: tuple[str, ...] = (
+    *(f"{s}_score" for s in SOURCE_FEATURES),
+    *(f"{s}_rank" for s in SOURCE_FEATURES),
+    "n_sources",
+    *(f"item_events_{d}d" for d in ITEM_WINDOWS_DAYS),
+    "item_events_all",
+    "item_buyers_all",
+    "item_trending",
+    "item_age_days",
+    "item_price_missing",
+    "price_to_user_median",
+    "user_category_affinity",
+    "user_brand_affinity",
+    *(f"user_{t}s_all" for t in USER_EVENT_TYPES),
+    "user_days_since_last_event",
+    "pair_days_since_last_event",
+    "pair_purchases_all",
+    "pair_weight_all",
+    "category_days_since_last_event",
+    "category_repurchase_rate",
+)
+
+
+def pair_features(
+    state: FeatureState,
+    user_idx: np.ndarray,
+    item_idx: np.ndarray,
+    source_scores: Mapping[str, np.ndarray],
+    source_ranks: Mapping[str, np.ndarray],
+) -> np.ndarray:
+    """A float32 matrix, one row per pair, columns in FEATURE_NAMES order.
+
+    `user_idx` may hold -1 for users the state does not know (their user features are NaN or 0).
+    `source_scores` / `source_ranks` give each candidate source's score and rank per pair (NaN where the
+    source did not propose the item).
+    """
+    n = len(item_idx)
+    now = state.cutoff_seconds
+    known = user_idx >= 0
+    u = np.where(known, user_idx, 0)
+    columns: list[np.ndarray] = []
+    for name in SOURCE_FEATURES:
+        columns.append(source_scores.get(name, np.full(n, np.nan)))
+    for name in SOURCE_FEATURES:
+        columns.append(source_ranks.get(name, np.full(n, np.nan)))
+    columns.append(np.sum([~np.isnan(source_ranks.get(s, np.full(n, np.nan))) for s in SOURCE_FEATURES], axis=0))
+    for column in range(state.item_window_counts.shape[1]):
+        columns.append(state.item_window_counts[item_idx, column])
+    columns.append(state.item_buyers[item_idx])
+    columns.append(state.item_trending[item_idx])
+    columns.append((now - state.item_first_seen[item_idx]) / DAY)
+    price = state.item_price[item_idx]
+    columns.append(np.isnan(price).astype(np.float64))
+    median = np.where(known, state.user_median_price[u], np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        columns.append(np.where(median > 0, price / median, np.nan))
+    category = state.item_category[item_idx]
+    rows = np.where(known, user_idx, -1)
+    columns.append(cell_values(state.user_category, rows, category))
+    columns.append(cell_values(state.user_brand, rows, state.item_brand[item_idx]))
+    for column in range(len(USER_EVENT_TYPES)):
+        columns.append(np.where(known, state.user_type_counts[u, column], 0.0))
+    columns.append(np.where(known, (now - state.user_last_seen[u]) / DAY, np.nan))
+    last = cell_values(state.pair_last, rows, item_idx)
+    columns.append(np.where(last > 0, (now - last) / DAY, np.nan))
+    columns.append(cell_values(state.pair_purchases, rows, item_idx))
+    columns.append(cell_values(state.pair_weight, rows, item_idx))
+    category_last = cell_values(state.user_category_last, rows, category)
+    columns.append(np.where(category_last > 0, (now - category_last) / DAY, np.nan))
+    columns.append(np.where(category >= 0, state.category_repurchase[np.maximum(category, 0)], np.nan))
+    matrix = np.column_stack(columns).astype(np.float32)
+    assert matrix.shape[1] == len(FEATURE_NAMES)
+    return matrix

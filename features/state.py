@@ -1,0 +1,207 @@
+"""The state that ranking features are read from, computed as of a cut-off from the events before it.
+
+Built once per training window (and once, as of "now", for the bundle that serving loads), so training
+and serving read the same definitions. Nothing at or after the cut-off is ever looked at: the first
+thing `build_state` does is drop those events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from features.interactions import event_weights
+from features.repurchase import NO_CATEGORY
+from features.vocab import Vocabulary
+from features.weights import CONVERSION_TYPES
+
+ITEM_WINDOWS_DAYS = (7, 30, 180)  # plus all time: item popularity over several windows
+USER_EVENT_TYPES = ("view", "add_to_cart", "purchase", "share", "like", "refund")
+DAY = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureState:
+    cutoff: pd.Timestamp  # features describe the world just before this moment
+    # items (arrays indexed by item idx)
+    item_window_counts: np.ndarray  # items x (windows + 1): positive events in the last 7/30/180 days, all time
+    item_buyers: np.ndarray  # distinct buyers, all time
+    item_trending: np.ndarray  # weights decayed with a 7-day half-life
+    item_first_seen: np.ndarray  # epoch seconds of created_at, else of the first event; NaN if neither
+    item_price: np.ndarray  # NaN when the catalog has none
+    item_category: np.ndarray  # category code, -1 when missing
+    item_brand: np.ndarray  # brand code, -1 when missing
+    category_repurchase: np.ndarray  # per category code: share of buyer-item pairs bought again
+    # users (arrays indexed by user idx)
+    user_type_counts: np.ndarray  # users x USER_EVENT_TYPES
+    user_median_price: np.ndarray  # median price of the user's purchased items; NaN if unknown
+    user_last_seen: np.ndarray  # epoch seconds of the user's last event; NaN if none
+    user_category: sp.csr_matrix  # users x categories: share of the user's positive weight
+    user_brand: sp.csr_matrix  # users x brands: share of the user's positive weight
+    user_category_last: sp.csr_matrix  # users x categories: epoch seconds of the last event there
+    # user-item pairs
+    pair_last: sp.csr_matrix  # users x items: epoch seconds of the last positive event
+    pair_purchases: sp.csr_matrix  # users x items: purchase count
+    pair_weight: sp.csr_matrix  # users x items: summed weights (floored at 0)
+
+    @property
+    def cutoff_seconds(self) -> float:
+        return float(self.cutoff.value) / 1e9
+
+
+def cell_values(matrix: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """matrix[rows[k], cols[k]] for every k, 0 where the cell is empty or an index is -1."""
+    out = np.zeros(len(rows), dtype=np.float64)
+    ok = (rows >= 0) & (cols >= 0)
+    if ok.any():
+        out[ok] = np.asarray(matrix[rows[ok], cols[ok]]).ravel()
+    return out
+
+
+def _codes(values: pd.Series, vocabulary: list[str]) -> np.ndarray:
+    index = {v: i for i, v in enumerate(vocabulary)}
+    return np.fromiter((index.get(v, -1) for v in values.fillna(NO_CATEGORY)), dtype=np.int64, count=len(values))
+
+
+def _sparse(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape: tuple[int, int], how: str) -> sp.csr_matrix:
+    """Aggregate (row, col, value) triples by sum or max into a CSR matrix."""
+    if how == "sum":
+        matrix = sp.csr_matrix((values.astype(np.float64), (rows, cols)), shape=shape)
+        matrix.sum_duplicates()
+        return matrix
+    frame = pd.DataFrame({"r": rows, "c": cols, "v": values}).groupby(["r", "c"], sort=False)["v"].max()
+    r = frame.index.get_level_values(0).to_numpy()
+    c = frame.index.get_level_values(1).to_numpy()
+    return sp.csr_matrix((frame.to_numpy(dtype=np.float64), (r, c)), shape=shape)
+
+
+def build_state(
+    events: pd.DataFrame,
+    users: Vocabulary,
+    items: Vocabulary,
+    item_meta: pd.DataFrame,
+    weights: dict[str, float],
+    cutoff: pd.Timestamp,
+    categories: list[str],
+    brands: list[str],
+) -> FeatureState:
+    """Every aggregate from events strictly before `cutoff`; `item_meta` rows follow item idx."""
+    past = events.loc[events["ts"] < cutoff]
+    now_s = float(cutoff.value) / 1e9
+    u = users.indexes(past["user_id"])
+    i = items.indexes(past["item_id"])
+    known = (u >= 0) & (i >= 0)
+    past, u, i = past.loc[known], u[known], i[known]
+    w = event_weights(past, weights).astype(np.float64)
+    ts = past["ts"].astype("int64").to_numpy() / 1e9
+    age = (now_s - ts) / DAY
+    positive = w > 0
+    n_users, n_items = len(users), len(items)
+
+    windows = [np.bincount(i[positive & (age <= d)], minlength=n_items) for d in ITEM_WINDOWS_DAYS]
+    windows.append(np.bincount(i[positive], minlength=n_items))
+    bought = past["event_type"].isin(CONVERSION_TYPES).to_numpy()
+    buyer_pairs = pd.DataFrame({"u": u[bought], "i": i[bought]}).drop_duplicates()
+    trending = np.bincount(i[positive], weights=w[positive] * np.power(0.5, age[positive] / 7.0), minlength=n_items)
+
+    first_event = np.full(n_items, np.nan)
+    order = np.argsort(ts, kind="stable")
+    first_idx, first_pos = np.unique(i[order], return_index=True)
+    first_event[first_idx] = ts[order][first_pos]
+    created = pd.to_datetime(item_meta["created_at"], utc=True)
+    created_ns = created.dt.tz_convert(None).to_numpy().astype("datetime64[ns]").astype("int64")
+    created_s = np.where(created.notna().to_numpy(), created_ns / 1e9, np.nan)
+    first_seen = np.where(np.isnan(created_s), first_event, created_s)
+    first_seen = np.where(first_seen > now_s, np.nan, first_seen)  # not yet created as of the cut-off
+
+    category = _codes(item_meta["category"].astype(object), categories)
+    brand = _codes(item_meta["brand"].astype(object), brands)
+    price = item_meta["price"].to_numpy(dtype=np.float64)
+
+    purchase_counts = _sparse(u[bought], i[bought], np.ones(bought.sum()), (n_users, n_items), "sum")
+    rebought = purchase_counts.copy()
+    rebought.data = (rebought.data > 1).astype(np.float64)
+    pair_cat = category[purchase_counts.indices]
+    n_cat = max(len(categories), 1)
+    pairs_per_cat = np.bincount(pair_cat[pair_cat >= 0], minlength=n_cat).astype(np.float64)
+    again_per_cat = np.bincount(pair_cat[pair_cat >= 0], weights=rebought.data[pair_cat >= 0], minlength=n_cat)
+    category_repurchase = np.divide(again_per_cat, pairs_per_cat, out=np.full(n_cat, np.nan), where=pairs_per_cat > 0)
+
+    type_counts = np.zeros((n_users, len(USER_EVENT_TYPES)), dtype=np.float32)
+    kinds = past["event_type"].to_numpy()
+    for column, kind in enumerate(USER_EVENT_TYPES):
+        mask = kinds == kind
+        type_counts[:, column] = np.bincount(u[mask], minlength=n_users)
+
+    paid = price[i[bought]]
+    paid_frame = pd.DataFrame({"u": u[bought], "p": paid}).dropna()
+    median_price = np.full(n_users, np.nan)
+    if len(paid_frame):
+        medians = paid_frame.groupby("u")["p"].median()
+        median_price[medians.index.to_numpy()] = medians.to_numpy()
+    last_seen = np.full(n_users, np.nan)
+    if len(u):
+        latest = pd.Series(ts).groupby(u).max()
+        last_seen[latest.index.to_numpy()] = latest.to_numpy()
+
+    def shares(codes: np.ndarray, width: int) -> sp.csr_matrix:
+        ok = positive & (codes[i] >= 0)
+        matrix = _sparse(u[ok], codes[i][ok], w[ok], (n_users, max(width, 1)), "sum")
+        totals = np.asarray(matrix.sum(axis=1)).ravel()
+        scale = np.divide(1.0, totals, out=np.zeros_like(totals), where=totals > 0)
+        return sp.csr_matrix(sp.diags(scale) @ matrix)
+
+    has_cat = category[i] >= 0
+    return FeatureState(
+        cutoff=cutoff,
+        item_window_counts=np.stack(windows, axis=1).astype(np.float32),
+        item_buyers=np.bincount(buyer_pairs["i"].to_numpy(), minlength=n_items).astype(np.float32),
+        item_trending=trending.astype(np.float32),
+        item_first_seen=first_seen,
+        item_price=price,
+        item_category=category,
+        item_brand=brand,
+        category_repurchase=category_repurchase,
+        user_type_counts=type_counts,
+        user_median_price=median_price,
+        user_last_seen=last_seen,
+        user_category=shares(category, len(categories)),
+        user_brand=shares(brand, len(brands)),
+        user_category_last=_sparse(u[has_cat], category[i][has_cat], ts[has_cat], (n_users, n_cat), "max"),
+        pair_last=_sparse(u[positive], i[positive], ts[positive], (n_users, n_items), "max"),
+        pair_purchases=purchase_counts,
+        pair_weight=_sparse(u, i, w, (n_users, n_items), "sum").maximum(0).tocsr(),
+    )
+
+
+_SPARSE_FIELDS = ("user_category", "user_brand", "user_category_last", "pair_last", "pair_purchases", "pair_weight")
+
+
+def save_state(state: FeatureState, directory: Path) -> list[Path]:
+    """Write the state as `state.npz` (dense arrays and the cut-off) plus one file per sparse matrix."""
+    dense = {
+        f.name: getattr(state, f.name)
+        for f in fields(state)
+        if f.name not in _SPARSE_FIELDS and f.name != "cutoff"
+    }
+    dense["cutoff_ns"] = np.asarray([state.cutoff.value], dtype=np.int64)
+    written = [directory / "state.npz"]
+    np.savez(written[0], allow_pickle=False, **dense)
+    for name in _SPARSE_FIELDS:
+        path = directory / f"state_{name}.npz"
+        sp.save_npz(path, getattr(state, name).tocsr(), compressed=False)
+        written.append(path)
+    return written
+
+
+def load_state(directory: Path) -> FeatureState:
+    with np.load(directory / "state.npz", allow_pickle=False) as dense:
+        values: dict[str, object] = {name: dense[name] for name in dense.files if name != "cutoff_ns"}
+        values["cutoff"] = pd.Timestamp(int(dense["cutoff_ns"][0]), unit="ns", tz="UTC")
+    for name in _SPARSE_FIELDS:
+        values[name] = sp.load_npz(directory / f"state_{name}.npz").tocsr()
+    return FeatureState(**values)  # type: ignore[arg-type]

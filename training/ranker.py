@@ -1,0 +1,117 @@
+"""The second stage: LightGBM LambdaRank over the candidate union, one query group per user.
+
+Groups without a positive label are dropped (they would score a perfect NDCG and inflate validation),
+rows of a group stay contiguous, and the feature order is pinned by `features.ranking.FEATURE_NAMES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+
+from features.ranking import FEATURE_NAMES
+from training.params import RankerParams
+
+
+@dataclass(frozen=True, slots=True)
+class RankerData:
+    features: np.ndarray
+    labels: np.ndarray
+    group_sizes: np.ndarray
+
+
+def with_positive_groups(
+    features: np.ndarray, labels: np.ndarray, group_sizes: np.ndarray, keep_groups: np.ndarray | None = None
+) -> RankerData:
+    """Only groups holding at least one positive label (and, if given, only `keep_groups`)."""
+    ends = np.cumsum(group_sizes)
+    starts = ends - group_sizes
+    chosen = [
+        g
+        for g in range(len(group_sizes))
+        if group_sizes[g] and labels[starts[g] : ends[g]].max() > 0 and (keep_groups is None or keep_groups[g])
+    ]
+    if not chosen:
+        return RankerData(np.empty((0, features.shape[1]), np.float32), np.empty(0, np.int32), np.empty(0, np.int64))
+    index = np.concatenate([np.arange(starts[g], ends[g]) for g in chosen])
+    return RankerData(features[index], labels[index], group_sizes[chosen])
+
+
+def sample_negatives(data: RankerData, per_group: int, rng: np.random.Generator) -> RankerData:
+    """Every positive and at most `per_group` random negatives of each group, order kept."""
+    keep: list[np.ndarray] = []
+    sizes: list[int] = []
+    start = 0
+    for size in data.group_sizes.tolist():
+        labels = data.labels[start : start + size]
+        positives = np.flatnonzero(labels > 0)
+        negatives = np.flatnonzero(labels == 0)
+        if len(negatives) > per_group:
+            negatives = rng.choice(negatives, per_group, replace=False)
+        rows = np.sort(np.concatenate([positives, negatives])) + start
+        keep.append(rows)
+        sizes.append(len(rows))
+        start += size
+    index = np.concatenate(keep) if keep else np.empty(0, dtype=np.int64)
+    return RankerData(data.features[index], data.labels[index], np.asarray(sizes, dtype=np.int64))
+
+
+@dataclass(frozen=True, slots=True)
+class Ranker:
+    booster: lgb.Booster
+    rounds: int
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        if not len(features):
+            return np.empty(0, dtype=np.float64)
+        return np.asarray(self.booster.predict(features, num_iteration=self.rounds, num_threads=1))
+
+    def to_string(self) -> str:
+        return str(self.booster.model_to_string(num_iteration=self.rounds))
+
+    @classmethod
+    def from_string(cls, text: str) -> Ranker:
+        booster = lgb.Booster(model_str=text)
+        if tuple(booster.feature_name()) != FEATURE_NAMES:
+            raise ValueError("the ranker's feature names differ from this version's FEATURE_NAMES")
+        return cls(booster, booster.current_iteration())
+
+
+def fit_ranker(
+    train: RankerData, params: RankerParams, valid: RankerData | None = None, rounds: int | None = None
+) -> Ranker:
+    """LambdaRank; early stopping on `valid` NDCG@20 unless a fixed number of `rounds` is given."""
+    settings = {
+        "objective": "lambdarank",
+        "metric": "ndcg",
+        "ndcg_eval_at": [20],
+        "num_leaves": params.num_leaves,
+        "learning_rate": params.learning_rate,
+        "min_data_in_leaf": params.min_data_in_leaf,
+        "feature_fraction": params.feature_fraction,
+        "bagging_fraction": params.bagging_fraction,
+        "bagging_freq": 1,
+        "lambda_l2": params.lambda_l2,
+        "seed": params.seed,
+        "num_threads": 2,
+        "verbosity": -1,
+        "deterministic": True,
+        "force_row_wise": True,
+    }
+    train_set = lgb.Dataset(
+        train.features, train.labels, group=train.group_sizes, feature_name=list(FEATURE_NAMES), free_raw_data=False
+    )
+    callbacks: list[Callable[..., Any]] = []
+    valid_sets = []
+    if valid is not None and rounds is None and len(valid.group_sizes):
+        valid_sets = [lgb.Dataset(valid.features, valid.labels, group=valid.group_sizes, reference=train_set)]
+        callbacks.append(lgb.early_stopping(params.early_stopping_rounds, verbose=False))
+    booster = lgb.train(
+        settings, train_set, num_boost_round=rounds or params.max_rounds, valid_sets=valid_sets, callbacks=callbacks
+    )
+    best = booster.best_iteration if booster.best_iteration > 0 else booster.current_iteration()
+    return Ranker(booster, best)

@@ -1,0 +1,221 @@
+"""The two-stage recommender's evaluation on three windows, against the baselines, in one run.
+
+Window A (fit before T1, labels in [T1, T2)) trains the ranker and picks the best popularity window;
+window B (fit before T2, labels in [T2, T3)) is the reported test: every baseline and the ranker are
+scored on the same users with the same blocked items. The ranker that serving gets is then refit on
+window B's rows with the number of rounds chosen on A.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from features.feed import Candidates, Source, compose_feed
+from features.state import ITEM_WINDOWS_DAYS
+from training.evaluate import EvalReport, Targets, bootstrap_ratio, holdout_targets, per_user_metrics, score_lists
+from training.params import SplitParams, TrainParams
+from training.ranker import Ranker, fit_ranker, sample_negatives, with_positive_groups
+from training.split import Holdout, time_holdout
+from training.window import CandidateRows, Window, attach_labels, candidate_rows, fit_window, labels_between
+
+UNION_SIZE = 250
+BASELINE_SOURCES = ("als", "bpr", "item_knn", "repeat")
+
+
+@dataclass(frozen=True, slots=True)
+class TwoStageResult:
+    report: EvalReport
+    ranker: Ranker  # refit on window B, for the bundle
+    windows: dict[str, str]  # T0..T3 as ISO text, for the manifest
+    popularity_window: str
+
+
+def _popularity_scores(window: Window, name: str) -> np.ndarray:
+    state = window.state
+    if name == "trending":
+        return state.item_trending
+    column = [f"{d}d" for d in ITEM_WINDOWS_DAYS].index(name) if name != "all" else len(ITEM_WINDOWS_DAYS)
+    return state.item_window_counts[:, column]
+
+
+def _ranked(scores: np.ndarray, depth: int) -> Candidates:
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    order = order[scores[order] > 0][:depth]
+    return Candidates(Source.POPULAR, order.astype(np.int64), scores[order].astype(np.float32))
+
+
+def _compose_all(
+    window: Window, targets: Targets, n: int, chain_for: Callable[[int], list[Candidates]]
+) -> list[np.ndarray]:
+    """Each target user's list: `chain_for(position)` then the trending fallback, blocked items removed."""
+    mask = np.zeros(len(window.items), dtype=bool)
+    fallback = _ranked(window.state.item_trending + 1e-6 * window.state.item_buyers, n + 2000)
+    out = []
+    for position, user in enumerate(targets.user_idx.tolist()):
+        blocked = (
+            window.blocked.indices[window.blocked.indptr[user] : window.blocked.indptr[user + 1]]
+            if user >= 0
+            else np.empty(0, dtype=np.int64)
+        )
+        mask[blocked] = True
+        out.append(compose_feed([*chain_for(position), fallback], n, mask).items)
+        mask[blocked] = False
+    return out
+
+
+def _shared(chain: list[Candidates]) -> Callable[[int], list[Candidates]]:
+    """The same chain for every user (popularity baselines)."""
+    return lambda _position: chain
+
+
+def _per_user(
+    source: Source, ranked: list[np.ndarray], known: np.ndarray | None = None
+) -> Callable[[int], list[Candidates]]:
+    """Each user's own ranked list, as one source; users not `known` get the fallback alone (as served)."""
+
+    def chain(position: int) -> list[Candidates]:
+        if known is not None and not known[position]:
+            return []
+        return [Candidates(source, ranked[position], np.zeros(len(ranked[position]), np.float32))]
+
+    return chain
+
+
+def _ranked_rows(rows: CandidateRows, scores: np.ndarray) -> list[np.ndarray]:
+    return [rows.items[s][np.argsort(-scores[s], kind="stable")] for s in rows.group_slices()]
+
+
+def _best_popularity_window(window: Window, targets: Targets, n: int, ks: tuple[int, ...]) -> str:
+    """The popularity window with the best NDCG@max(K) on window A (tuning never sees the test)."""
+    best, best_score = "trending", -1.0
+    for name in [*(f"{d}d" for d in ITEM_WINDOWS_DAYS), "all", "trending"]:
+        chain = [_ranked(_popularity_scores(window, name), n + 2000)]
+        lists = _compose_all(window, targets, n, _shared(chain))
+        score = score_lists(lists, targets, ks, len(window.items))[f"ndcg_at_{max(ks)}"]
+        if score > best_score:
+            best, best_score = name, score
+    return best
+
+
+def _ranker_data(
+    window: Window, events: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp | None, params: TrainParams
+) -> tuple[CandidateRows, np.ndarray]:
+    labels = labels_between(events, start, end)
+    users = sorted(labels["user_id"].unique().tolist())
+    rows = candidate_rows(window, users, params, UNION_SIZE)
+    return rows, attach_labels(rows, window, labels)
+
+
+def _split_users(n_groups: int, share: float, rng: np.random.Generator) -> np.ndarray:
+    return rng.random(n_groups) < share
+
+
+def evaluate_two_stage(
+    events: pd.DataFrame,
+    catalog: pd.DataFrame | None,
+    holdout: Holdout,
+    params: TrainParams,
+    meta_columns: tuple[str, ...],
+    say: Callable[[str], None],
+) -> TwoStageResult:
+    """Train the ranker on window A, report every model on window B, refit the ranker on B."""
+    assert holdout.cut is not None
+    t2 = holdout.cut
+    inner = time_holdout(holdout.train, SplitParams(**{**params.split.model_dump(), "cut": None}))
+    if inner.cut is None:
+        raise ValueError("the training part carries no time order: the two-stage split needs one")
+    t1 = inner.cut
+    rng = np.random.default_rng(params.ranker.seed)
+    n, ks = max(params.evaluation.k), params.evaluation.k
+
+    window_a = fit_window(events, catalog, params, t1, meta_columns)
+    rows_a, labels_a = _ranker_data(window_a, events, t1, t2, params)
+    valid_groups = _split_users(len(rows_a.group_sizes), params.ranker.validation_share, rng)
+    train_data = sample_negatives(
+        with_positive_groups(rows_a.features, labels_a, rows_a.group_sizes, ~valid_groups),
+        params.ranker.negatives_per_group,
+        rng,
+    )
+    valid_data = with_positive_groups(rows_a.features, labels_a, rows_a.group_sizes, valid_groups)
+    if not len(train_data.group_sizes):
+        raise ValueError(
+            f"no user bought or carted anything among their candidates in [{t1}, {t2}): "
+            "the ranker has nothing to learn from"
+        )
+    ranker_a = fit_ranker(train_data, params.ranker, valid_data)
+    say(
+        f"ranker on window A: {len(train_data.group_sizes):,} training groups, "
+        f"{len(valid_data.group_sizes):,} validation groups, {ranker_a.rounds} rounds"
+    )
+    targets_a = holdout_targets(
+        events.loc[(events["ts"] >= t1) & (events["ts"] < t2)], window_a.users, window_a.items, params.weights
+    )
+    popularity_window = _best_popularity_window(window_a, targets_a, n, ks)
+
+    window_b = fit_window(events, catalog, params, t2, meta_columns)
+    test = holdout.test
+    targets = holdout_targets(test, window_b.users, window_b.items, params.weights)
+    rows = candidate_rows(window_b, [str(u) for u in targets.user_ids], params, UNION_SIZE)
+    started = time.perf_counter()
+    scores = ranker_a.predict(rows.features)
+    rank_seconds = time.perf_counter() - started
+    report = EvalReport(
+        k=ks,
+        users=len(targets.user_ids),
+        target_kind=targets.target_kind,
+        unseen_item_share=targets.unseen_item_share,
+        cold_user_share=targets.cold_user_share,
+    )
+
+    lists: dict[str, list[np.ndarray]] = {}
+    popular = [_ranked(_popularity_scores(window_b, popularity_window), n + 2000)]
+    lists[f"popular_{popularity_window}"] = _compose_all(window_b, targets, n, _shared(popular))
+    for name in BASELINE_SOURCES:
+        lists[name] = _compose_all(window_b, targets, n, _per_user(Source(name), rows.per_source[name]))
+    union = _ranked_rows(rows, rows.fused.astype(np.float64))
+    lists["union_rrf"] = _compose_all(window_b, targets, n, _per_user(Source.ALS, union))
+    ranked = _ranked_rows(rows, scores)
+    # Serving ranks for users the model knows; the others get the fallback chain, so evaluation does too.
+    lists["ranker"] = _compose_all(window_b, targets, n, _per_user(Source.ALS, ranked, targets.user_idx >= 0))
+
+    for name, model_lists in lists.items():
+        report.rows[name] = score_lists(model_lists, targets, ks, len(window_b.items))
+    ceiling = [
+        np.isin(t, rows.items[s]).sum() / max(nt, 1)
+        for t, nt, s in zip(targets.items, targets.n_targets, rows.group_slices(), strict=True)
+    ]
+    report.rows["ranker"]["candidate_recall_at_union"] = float(np.mean(ceiling)) if ceiling else 0.0
+    report.rows["ranker"]["latency_ms_per_user"] = 1000.0 * (rows.seconds + rank_seconds) / max(len(ranked), 1)
+
+    k = max(ks)
+    baselines = [name for name in lists if name not in ("ranker", "union_rrf")]
+    best = max(baselines, key=lambda name: report.rows[name][f"ndcg_at_{k}"])
+    ours = per_user_metrics(lists["ranker"], targets, k)
+    theirs = per_user_metrics(lists[best], targets, k)
+    low, mid, high = bootstrap_ratio(ours, theirs, rng)
+    report.comparison = {"best_baseline": best, "ratio": mid, "ci_low": low, "ci_high": high, "k": k}
+    returning = targets.user_idx >= 0
+    for label, mask in (("returning", returning), ("new", ~returning)):
+        if mask.any():
+            report.breakdown[label] = {
+                name: float(per_user_metrics(model_lists, targets, k)[mask].mean())
+                for name, model_lists in lists.items()
+            } | {"users": float(mask.sum())}
+
+    labels_b = attach_labels(rows, window_b, labels_between(events, t2, None))
+    final_data = sample_negatives(
+        with_positive_groups(rows.features, labels_b, rows.group_sizes), params.ranker.negatives_per_group, rng
+    )
+    ranker = fit_ranker(final_data, params.ranker, rounds=ranker_a.rounds) if len(final_data.group_sizes) else ranker_a
+    windows = {
+        "T0": events["ts"].min().isoformat(),
+        "T1": t1.isoformat(),
+        "T2": t2.isoformat(),
+        "T3": events["ts"].max().isoformat(),
+    }
+    return TwoStageResult(report, ranker, windows, popularity_window)
