@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = [ROOT.parent / "shared" / "data" / "amazon", ROOT.parent / "shared" / "data" / "epinions"]
 
 
+EVALUATED = {"als", "bpr", "item_knn", "repeat", "union_rrf", "ranker", "popular", "trending"} | {
+    f"popular_{w}" for w in ("7d", "30d", "180d", "all", "trending")}
 STAGE = re.compile(r"^\[(?P<stage>[^\]]+)\] done in (?P<seconds>[0-9.]+)s$", re.MULTILINE)
 
 
@@ -35,7 +37,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed with {status}")
+        raise SystemExit(f"{' '.join(cmd)} failed with {status}:\n{out[-3000:]}")
     return wall, usage.ru_maxrss / 1024.0, out
 
 
@@ -48,12 +50,12 @@ def bare_fit(data_dir: Path) -> None:
     from features.interactions import scale_confidence, user_items_matrix
     from features.vocab import Vocabulary
     from training.params import TrainParams
-    from training.pipeline import _item_vocabulary
+    from training.window import item_vocabulary
 
     params = TrainParams()
     data = load_dataset(data_dir, params.weights.keys())
     users = Vocabulary.from_ids(data.events["user_id"])
-    items = _item_vocabulary(data.events, data.items)
+    items = item_vocabulary(data.events, data.items)
     matrix = scale_confidence(user_items_matrix(data.events, users, items, params.weights),
                               params.als.confidence_scale)
     with threadpool_limits(1, "blas"):
@@ -87,6 +89,10 @@ def main() -> None:
             wall, rss, log = _run([sys.executable, "-m", "sharefeed.cli", "train", "--data", str(data_dir),
                                    "--out", str(out)], env)
             stages[data_dir.name] = {m["stage"]: float(m["seconds"]) for m in STAGE.finditer(log)}
+            evaluation = [line for line in log.splitlines()
+                          if line.startswith(("evaluated ", "ranker / best", "holdout:")) or "ndcg_at_20" in line
+                          or line.split(" ", 1)[0] in EVALUATED]
+            print(f"--- {data_dir.name}: holdout evaluation printed by train ---\n" + "\n".join(evaluation), flush=True)
             _, bare_rss, bare_out = _run([sys.executable, __file__, "--bare", str(data_dir)], env)
             fit_s, n_users, n_items, nnz = bare_out.split()[-4:]
             rows.append((data_dir.name, f"{int(n_users):,} x {int(n_items):,} ({int(nnz):,} cells)", wall, rss,

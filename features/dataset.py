@@ -68,10 +68,14 @@ class Dataset:
         """Fail when any table refused more than `max_share` of its rows; the message names the file."""
         over = [c for c in self.checks if c.reject_share > max_share]
         if over:
-            detail = ", ".join(f"{c.table} {c.rejected}/{c.rows_read} ({c.reject_share:.2%})" for c in over)
+            detail = ", ".join(f"{c.table} {c.rejected}/{c.rows_read} ({_percent(c.reject_share)})" for c in over)
             raise RejectLimitError(
-                f"too many rejected rows: {detail} > limit {max_share:.2%}; see {rejects_path}"
+                f"too many rejected rows: {detail} > limit {_percent(max_share)}; see {rejects_path}"
             )
+
+
+def _percent(share: float) -> str:
+    return f"{share * 100:.3g}%"
 
 
 def load_dataset(data_dir: Path, event_types: Iterable[str]) -> Dataset:

@@ -90,6 +90,26 @@ def train(data_dir: Path, out: Path, params_file: Path | None, rejects: Path | N
 
 
 @main.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--params", "params_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Training parameters YAML (see docs/training.md).")
+@click.option("--rejects", type=click.Path(path_type=Path), default=Path("rejects.csv"), show_default=True)
+def evaluate(data_dir: Path, params_file: Path | None, rejects: Path) -> None:
+    """The holdout table (ranker and baselines on the same users), tracked in MLflow; writes no bundle."""
+    from features.dataset import RejectLimitError
+    from training.params import load_params
+    from training.pipeline import evaluate as run_evaluation
+    from training.settings import TrainingSettings
+
+    try:
+        _, run_id = run_evaluation(data_dir, load_params(params_file), TrainingSettings(), rejects_path=rejects,
+                                   say=_echo)
+    except RejectLimitError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _echo(f"MLflow run {run_id}")
+
+
+@main.command()
 @click.option("--bundle", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--users", "users_file", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("-n", "n", default=20, show_default=True)

@@ -19,6 +19,7 @@ from features.vocab import Vocabulary
 from features.weights import CONVERSION_TYPES
 
 CHUNK_USERS = 256
+CURVE_K = (1, 2, 5, 10, 15, 20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ class EvalReport:
     cold_user_share: float = 0.0
     comparison: dict[str, float | str] = field(default_factory=dict)  # ranker vs best baseline, with CI
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)  # new / returning users: NDCG@K
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # model -> metric -> value per CURVE_K
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame.from_dict(self.rows, orient="index")
@@ -187,3 +189,9 @@ def als_chains(user_factors: np.ndarray, item_factors: np.ndarray, blocked_by_us
         return result
 
     return chains
+
+
+def metric_curves(lists: Sequence[np.ndarray], targets: Targets, n_items: int) -> dict[str, list[float]]:
+    """Recall, NDCG and hit rate at each of CURVE_K, for the metric-vs-K plots."""
+    rows = score_lists(lists, targets, CURVE_K, n_items)
+    return {metric: [rows[f"{metric}_at_{k}"] for k in CURVE_K] for metric in ("recall", "ndcg", "hit_rate")}

@@ -37,6 +37,7 @@ from training.bundle import (
     write_bundle,
 )
 from training.evaluate import (
+    CURVE_K,
     EvalReport,
     als_chains,
     fallback_chain,
@@ -141,6 +142,64 @@ def _feature_set_digest(params: TrainParams) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def _load(data_dir: Path, params: TrainParams, rejects_path: Path, clock: StageClock,
+          say: Callable[[str], None]) -> Dataset:
+    with clock.stage("load and validate"):
+        data = load_dataset(data_dir, params.weights.keys())
+        data.write_rejects(rejects_path)
+        say(data.summary().to_string(index=False))
+        data.enforce_reject_limit(params.max_reject_share, rejects_path)
+    if data.events.empty:
+        raise ValueError(f"{data_dir}: no valid events to train on")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    holdout: Holdout
+    report: EvalReport
+    ranker_text: str | None  # the ranker refit for serving; None without time order
+    windows: dict[str, str]
+
+
+def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callable[[str], None]) -> Evaluation:
+    """The holdout table: the two-stage ranker and every baseline on the same users."""
+    events = data.events
+    holdout = time_holdout(events, params.split)
+    say(f"holdout: {holdout.note}; train {len(holdout.train):,} / test {len(holdout.test):,} events")
+    ranker_text: str | None = None
+    windows: dict[str, str] = {}
+    if holdout.cut is not None:
+        with clock.stage("two-stage evaluation"):
+            two_stage = evaluate_two_stage(events, data.items, holdout, params, ITEM_META_COLUMNS, say)
+        report, ranker_text, windows = two_stage.report, two_stage.ranker.to_string(), two_stage.windows
+    else:
+        say("no time order: the ranker needs one, so only ALS and popularity are evaluated and served")
+        report = evaluate_on_holdout(data, holdout, params, clock)
+    say(f"evaluated {report.users:,} users on {report.target_kind}; unseen-item share "
+        f"{report.unseen_item_share:.1%}, cold-user share {report.cold_user_share:.1%}")
+    say(report.table().round(4).to_string())
+    if report.comparison:
+        c = report.comparison
+        say(f"ranker / best baseline ({c['best_baseline']}) NDCG@{c['k']}: {float(c['ratio']):.3f} "
+            f"(95% interval {float(c['ci_low']):.3f} - {float(c['ci_high']):.3f})")
+    return Evaluation(holdout, report, ranker_text, windows)
+
+
+def evaluate(data_dir: Path, params: TrainParams, settings: TrainingSettings, *, rejects_path: Path,
+             say: Callable[[str], None] = print) -> tuple[EvalReport, str]:
+    """`sharefeed evaluate`: the holdout table alone, tracked as an MLflow run (no bundle written)."""
+    clock = StageClock(say)
+    data = _load(data_dir, params, rejects_path, clock, say)
+    with tracking.tracked_run(settings, run_name=f"evaluate {Path(data_dir).name}") as run_id:
+        tracking.log_params(params.flat() | {"data_dir": str(data_dir)})
+        evaluation = _evaluate(data, params, clock, say)
+        tracking.log_metrics(evaluation.report.flat_metrics() | {f"time.{k}_s": v for k, v in clock.seconds.items()})
+        tracking.log_metric_curves(evaluation.report.curves, CURVE_K)
+        tracking.set_tags({"holdout": evaluation.holdout.kind, "kind": "evaluation"})
+    return evaluation.report, run_id
+
+
 def train(
     data_dir: Path,
     out: Path,
@@ -152,36 +211,15 @@ def train(
 ) -> TrainResult:
     clock = StageClock(say)
     rejects_path = rejects_path or out.with_name(f"{out.name}.rejects.csv")
-    with clock.stage("load and validate"):
-        data = load_dataset(data_dir, params.weights.keys())
-        data.write_rejects(rejects_path)
-        say(data.summary().to_string(index=False))
-        data.enforce_reject_limit(params.max_reject_share, rejects_path)
+    data = _load(data_dir, params, rejects_path, clock, say)
     events = data.events
-    if events.empty:
-        raise ValueError(f"{data_dir}: no valid events to train on")
     now = pd.Timestamp(settings.now).tz_convert("UTC") if settings.now else events["ts"].max()
 
     with tracking.tracked_run(settings, run_name=f"train {Path(data_dir).name}") as run_id:
         tracking.log_params(params.flat() | {"data_dir": str(data_dir), "now": now.isoformat()})
-        holdout = time_holdout(events, params.split)
-        say(f"holdout: {holdout.note}; train {len(holdout.train):,} / test {len(holdout.test):,} events")
-        ranker_text: str | None = None
-        windows: dict[str, str] = {}
-        if holdout.cut is not None:
-            with clock.stage("two-stage evaluation"):
-                two_stage = evaluate_two_stage(events, data.items, holdout, params, ITEM_META_COLUMNS, say)
-            report, ranker_text, windows = two_stage.report, two_stage.ranker.to_string(), two_stage.windows
-        else:
-            say("no time order: the ranker needs one, so only ALS and popularity are evaluated and served")
-            report = evaluate_on_holdout(data, holdout, params, clock)
-        say(f"evaluated {report.users:,} users on {report.target_kind}; unseen-item share "
-            f"{report.unseen_item_share:.1%}, cold-user share {report.cold_user_share:.1%}")
-        say(report.table().round(4).to_string())
-        if report.comparison:
-            c = report.comparison
-            say(f"ranker / best baseline ({c['best_baseline']}) NDCG@{c['k']}: {float(c['ratio']):.3f} "
-                f"(95% interval {float(c['ci_low']):.3f} - {float(c['ci_high']):.3f})")
+        evaluation = _evaluate(data, params, clock, say)
+        holdout, report = evaluation.holdout, evaluation.report
+        ranker_text, windows = evaluation.ranker_text, evaluation.windows
 
         with clock.stage("refit on all data"):
             window = fit_window(events, data.items, params, now + pd.Timedelta(1, "ns"), ITEM_META_COLUMNS)
@@ -226,6 +264,7 @@ def train(
             manifest = write_bundle(out, bundle, manifest)
         tracking.log_metrics(report.flat_metrics() | {f"time.{k}_s": v for k, v in clock.seconds.items()})
         tracking.set_tags({"bundle_version": manifest.bundle_version, "holdout": holdout.kind})
+        tracking.log_metric_curves(report.curves, CURVE_K)
         tracking.log_artifacts(rejects_path, "validation")
         tracking.log_artifacts(out, "bundle")
         model_version = registry.register_bundle(settings, run_id, manifest, events, params.split)

@@ -56,3 +56,27 @@ def set_tags(tags: dict[str, str]) -> None:
     import mlflow
 
     mlflow.set_tags(tags)
+
+
+def log_metric_curves(curves: dict[str, dict[str, list[float]]], ks: tuple[int, ...]) -> None:
+    """One figure per metric (value against K, a line per model), saved as run artifacts under plots/."""
+    if not curves:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a training machine
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    metrics = sorted({metric for per_model in curves.values() for metric in per_model})
+    for metric in metrics:
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        for model, per_model in curves.items():
+            axes.plot(ks, per_model[metric], marker="o", label=model)
+        axes.set_xlabel("K")
+        axes.set_ylabel(f"{metric}@K")
+        axes.set_title(f"{metric}@K on the holdout")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+        mlflow.log_figure(figure, f"plots/{metric}_at_k.png")
+        plt.close(figure)

@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
 from features.feed import Candidates, Source, compose_feed
 from features.state import ITEM_WINDOWS_DAYS
-from training.evaluate import EvalReport, Targets, bootstrap_ratio, holdout_targets, per_user_metrics, score_lists
+from training.evaluate import (
+    EvalReport,
+    Targets,
+    bootstrap_ratio,
+    holdout_targets,
+    metric_curves,
+    per_user_metrics,
+    score_lists,
+)
 from training.params import SplitParams, TrainParams
 from training.ranker import Ranker, fit_ranker, sample_negatives, with_positive_groups
 from training.split import Holdout, time_holdout
@@ -160,6 +168,10 @@ def evaluate_two_stage(
     window_b = fit_window(events, catalog, params, t2, meta_columns)
     test = holdout.test
     targets = holdout_targets(test, window_b.users, window_b.items, params.weights)
+    # The window's vocabulary holds every catalog item; "unseen" means no event before the cut-off.
+    unseen = [window_b.state.item_window_counts[t, -1] == 0 for t in targets.items]
+    unseen_pairs = sum(int(u.sum()) for u in unseen) + int((targets.n_targets - [len(t) for t in targets.items]).sum())
+    targets = replace(targets, unseen_item_share=unseen_pairs / max(int(targets.n_targets.sum()), 1))
     rows = candidate_rows(window_b, [str(u) for u in targets.user_ids], params, UNION_SIZE)
     started = time.perf_counter()
     scores = ranker_a.predict(rows.features)
@@ -175,6 +187,9 @@ def evaluate_two_stage(
     lists: dict[str, list[np.ndarray]] = {}
     popular = [_ranked(_popularity_scores(window_b, popularity_window), n + 2000)]
     lists[f"popular_{popularity_window}"] = _compose_all(window_b, targets, n, _shared(popular))
+    if popularity_window != "all":  # all-time popularity too: the plain baseline every recommender must beat
+        all_time = [_ranked(_popularity_scores(window_b, "all"), n + 2000)]
+        lists["popular_all"] = _compose_all(window_b, targets, n, _shared(all_time))
     for name in BASELINE_SOURCES:
         lists[name] = _compose_all(window_b, targets, n, _per_user(Source(name), rows.per_source[name]))
     union = _ranked_rows(rows, rows.fused.astype(np.float64))
@@ -185,6 +200,7 @@ def evaluate_two_stage(
 
     for name, model_lists in lists.items():
         report.rows[name] = score_lists(model_lists, targets, ks, len(window_b.items))
+        report.curves[name] = metric_curves(model_lists, targets, len(window_b.items))
     ceiling = [
         np.isin(t, rows.items[s]).sum() / max(nt, 1)
         for t, nt, s in zip(targets.items, targets.n_targets, rows.group_slices(), strict=True)
