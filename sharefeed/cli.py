@@ -110,6 +110,24 @@ def evaluate(data_dir: Path, params_file: Path | None, rejects: Path) -> None:
 
 
 @main.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the best parameters (YAML for train --params).")
+@click.option("--budget", "budget_seconds", default=600.0, show_default=True, help="Time budget in seconds.")
+@click.option("--trials", "max_trials", type=int, help="Stop after this many trials (default: the budget decides).")
+@click.option("--params", "params_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Starting parameters; the search overrides the tuned fields.")
+def tune(data_dir: Path, out: Path, budget_seconds: float, max_trials: int | None, params_file: Path | None) -> None:
+    """Search parameters with optuna on a validation window before the test cut; each trial is an MLflow run."""
+    from training.params import load_params
+    from training.settings import TrainingSettings
+    from training.tune import tune as run_tuning
+
+    run_tuning(data_dir, load_params(params_file), TrainingSettings(), out, budget_seconds=budget_seconds,
+               max_trials=max_trials, say=_echo)
+
+
+@main.command()
 @click.option("--bundle", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--users", "users_file", required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("-n", "n", default=20, show_default=True)
