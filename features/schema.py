@@ -45,11 +45,5 @@ ITEM_COLUMNS = ITEM_STR + ITEM_NUM + ITEM_BOOL + ITEM_TIME
 SOCIAL_COLUMNS = ("user_id", "friend_id", "kind")
 SOCIAL_KINDS = ("friend", "follow")
 
-# Columns holding external ids: always read as strings, never parsed as numbers.
-ID_COLUMNS = frozenset(
-    {"user_id", "item_id", "event_id", "target_user_id", "referrer_id", "session_id", "request_id",
-     "friend_id"}
-)
-
 # Epoch numbers beyond this are rejected: they are almost surely milliseconds (DESIGN: "after 2100").
 MAX_EPOCH_SECONDS = 4_102_444_800  # 2100-01-01T00:00:00Z

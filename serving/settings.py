@@ -16,5 +16,4 @@ class ServingSettings(BaseSettings):
     model_alias: str | None = None  # or serve what an MLflow registered-model alias names (resolved by the CLI)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    workers: int = Field(1, ge=1)
     max_n: int = Field(200, ge=1)  # the largest feed a caller may ask for
