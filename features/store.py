@@ -1,0 +1,106 @@
+"""The online store: what the service knows about users and items since the bundle was trained.
+
+Everything here is keyed by external ids (dense indexes change with every bundle). Two implementations
+live in `features.online`: one on a Redis server (`SHAREFEED_REDIS_URL`), shared by every worker process,
+and an in-process one, the embedded default for a single worker and for unit tests of the code above it.
+Redis is a projection of the durable event log (`features.eventlog`): it may be lost and rebuilt by
+replaying the log, so nothing is written here that the log does not also hold, except the catalog and
+merchandising overlays, which are their own source of truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+RECENT_CAP = 50  # events kept per user, newest first
+EVENT_ID_TTL_SECONDS = 7 * 86_400  # how long a seen event_id makes a retry a no-op
+TRENDING_BUCKET_SECONDS = 3_600  # item counters are kept per hour ...
+TRENDING_BUCKETS_KEPT = 7 * 24  # ... for a week, then expire
+CONSENT_PURPOSES = ("personalization", "marketing", "social_proof")
+
+
+@dataclass(frozen=True, slots=True)
+class OnlineEvent:
+    user_id: str
+    item_id: str
+    event_type: str
+    ts: float  # epoch seconds
+    category: str | None = None  # the item's category when known, for per-category trending
+
+
+class OnlineStore(Protocol):
+    """Operations the service needs; each is one round trip (or one pipeline) on Redis."""
+
+    # -- events -----------------------------------------------------------------------------------
+    def claim_event_ids(self, event_ids: Sequence[str]) -> list[bool]:
+        """Mark ids as seen; True for each id not seen before (within EVENT_ID_TTL_SECONDS)."""
+        ...
+
+    def release_event_ids(self, event_ids: Sequence[str]) -> None:
+        """Forget claimed ids (their batch could not be written to the log, so a retry must count)."""
+        ...
+
+    def record(self, events: Sequence[OnlineEvent]) -> None:
+        """Apply accepted events: each user's recent list (capped at RECENT_CAP), purchases (a refund
+        removes the item again), and per-hour item counters (global and per category) for trending."""
+        ...
+
+    def recent(self, user_id: str, limit: int = RECENT_CAP) -> list[OnlineEvent]:
+        """The user's latest events, newest first."""
+        ...
+
+    def purchased(self, user_id: str) -> dict[str, float]:
+        """Items the user bought since the bundle's data (item id -> time of the last purchase)."""
+        ...
+
+    def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:
+        """The n items with the most positive events in the last `hours` (decayed by age), best first."""
+        ...
+
+    # -- consent and erasure ----------------------------------------------------------------------
+    def set_consent(self, user_id: str, purposes: Mapping[str, bool]) -> None: ...
+
+    def consent(self, user_id: str) -> dict[str, bool]:
+        """Every purpose in CONSENT_PURPOSES; a user who never said anything has given none away (True)."""
+        ...
+
+    def erase_user(self, user_id: str) -> None:
+        """Drop the user's online state and keep a tombstone."""
+        ...
+
+    def erased(self, user_ids: Sequence[str]) -> list[bool]: ...
+
+    # -- catalog and merchandising overlays ---------------------------------------------------------
+    def put_items(self, items: Sequence[Mapping[str, object]]) -> int:
+        """Upsert catalog rows (item_id plus any of category, brand, price, in_stock, title, created_at);
+        fields given replace the stored ones. Returns the catalog version after the write."""
+        ...
+
+    def items_since(self, version: int) -> tuple[int, list[dict[str, object]]]:
+        """(current version, the merged rows of every item changed after `version`)."""
+        ...
+
+    def put_rule(self, rule_id: str, rule: Mapping[str, object]) -> int:
+        """Create or replace a merchandising rule; returns the rules version after the write."""
+        ...
+
+    def delete_rule(self, rule_id: str) -> bool: ...
+
+    def rules(self) -> tuple[int, dict[str, dict[str, object]]]:
+        """(rules version, every rule by id)."""
+        ...
+
+    # -- operations -----------------------------------------------------------------------------------
+    def set_bundle_pointer(self, reference: str) -> None:
+        """Name the bundle every worker should serve (a path or an MLflow alias reference)."""
+        ...
+
+    def bundle_pointer(self) -> str | None: ...
+
+    def user_bytes(self, user_id: str) -> int:
+        """Bytes the store spends on this user (Redis MEMORY USAGE of the user's keys)."""
+        ...
+
+    def ping(self) -> bool: ...
