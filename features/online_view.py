@@ -1,0 +1,128 @@
+"""The online form of the ranking features: one user's rows of a `FeatureState`, brought up to date with
+the events the service received since the bundle was trained.
+
+`user_view` returns a `FeatureState` with a single user (row 0) that shares every item array with the
+bundle's state, so candidate sources and `pair_features` run unchanged on it — the same definitions as
+in training, read one request later. User and pair aggregates are updated from the new events by the
+rule of each aggregate (counts add, "last time" takes the maximum, affinity shares are re-weighted);
+an aggregate without an online rule keeps its value as of the bundle's cut-off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from features.state import USER_EVENT_TYPES, FeatureState, build_state
+from features.vocab import Vocabulary
+from features.weights import CONVERSION_TYPES
+
+_USER_PREFIXES = ("user_", "pair_")
+
+
+def _user_fields(state: FeatureState) -> list[str]:
+    return [f.name for f in fields(state) if f.name.startswith(_USER_PREFIXES)]
+
+
+def blank_user_rows(state: FeatureState, categories: list[str], brands: list[str]) -> dict[str, Any]:
+    """The rows a user without any event gets, as `build_state` defines them (computed once per bundle)."""
+    meta = pd.DataFrame({"created_at": pd.Series([], dtype="datetime64[ns, UTC]"), "category": [], "brand": [],
+                         "price": pd.Series([], dtype="float64")})
+    events = pd.DataFrame({"user_id": pd.Series([], dtype="str"), "item_id": pd.Series([], dtype="str"),
+                           "event_type": pd.Series([], dtype="str"),
+                           "ts": pd.Series([], dtype="datetime64[ns, UTC]")})
+    empty = build_state(events, Vocabulary.from_ids(["-"]), Vocabulary.from_ids([]), meta, {}, state.cutoff,
+                        categories, brands)
+    rows: dict[str, Any] = {}
+    for name in _user_fields(state):
+        value = getattr(state, name)
+        if sp.issparse(value):
+            rows[name] = sp.csr_matrix((1, value.shape[1]), dtype=value.dtype)
+        else:
+            rows[name] = np.asarray(getattr(empty, name))[:1].copy()
+    return rows
+
+
+def _row(value: Any, user: int) -> Any:
+    if sp.issparse(value):
+        return sp.csr_matrix(value[user : user + 1])
+    return np.asarray(value)[user : user + 1].copy()
+
+
+def _add(row: sp.csr_matrix, cols: np.ndarray, values: np.ndarray, how: str) -> sp.csr_matrix:
+    """A one-row matrix with `values` added at `cols`, by sum or by maximum per column."""
+    if not len(cols):
+        return row
+    old = row.tocoo()
+    c = np.concatenate([old.col, cols]).astype(np.int64)
+    v = np.concatenate([old.data, values]).astype(np.float64)
+    if how == "max":
+        order = np.lexsort((-v, c))
+        c, first = np.unique(c[order], return_index=True)
+        v = v[order][first]
+    merged = sp.csr_matrix((v, (np.zeros(len(c), dtype=np.int64), c)), shape=row.shape)
+    merged.sum_duplicates()
+    return merged
+
+
+def _reweighted(share_row: sp.csr_matrix, total: float, cols: np.ndarray, weights: np.ndarray) -> sp.csr_matrix:
+    """Affinity shares after adding positive weight per column: shares * total + new, renormalised."""
+    keep = (cols >= 0) & (weights > 0)
+    if not keep.any():
+        return share_row
+    mass = _add(share_row * total, cols[keep], weights[keep], "sum")
+    new_total = float(mass.sum())
+    return sp.csr_matrix(mass / new_total) if new_total > 0 else share_row
+
+
+def user_view(
+    state: FeatureState,
+    user: int,
+    blank: dict[str, Any],
+    item_idx: np.ndarray,
+    event_types: np.ndarray,
+    ts: np.ndarray,
+    weights: dict[str, float],
+) -> FeatureState:
+    """One user's state (row 0) after the online events (`item_idx` -1 for items the bundle lacks).
+
+    `user` is the user's row in `state`, or -1 for a user the bundle has never seen (rows from `blank`).
+    """
+    rows = {name: (_row(getattr(state, name), user) if user >= 0 else _copy(blank[name])) for name in blank}
+    known = item_idx >= 0
+    items, kinds, times = item_idx[known], event_types[known], ts[known].astype(np.float64)
+    w = np.asarray([weights.get(str(k), 0.0) for k in kinds], dtype=np.float64)
+    positive = w > 0
+    if len(kinds):
+        counts = rows["user_type_counts"]
+        for column, kind in enumerate(USER_EVENT_TYPES):
+            counts[0, column] += float(np.sum(kinds == kind))
+    all_times = ts.astype(np.float64)
+    if len(all_times):
+        rows["user_last_seen"][0] = np.nanmax([rows["user_last_seen"][0], all_times.max()])
+    category = state.item_category[items]
+    brand = state.item_brand[items]
+    total = float(_row(state.pair_weight, user).sum()) if user >= 0 else 0.0
+    rows["user_category"] = _reweighted(rows["user_category"], total, category, w)
+    rows["user_brand"] = _reweighted(rows["user_brand"], total, brand, w)
+    has_cat = category >= 0
+    rows["user_category_last"] = _add(rows["user_category_last"], category[has_cat], times[has_cat], "max")
+    rows["pair_last"] = _add(rows["pair_last"], items[positive], times[positive], "max")
+    bought = np.isin(kinds, list(CONVERSION_TYPES))
+    rows["pair_purchases"] = _add(rows["pair_purchases"], items[bought], np.ones(int(bought.sum())), "sum")
+    pair_weight = _add(rows["pair_weight"], items, w, "sum")
+    rows["pair_weight"] = sp.csr_matrix(pair_weight.maximum(0))
+    if np.isnan(rows["user_median_price"][0]) and bought.any():
+        paid = state.item_price[items[bought]]
+        if np.isfinite(paid).any():
+            rows["user_median_price"][0] = float(np.nanmedian(paid))
+    newest = pd.Timestamp(float(all_times.max()) + 1.0, unit="s", tz="UTC") if len(all_times) else state.cutoff
+    return replace(state, cutoff=max(state.cutoff, newest), **rows)
+
+
+def _copy(value: Any) -> Any:
+    return value.copy()
