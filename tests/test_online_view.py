@@ -21,14 +21,14 @@ EXACT = ("user_type_counts", "user_last_seen", "user_category_last", "pair_last"
 
 
 def _dense(value: object) -> np.ndarray:
-    return value.toarray() if hasattr(value, "toarray") else np.asarray(value)  # type: ignore[union-attr]
+    return value.toarray() if hasattr(value, "toarray") else np.asarray(value)
 
 
 @pytest.mark.parametrize("known", [True, False])
 def test_view_after_online_events_equals_the_batch_state_over_all_events(demo_dir: Path, known: bool) -> None:
     data = load_dataset(demo_dir, WEIGHTS.keys())
     events = data.events.loc[data.events["event_type"].isin(list(WEIGHTS))].reset_index(drop=True)
-    cutoff = events["ts"].quantile(0.7).floor("D")
+    cutoff = pd.Timestamp(events["ts"].quantile(0.7)).floor("D")
     later = events["ts"] >= cutoff
     user = events.loc[later, "user_id"].value_counts().index[0]
     if not known:  # the user's history is all online: the bundle never saw them
