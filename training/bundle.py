@@ -30,7 +30,7 @@ from features.repurchase import RepurchasePolicy
 from features.state import FeatureState, load_state, save_state
 from features.vocab import Vocabulary
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: bought_together.npz (co-purchase companions per item)
 MANIFEST = "manifest.json"
 ITEM_META_COLUMNS = ("category", "brand", "title", "price", "in_stock", "created_at")
 
@@ -106,6 +106,7 @@ class Bundle:
     models: CandidateModels
     state: FeatureState
     ranker_text: str | None  # LightGBM model; None when the data had no time order to train one
+    bought_together: sp.csr_matrix  # items x items: each item's co-purchase companions (features.copurchase)
 
     @property
     def version(self) -> str:
@@ -129,6 +130,7 @@ class BundleContents:
     models: CandidateModels
     state: FeatureState
     ranker_text: str | None
+    bought_together: sp.csr_matrix
 
 
 def _sha256(path: Path) -> str:
@@ -168,6 +170,7 @@ def write_bundle(out: Path, contents: BundleContents, manifest: Manifest) -> Man
         np.save(tmp / "bpr_user_factors.npy", contents.models.bpr_users)
         np.save(tmp / "bpr_item_factors.npy", contents.models.bpr_items)
         sp.save_npz(tmp / "item_neighbours.npz", contents.models.item_neighbours.tocsr(), compressed=False)
+        sp.save_npz(tmp / "bought_together.npz", contents.bought_together.tocsr(), compressed=False)
         save_state(contents.state, tmp)
         if contents.ranker_text is not None:
             (tmp / "ranker.txt").write_text(contents.ranker_text)
@@ -256,6 +259,7 @@ def load_bundle(path: Path) -> Bundle:
             ),
             state=load_state(path),
             ranker_text=(path / "ranker.txt").read_text() if (path / "ranker.txt").is_file() else None,
+            bought_together=sp.load_npz(path / "bought_together.npz").tocsr(),
             popularity=ItemPopularity(
                 popular=meta["popular"].to_numpy(np.float32), trending=meta["trending"].to_numpy(np.float32)
             ),
@@ -272,6 +276,7 @@ def load_bundle(path: Path) -> Bundle:
         "recent shape": (bundle.recent.shape, (n_users, n_items)),
         "state pairs shape": (bundle.state.pair_last.shape, (n_users, n_items)),
         "neighbours shape": (bundle.models.item_neighbours.shape, (n_items, n_items)),
+        "bought_together shape": (bundle.bought_together.shape, (n_items, n_items)),
         "feature names": (tuple(manifest.feature_names), FEATURE_NAMES),
     }
     for what, (got, want) in checks.items():

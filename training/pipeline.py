@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from features.copurchase import bought_together
 from features.dataset import Dataset, load_dataset
 from features.interactions import user_items_matrix
 from features.popularity import item_popularity
@@ -260,6 +261,7 @@ def train(
                 bought=bought_matrix(events, users, items), popularity=popularity,
                 recent=_recent(events, users, items, params.weights, RECENT_ITEMS),
                 models=window.models, state=window.state, ranker_text=ranker_text,
+                bought_together=bought_together(events.loc[events["ts"] <= now], items),
             )
             manifest = write_bundle(out, bundle, manifest)
         tracking.log_metrics(report.flat_metrics() | {f"time.{k}_s": v for k, v in clock.seconds.items()})
