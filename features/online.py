@@ -1,0 +1,551 @@
+"""The two online stores behind `features.store.OnlineStore`: Redis (shared by every worker) and in-process.
+
+Both keep the same records (a user's recent events packed into a few bytes each, purchases, hourly trending
+counters, consent, tombstones, catalog and rule overlays) and answer the same way, so the contract tests run
+on both. On Redis each method is one round trip: a pipeline, or a script where a write depends on a read.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import orjson
+import redis
+
+from features.keys import (
+    CLAIM_TTL_SECONDS,
+    CLOCK_MEMBER,
+    TRENDING_TTL_SECONDS,
+    USER_TTL_SECONDS,
+    Keys,
+    hour_of,
+)
+from features.schema import EventType
+from features.store import (
+    CONSENT_PURPOSES,
+    RECENT_CAP,
+    TRENDING_BUCKET_SECONDS,
+    TRENDING_BUCKETS_KEPT,
+    OnlineEvent,
+    OnlineStore,
+)
+from features.weights import DEFAULT_EVENT_WEIGHTS
+
+TRENDING_HALF_LIFE_HOURS = 24.0  # an hour bucket counts half as much a day later
+
+# -- packed recent-event records: ">IB" (second, type code) then the item id; code 0 spells the type out ----
+_HEAD = struct.Struct(">IB")
+_CODES: dict[str, int] = {kind.value: code for code, kind in enumerate(EventType, start=1)}
+_TYPES: dict[int, str] = {code: kind for kind, code in _CODES.items()}
+
+
+def pack_event(item_id: str, event_type: str, ts: float) -> bytes:
+    """A recent-event record: 5 bytes plus the item id for the built-in event types."""
+    code = _CODES.get(event_type, 0)
+    head = _HEAD.pack(int(ts), code)
+    if code:
+        return head + item_id.encode()
+    name = event_type.encode()
+    if len(name) > 255:
+        raise ValueError(f"event type longer than 255 bytes: {event_type[:40]!r}")
+    return head + bytes((len(name),)) + name + item_id.encode()
+
+
+def unpack_event(user_id: str, record: bytes) -> OnlineEvent:
+    second, code = _HEAD.unpack_from(record)
+    rest = record[_HEAD.size :]
+    if code:
+        event_type = _TYPES[code]
+    else:
+        event_type, rest = rest[1 : 1 + rest[0]].decode(), rest[1 + rest[0] :]
+    return OnlineEvent(user_id=user_id, item_id=rest.decode(), event_type=event_type, ts=float(second))
+
+
+def _positive_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
+    """Event types that make an item trend, with how much (refunds and impressions do not)."""
+    chosen = DEFAULT_EVENT_WEIGHTS if weights is None else weights
+    return {str(kind): float(w) for kind, w in chosen.items() if w > 0}
+
+
+def _decay(age_hours: int, half_life_hours: float) -> float:
+    return float(0.5 ** (age_hours / half_life_hours))
+
+
+def _window(hours: int) -> int:
+    return max(0, min(int(hours), TRENDING_BUCKETS_KEPT))
+
+
+def _check_purposes(purposes: Mapping[str, bool]) -> None:
+    unknown = sorted(set(purposes) - set(CONSENT_PURPOSES))
+    if unknown:
+        raise ValueError(f"unknown consent purposes {unknown}; expected some of {list(CONSENT_PURPOSES)}")
+
+
+def _insert_recent(recent: list[bytes], record: bytes) -> None:
+    """Insert a packed record into a newest-first list, the way the Redis script does.
+
+    It goes before the first record of the same second or older (so a later arrival of the same second comes
+    first); a record already there is not added twice; the list keeps RECENT_CAP records.
+    """
+    second = _HEAD.unpack_from(record)[0]
+    if not recent or _HEAD.unpack_from(recent[0])[0] < second:
+        recent.insert(0, record)
+    elif record not in recent:
+        at = next((i for i, r in enumerate(recent) if _HEAD.unpack_from(r)[0] <= second), len(recent))
+        recent.insert(at, record)
+    del recent[RECENT_CAP:]
+
+
+def _best_first(scores: Mapping[str, float], n: int) -> list[tuple[str, float]]:
+    """Highest score first; ties by item id, highest first (the order of a Redis reverse range)."""
+    return sorted(scores.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[: max(0, n)]
+
+
+class MemoryStore:
+    """In-process store: the embedded default for one worker and the fake for tests. Thread-safe."""
+
+    def __init__(self, *, weights: Mapping[str, float] | None = None,
+                 half_life_hours: float = TRENDING_HALF_LIFE_HOURS) -> None:
+        self._weights = _positive_weights(weights)
+        self._half_life = half_life_hours
+        self._lock = threading.RLock()
+        self._claims: dict[str, float] = {}  # event id -> monotonic expiry
+        self._recent: dict[str, list[bytes]] = {}  # packed records, newest first
+        self._purchases: dict[str, dict[str, int]] = {}
+        self._consent: dict[str, dict[str, bool]] = {}
+        self._erased: set[str] = set()
+        self._buckets: dict[tuple[str | None, int], dict[str, float]] = {}
+        self._clock: int | None = None
+        self._items: dict[str, dict[str, object]] = {}
+        self._item_versions: dict[str, int] = {}
+        self._catalog_version = 0
+        self._rules: dict[str, dict[str, object]] = {}
+        self._rules_version = 0
+        self._pointer: str | None = None
+
+    def claim_event_ids(self, event_ids: Sequence[str]) -> list[bool]:
+        now = time.monotonic()
+        out = []
+        with self._lock:
+            for event_id in event_ids:
+                fresh = self._claims.get(event_id, 0.0) <= now
+                if fresh:
+                    self._claims[event_id] = now + CLAIM_TTL_SECONDS
+                out.append(fresh)
+            if len(self._claims) > 100_000:
+                self._claims = {k: v for k, v in self._claims.items() if v > now}
+        return out
+
+    def release_event_ids(self, event_ids: Sequence[str]) -> None:
+        with self._lock:
+            for event_id in event_ids:
+                self._claims.pop(event_id, None)
+
+    def record(self, events: Sequence[OnlineEvent]) -> None:
+        with self._lock:
+            for event in events:
+                if event.user_id in self._erased:
+                    continue
+                second = int(event.ts)
+                recent = self._recent.setdefault(event.user_id, [])
+                _insert_recent(recent, pack_event(event.item_id, event.event_type, second))
+                if event.event_type == EventType.PURCHASE:
+                    bought = self._purchases.setdefault(event.user_id, {})
+                    bought[event.item_id] = max(second, bought.get(event.item_id, second))
+                elif event.event_type == EventType.REFUND:
+                    self._purchases.get(event.user_id, {}).pop(event.item_id, None)
+                weight = self._weights.get(event.event_type, 0.0)
+                if weight:
+                    hour = hour_of(second)
+                    for category in {None, event.category}:
+                        bucket = self._buckets.setdefault((category, hour), {})
+                        bucket[event.item_id] = bucket.get(event.item_id, 0.0) + weight
+                self._clock = second if self._clock is None else max(self._clock, second)
+            if self._clock is not None:
+                oldest = hour_of(self._clock) - TRENDING_BUCKETS_KEPT
+                for key in [k for k in self._buckets if k[1] <= oldest]:
+                    del self._buckets[key]
+
+    def recent(self, user_id: str, limit: int = RECENT_CAP) -> list[OnlineEvent]:
+        with self._lock:
+            records = self._recent.get(user_id, [])[: max(0, limit)]
+        return [unpack_event(user_id, record) for record in records]
+
+    def purchased(self, user_id: str) -> dict[str, float]:
+        with self._lock:
+            return {item: float(ts) for item, ts in self._purchases.get(user_id, {}).items()}
+
+    def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:
+        with self._lock:
+            if self._clock is None:
+                return []
+            now = hour_of(self._clock)
+            scores: dict[str, float] = {}
+            for age in range(_window(hours)):
+                weight = _decay(age, self._half_life)
+                for item, count in self._buckets.get((category, now - age), {}).items():
+                    scores[item] = scores.get(item, 0.0) + count * weight
+        return _best_first(scores, n)
+
+    def set_consent(self, user_id: str, purposes: Mapping[str, bool]) -> None:
+        _check_purposes(purposes)
+        with self._lock:
+            if user_id not in self._erased:
+                self._consent.setdefault(user_id, {}).update({p: bool(v) for p, v in purposes.items()})
+
+    def consent(self, user_id: str) -> dict[str, bool]:
+        with self._lock:
+            given = self._consent.get(user_id, {})
+            return {purpose: given.get(purpose, True) for purpose in CONSENT_PURPOSES}
+
+    def erase_user(self, user_id: str) -> None:
+        with self._lock:
+            for table in (self._recent, self._purchases, self._consent):
+                table.pop(user_id, None)
+            self._erased.add(user_id)
+
+    def erased(self, user_ids: Sequence[str]) -> list[bool]:
+        with self._lock:
+            return [user_id in self._erased for user_id in user_ids]
+
+    def put_items(self, items: Sequence[Mapping[str, object]]) -> int:
+        rows = [_catalog_row(item) for item in items]
+        with self._lock:
+            if not rows:
+                return self._catalog_version
+            self._catalog_version += 1
+            for item_id, fields in rows:
+                self._items.setdefault(item_id, {}).update(orjson.loads(orjson.dumps(fields)))
+                self._item_versions[item_id] = self._catalog_version
+            return self._catalog_version
+
+    def items_since(self, version: int) -> tuple[int, list[dict[str, object]]]:
+        with self._lock:
+            changed = sorted((v, item) for item, v in self._item_versions.items() if v > version)
+            return self._catalog_version, [{"item_id": item, **self._items.get(item, {})} for _, item in changed]
+
+    def put_rule(self, rule_id: str, rule: Mapping[str, object]) -> int:
+        copy: dict[str, object] = orjson.loads(orjson.dumps(dict(rule)))
+        with self._lock:
+            self._rules[rule_id] = copy
+            self._rules_version += 1
+            return self._rules_version
+
+    def delete_rule(self, rule_id: str) -> bool:
+        with self._lock:
+            if self._rules.pop(rule_id, None) is None:
+                return False
+            self._rules_version += 1
+            return True
+
+    def rules(self) -> tuple[int, dict[str, dict[str, object]]]:
+        with self._lock:
+            return self._rules_version, {k: orjson.loads(orjson.dumps(v)) for k, v in self._rules.items()}
+
+    def set_bundle_pointer(self, reference: str) -> None:
+        with self._lock:
+            self._pointer = reference
+
+    def bundle_pointer(self) -> str | None:
+        with self._lock:
+            return self._pointer
+
+    def user_bytes(self, user_id: str) -> int:
+        """Payload bytes only (records, item ids, purposes): a lower bound of what Redis would spend."""
+        with self._lock:
+            recent = sum(len(record) for record in self._recent.get(user_id, []))
+            bought = sum(len(item.encode()) + 4 for item in self._purchases.get(user_id, {}))
+            given = sum(len(purpose) + 1 for purpose in self._consent.get(user_id, {}))
+        return recent + bought + given
+
+    def ping(self) -> bool:
+        return True
+
+
+def _catalog_row(item: Mapping[str, object]) -> tuple[str, dict[str, object]]:
+    item_id = item.get("item_id")
+    if not isinstance(item_id, str) or not item_id:
+        raise ValueError(f"catalog row without a string item_id: {dict(item)!r:.80}")
+    return item_id, {str(k): v for k, v in item.items() if k != "item_id"}
+
+
+# -- Redis ---------------------------------------------------------------------------------------------------
+# KEYS: tombstones, clock, then per event: recent, purchases, global bucket, category bucket (the global
+# one again when the event has no category). ARGV: cap, user ttl, bucket ttl, clock member, then per event:
+# user, record, second, item, action ("p" purchase, "r" refund, "-"), trending weight ("0" for none).
+_RECORD = """
+local cap, user_ttl, bucket_ttl = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local erased = {}
+for i = 0, (#KEYS - 2) / 4 - 1 do
+  local k, a = 3 + 4 * i, 5 + 6 * i
+  local user, second, item = ARGV[a], ARGV[a + 2], ARGV[a + 3]
+  if erased[user] == nil then erased[user] = redis.call('SISMEMBER', KEYS[1], user) == 1 end
+  if not erased[user] then
+    local record, at = ARGV[a + 1], tonumber(second)
+    local head = redis.call('LINDEX', KEYS[k], 0)
+    if not head or struct.unpack('>I4', head) < at then
+      redis.call('LPUSH', KEYS[k], record)
+    else
+      local pivot, seen = nil, false
+      for _, kept in ipairs(redis.call('LRANGE', KEYS[k], 0, -1)) do
+        if kept == record then seen = true break end
+        if pivot == nil and struct.unpack('>I4', kept) <= at then pivot = kept end
+      end
+      if not seen then
+        if pivot then redis.call('LINSERT', KEYS[k], 'BEFORE', pivot, record)
+        else redis.call('RPUSH', KEYS[k], record) end
+      end
+    end
+    redis.call('LTRIM', KEYS[k], 0, cap - 1)
+    redis.call('EXPIRE', KEYS[k], user_ttl)
+    local action = ARGV[a + 4]
+    if action == 'p' then
+      local last = redis.call('HGET', KEYS[k + 1], item)
+      if not last or tonumber(last) < tonumber(second) then redis.call('HSET', KEYS[k + 1], item, second) end
+      redis.call('EXPIRE', KEYS[k + 1], user_ttl)
+    elseif action == 'r' then
+      redis.call('HDEL', KEYS[k + 1], item)
+    end
+    local weight = ARGV[a + 5]
+    if weight ~= '0' then
+      redis.call('ZINCRBY', KEYS[k + 2], weight, item)
+      redis.call('EXPIRE', KEYS[k + 2], bucket_ttl)
+      if KEYS[k + 3] ~= KEYS[k + 2] then
+        redis.call('ZINCRBY', KEYS[k + 3], weight, item)
+        redis.call('EXPIRE', KEYS[k + 3], bucket_ttl)
+      end
+    end
+    redis.call('ZADD', KEYS[2], 'GT', second, ARGV[4])
+  end
+end
+return 0
+"""
+
+_ACTIONS = {EventType.PURCHASE.value: "p", EventType.REFUND.value: "r"}
+
+# KEYS: clock, scratch. ARGV: bucket key prefix, hours, n, half-life hours, bucket seconds, clock member.
+# The bucket keys depend on the clock, so they are built here (a single-node Redis allows it).
+_TRENDING = """
+local now = redis.call('ZSCORE', KEYS[1], ARGV[6])
+if not now then return {} end
+local hour = math.floor(tonumber(now) / tonumber(ARGV[5]))
+local hours, half_life = tonumber(ARGV[2]), tonumber(ARGV[4])
+local args = {KEYS[2], hours}
+for age = 0, hours - 1 do table.insert(args, ARGV[1] .. string.format('%d', hour - age)) end
+table.insert(args, 'WEIGHTS')
+for age = 0, hours - 1 do table.insert(args, string.format('%.17g', 0.5 ^ (age / half_life))) end
+redis.call('ZUNIONSTORE', unpack(args))
+local out = redis.call('ZRANGE', KEYS[2], 0, tonumber(ARGV[3]) - 1, 'REV', 'WITHSCORES')
+redis.call('DEL', KEYS[2])
+return out
+"""
+
+# KEYS: tombstones, consent hash. ARGV: user, then purpose, value pairs.
+_SET_CONSENT = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+return 1
+"""
+
+# KEYS: version, changes, then one hash per item. ARGV: per item: item id, field count, field, value, ...
+_PUT_ITEMS = """
+local version = redis.call('INCR', KEYS[1])
+local a = 1
+for i = 3, #KEYS do
+  local item, count = ARGV[a], tonumber(ARGV[a + 1])
+  if count > 0 then redis.call('HSET', KEYS[i], unpack(ARGV, a + 2, a + 1 + 2 * count)) end
+  redis.call('ZADD', KEYS[2], version, item)
+  a = a + 2 + 2 * count
+end
+return version
+"""
+
+# KEYS: version, changes. ARGV: since, item key prefix.
+_ITEMS_SINCE = """
+local out = {tonumber(redis.call('GET', KEYS[1]) or '0')}
+for _, item in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf')) do
+  table.insert(out, item)
+  table.insert(out, redis.call('HGETALL', ARGV[2] .. item))
+end
+return out
+"""
+
+# KEYS: rules, version. ARGV: rule id.
+_DELETE_RULE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('INCR', KEYS[2])
+return 1
+"""
+
+
+class RedisStore:
+    """The online store on a Redis server (>= 6.2), shared by every worker process.
+
+    Redis errors propagate as `redis.RedisError`: deciding what to serve without the store is the caller's.
+    """
+
+    def __init__(self, url: str, prefix: str = "sf:", *, weights: Mapping[str, float] | None = None,
+                 half_life_hours: float = TRENDING_HALF_LIFE_HOURS) -> None:
+        self.keys = Keys(prefix)
+        self._redis: redis.Redis = redis.Redis.from_url(url, decode_responses=False)
+        self._weights = _positive_weights(weights)
+        self._half_life = half_life_hours
+        self._record = self._redis.register_script(_RECORD)
+        self._trending = self._redis.register_script(_TRENDING)
+        self._set_consent = self._redis.register_script(_SET_CONSENT)
+        self._put_items = self._redis.register_script(_PUT_ITEMS)
+        self._items_since = self._redis.register_script(_ITEMS_SINCE)
+        self._delete_rule = self._redis.register_script(_DELETE_RULE)
+
+    @property
+    def client(self) -> redis.Redis:
+        return self._redis
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def claim_event_ids(self, event_ids: Sequence[str]) -> list[bool]:
+        if not event_ids:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for event_id in event_ids:
+            pipe.set(self.keys.event_id(event_id), b"1", nx=True, ex=CLAIM_TTL_SECONDS)
+        return [bool(done) for done in pipe.execute()]
+
+    def release_event_ids(self, event_ids: Sequence[str]) -> None:
+        if event_ids:
+            self._redis.delete(*(self.keys.event_id(event_id) for event_id in event_ids))
+
+    def record(self, events: Sequence[OnlineEvent]) -> None:
+        if not events:
+            return
+        keys: list[str] = [self.keys.tombstones, self.keys.clock]
+        args: list[Any] = [RECENT_CAP, USER_TTL_SECONDS, TRENDING_TTL_SECONDS, CLOCK_MEMBER]
+        for event in events:
+            second = int(event.ts)
+            hour = hour_of(second)
+            everywhere = self.keys.trending_bucket(hour)
+            keys += [
+                self.keys.recent(event.user_id),
+                self.keys.purchases(event.user_id),
+                everywhere,
+                everywhere if event.category is None else self.keys.trending_bucket(hour, event.category),
+            ]
+            action = _ACTIONS.get(event.event_type, "-")
+            weight = self._weights.get(event.event_type, 0.0)
+            args += [event.user_id, pack_event(event.item_id, event.event_type, second), second, event.item_id,
+                     action, repr(weight) if weight else "0"]
+        self._record(keys=keys, args=args)
+
+    def recent(self, user_id: str, limit: int = RECENT_CAP) -> list[OnlineEvent]:
+        if limit <= 0:
+            return []
+        records = cast(list[bytes], self._redis.lrange(self.keys.recent(user_id), 0, limit - 1))
+        return [unpack_event(user_id, record) for record in records]
+
+    def purchased(self, user_id: str) -> dict[str, float]:
+        stored = cast(dict[bytes, bytes], self._redis.hgetall(self.keys.purchases(user_id)))
+        return {item.decode(): float(ts) for item, ts in stored.items()}
+
+    def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:
+        window = _window(hours)
+        if window == 0 or n <= 0:
+            return []
+        flat = self._trending(
+            keys=[self.keys.clock, self.keys.trending_scratch],
+            args=[self.keys.trending_prefix(category), window, n, repr(self._half_life),
+                  TRENDING_BUCKET_SECONDS, CLOCK_MEMBER],
+        )
+        return [(flat[i].decode(), float(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    def set_consent(self, user_id: str, purposes: Mapping[str, bool]) -> None:
+        _check_purposes(purposes)
+        if not purposes:
+            return
+        pairs: list[str] = []
+        for purpose, given in purposes.items():
+            pairs += [purpose, "1" if given else "0"]
+        self._set_consent(keys=[self.keys.tombstones, self.keys.consent(user_id)], args=[user_id, *pairs])
+
+    def consent(self, user_id: str) -> dict[str, bool]:
+        stored = cast(dict[bytes, bytes], self._redis.hgetall(self.keys.consent(user_id)))
+        given = {purpose.decode(): value == b"1" for purpose, value in stored.items()}
+        return {purpose: given.get(purpose, True) for purpose in CONSENT_PURPOSES}
+
+    def erase_user(self, user_id: str) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(*self.keys.user_keys(user_id))
+        pipe.sadd(self.keys.tombstones, user_id)
+        pipe.execute()
+
+    def erased(self, user_ids: Sequence[str]) -> list[bool]:
+        if not user_ids:
+            return []
+        return [bool(flag) for flag in self._redis.smismember(self.keys.tombstones, list(user_ids))]
+
+    def put_items(self, items: Sequence[Mapping[str, object]]) -> int:
+        rows = [_catalog_row(item) for item in items]
+        if not rows:
+            return int(self._redis.get(self.keys.catalog_version) or 0)
+        keys = [self.keys.catalog_version, self.keys.catalog_changes]
+        args: list[Any] = []
+        for item_id, fields in rows:
+            keys.append(self.keys.item(item_id))
+            args += [item_id, len(fields)]
+            for field, value in fields.items():
+                args += [field, orjson.dumps(value)]
+        return int(self._put_items(keys=keys, args=args))
+
+    def items_since(self, version: int) -> tuple[int, list[dict[str, object]]]:
+        flat = self._items_since(keys=[self.keys.catalog_version, self.keys.catalog_changes],
+                                 args=[int(version), self.keys.item_prefix])
+        rows: list[dict[str, object]] = []
+        for i in range(1, len(flat), 2):
+            fields = flat[i + 1]
+            row: dict[str, object] = {"item_id": flat[i].decode()}
+            row.update({fields[j].decode(): orjson.loads(fields[j + 1]) for j in range(0, len(fields), 2)})
+            rows.append(row)
+        return int(flat[0]), rows
+
+    def put_rule(self, rule_id: str, rule: Mapping[str, object]) -> int:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(self.keys.rules, rule_id, orjson.dumps(dict(rule)))
+        pipe.incr(self.keys.rules_version)
+        return int(pipe.execute()[1])
+
+    def delete_rule(self, rule_id: str) -> bool:
+        return bool(self._delete_rule(keys=[self.keys.rules, self.keys.rules_version], args=[rule_id]))
+
+    def rules(self) -> tuple[int, dict[str, dict[str, object]]]:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.get(self.keys.rules_version)
+        pipe.hgetall(self.keys.rules)
+        version, stored = pipe.execute()
+        return int(version or 0), {rule_id.decode(): orjson.loads(rule) for rule_id, rule in stored.items()}
+
+    def set_bundle_pointer(self, reference: str) -> None:
+        self._redis.set(self.keys.bundle_pointer, reference.encode())
+
+    def bundle_pointer(self) -> str | None:
+        value = cast(bytes | None, self._redis.get(self.keys.bundle_pointer))
+        return None if value is None else value.decode()
+
+    def user_bytes(self, user_id: str) -> int:
+        pipe = self._redis.pipeline(transaction=False)
+        for key in self.keys.user_keys(user_id):
+            pipe.memory_usage(key, samples=0)
+        return sum(int(used or 0) for used in pipe.execute())
+
+    def ping(self) -> bool:
+        return bool(self._redis.ping())
+
+
+def open_store(url: str | None, prefix: str = "sf:") -> OnlineStore:
+    """A Redis store for a URL, the in-process store for None (the embedded default)."""
+    if url is None:
+        return MemoryStore()
+    return RedisStore(url, prefix)

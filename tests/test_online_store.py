@@ -1,0 +1,275 @@
+"""Contract tests of the online store, run on the in-process store and on a real Redis server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from features.keys import USER_TTL_SECONDS, Keys
+from features.online import MemoryStore, RedisStore, open_store, pack_event, unpack_event
+from features.store import (
+    CONSENT_PURPOSES,
+    RECENT_CAP,
+    TRENDING_BUCKET_SECONDS,
+    TRENDING_BUCKETS_KEPT,
+    OnlineEvent,
+    OnlineStore,
+)
+
+pytest_plugins = ["redis_fixture"]
+
+HOUR = TRENDING_BUCKET_SECONDS
+T0 = 1_764_064_800.0  # 2025-11-25T10:00:00Z, the start of an hour
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> Iterator[OnlineStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    url: str = request.getfixturevalue("redis_url")
+    prefix: str = request.getfixturevalue("redis_prefix")
+    redis_store = RedisStore(url, prefix)
+    yield redis_store
+    for key in redis_store.client.scan_iter(match=f"{prefix}*"):
+        redis_store.client.delete(key)
+    redis_store.close()
+
+
+def ev(user: str, item: str, kind: str, ts: float, category: str | None = None) -> OnlineEvent:
+    return OnlineEvent(user_id=user, item_id=item, event_type=kind, ts=ts, category=category)
+
+
+# -- events -------------------------------------------------------------------------------------------------
+def test_claim_is_idempotent_and_release_lets_a_retry_count(store: OnlineStore) -> None:
+    assert store.claim_event_ids(["a", "b", "a"]) == [True, True, False]
+    assert store.claim_event_ids(["a", "b", "c"]) == [False, False, True]
+    store.release_event_ids(["a", "c"])
+    assert store.claim_event_ids(["a", "b", "c"]) == [True, False, True]
+    assert store.claim_event_ids([]) == []
+    store.release_event_ids([])
+
+
+def test_recent_is_newest_first_and_capped(store: OnlineStore) -> None:
+    events = [ev("u1", f"p{i:07d}", "view", T0 + i) for i in range(RECENT_CAP + 10)]
+    store.record(events[::2])
+    store.record(events[1::2])  # out of order across batches: the order is by time, not arrival
+    recent = store.recent("u1")
+    assert [e.item_id for e in recent] == [f"p{i:07d}" for i in range(RECENT_CAP + 9, 9, -1)]
+    assert recent[0] == OnlineEvent("u1", f"p{RECENT_CAP + 9:07d}", "view", T0 + RECENT_CAP + 9)
+    assert [e.item_id for e in store.recent("u1", limit=3)] == [f"p{i:07d}" for i in (59, 58, 57)]
+    assert store.recent("u1", limit=0) == []
+    assert store.recent("nobody") == []
+    store.record([ev("u1", "old", "view", T0 - 5)])  # older than all 50 kept: falls off at once
+    assert "old" not in {e.item_id for e in store.recent("u1")}
+
+
+def test_recent_keeps_types_including_configured_ones(store: OnlineStore) -> None:
+    kinds = ["view", "add_to_cart", "purchase", "share", "like", "impression", "refund", "wishlist"]
+    store.record([ev("u1", f"i{n}", kind, T0 + n + 0.7) for n, kind in enumerate(kinds)])
+    got = store.recent("u1")
+    assert [e.event_type for e in got] == kinds[::-1]
+    assert [e.ts for e in got] == [T0 + n for n in range(len(kinds))][::-1]  # whole seconds are kept
+
+
+def test_recent_same_second_latest_arrival_first_and_no_exact_repeats(store: OnlineStore) -> None:
+    store.record([ev("u1", "a", "view", T0), ev("u1", "b", "view", T0), ev("u1", "c", "view", T0 - 1)])
+    store.record([ev("u1", "a", "view", T0 + 0.5), ev("u1", "d", "like", T0)])  # the same record again: kept once
+    assert [e.item_id for e in store.recent("u1")] == ["d", "b", "a", "c"]
+
+
+def test_purchases_and_refunds(store: OnlineStore) -> None:
+    store.record([
+        ev("u1", "p1", "purchase", T0 + 10),
+        ev("u1", "p2", "purchase", T0 + 20),
+        ev("u1", "p1", "purchase", T0 + 30),
+        ev("u1", "p3", "view", T0 + 40),
+        ev("u2", "p1", "purchase", T0 + 50),
+    ])
+    assert store.purchased("u1") == {"p1": T0 + 30, "p2": T0 + 20}
+    store.record([ev("u1", "p1", "purchase", T0 + 5)])  # a late, older purchase keeps the last time
+    assert store.purchased("u1")["p1"] == T0 + 30
+    store.record([ev("u1", "p1", "refund", T0 + 60)])
+    assert store.purchased("u1") == {"p2": T0 + 20}
+    assert store.purchased("u2") == {"p1": T0 + 50}
+    assert store.purchased("nobody") == {}
+
+
+def test_trending_weights_window_and_decay(store: OnlineStore) -> None:
+    now = T0 + 5 * HOUR
+    store.record([
+        ev("u1", "a", "view", now),  # 1
+        ev("u2", "a", "view", now + 1),  # 1
+        ev("u3", "b", "purchase", now + 2),  # 5
+        ev("u4", "c", "impression", now),  # 0: shown is not chosen
+        ev("u5", "d", "refund", now),  # negative: never trends
+        ev("u6", "e", "share", now - 3 * HOUR),  # 4, three hours old
+        ev("u7", "f", "like", now - 30 * HOUR),  # 2, thirty hours old
+    ])
+    top = store.trending(hours=24, n=10)
+    assert [item for item, _ in top] == ["b", "e", "a"]
+    scores = dict(top)
+    assert scores["b"] == pytest.approx(5.0)
+    assert scores["a"] == pytest.approx(2.0)
+    assert scores["e"] == pytest.approx(4.0 * 0.5 ** (3 / 24))
+    assert [(item, round(score, 9)) for item, score in store.trending(hours=1, n=10)] == [("b", 5.0), ("a", 2.0)]
+    week = dict(store.trending(hours=TRENDING_BUCKETS_KEPT, n=10))
+    assert week["f"] == pytest.approx(2.0 * 0.5 ** (30 / 24))
+    assert store.trending(hours=24, n=1) == [("b", 5.0)]
+    assert store.trending(hours=0, n=5) == []
+    assert store.trending(hours=24, n=0) == []
+
+
+def test_trending_is_measured_from_the_newest_event_not_the_wall_clock(store: OnlineStore) -> None:
+    assert store.trending(hours=24, n=5) == []
+    old = 1_500_000_000.0  # 2017: a replay of old data still has trending items
+    store.record([ev("u1", "x", "view", old)])
+    assert store.trending(hours=1, n=5) == [("x", 1.0)]
+
+
+def test_trending_per_category(store: OnlineStore) -> None:
+    store.record([
+        ev("u1", "shoe", "purchase", T0, category="shoes"),
+        ev("u2", "boot", "view", T0 + 1, category="shoes"),
+        ev("u3", "phone", "add_to_cart", T0 + 2, category="phones"),
+        ev("u4", "cable", "view", T0 + 3),
+    ])
+    assert [item for item, _ in store.trending(24, 10, category="shoes")] == ["shoe", "boot"]
+    assert [item for item, _ in store.trending(24, 10, category="phones")] == ["phone"]
+    assert store.trending(24, 10, category="books") == []
+    assert [item for item, _ in store.trending(24, 10)] == ["shoe", "phone", "cable", "boot"]
+
+
+def test_trending_ties_break_the_same_way_on_every_store(store: OnlineStore) -> None:
+    store.record([ev(f"u{i}", item, "view", T0) for i, item in enumerate(["m", "z", "a"])])
+    assert [item for item, _ in store.trending(24, 3)] == ["z", "m", "a"]
+
+
+# -- consent and erasure ---------------------------------------------------------------------------------------
+def test_consent_defaults_to_given_and_keeps_what_was_said(store: OnlineStore) -> None:
+    assert store.consent("u1") == dict.fromkeys(CONSENT_PURPOSES, True)
+    store.set_consent("u1", {"personalization": False})
+    store.set_consent("u1", {"marketing": False})
+    store.set_consent("u1", {"marketing": True})
+    assert store.consent("u1") == {"personalization": False, "marketing": True, "social_proof": True}
+    assert store.consent("u2") == dict.fromkeys(CONSENT_PURPOSES, True)
+    with pytest.raises(ValueError, match="unknown consent purposes"):
+        store.set_consent("u1", {"telemarketing": False})
+
+
+def test_erasure_drops_state_keeps_a_tombstone_and_ignores_later_events(store: OnlineStore) -> None:
+    store.record([ev("u1", "p1", "purchase", T0), ev("u2", "p2", "view", T0)])
+    store.set_consent("u1", {"marketing": False})
+    store.erase_user("u1")
+    assert store.erased(["u1", "u2", "u3"]) == [True, False, False]
+    assert store.erased([]) == []
+    assert store.recent("u1") == []
+    assert store.purchased("u1") == {}
+    assert store.consent("u1") == dict.fromkeys(CONSENT_PURPOSES, True)
+    store.record([ev("u1", "p9", "purchase", T0 + 10), ev("u2", "p3", "view", T0 + 10)])
+    store.set_consent("u1", {"marketing": False})
+    assert store.recent("u1") == []
+    assert store.purchased("u1") == {}
+    assert store.consent("u1") == dict.fromkeys(CONSENT_PURPOSES, True)
+    assert [e.item_id for e in store.recent("u2")] == ["p3", "p2"]
+    assert "p9" not in dict(store.trending(24, 10))  # an erased user's events do not count anywhere
+    assert store.user_bytes("u1") == 0
+
+
+# -- catalog and merchandising overlays -------------------------------------------------------------------------
+def test_catalog_overlay_versions(store: OnlineStore) -> None:
+    assert store.items_since(0) == (0, [])
+    v1 = store.put_items([{"item_id": "p1", "price": 9.5, "in_stock": True}, {"item_id": "p2", "title": "Mug"}])
+    assert v1 == 1
+    v2 = store.put_items([{"item_id": "p1", "in_stock": False, "category": "home"}])
+    assert v2 == 2
+    assert store.put_items([]) == 2
+    assert store.items_since(0) == (2, [{"item_id": "p2", "title": "Mug"},
+                                         {"item_id": "p1", "price": 9.5, "in_stock": False, "category": "home"}])
+    assert store.items_since(1) == (2, [{"item_id": "p1", "price": 9.5, "in_stock": False, "category": "home"}])
+    assert store.items_since(2) == (2, [])
+    assert store.put_items([{"item_id": "p3"}]) == 3
+    assert store.items_since(2) == (3, [{"item_id": "p3"}])
+    with pytest.raises(ValueError, match="item_id"):
+        store.put_items([{"price": 1.0}])
+
+
+def test_rules(store: OnlineStore) -> None:
+    assert store.rules() == (0, {})
+    assert store.put_rule("boost-shoes", {"kind": "boost", "category": "shoes", "factor": 1.5}) == 1
+    assert store.put_rule("pin", {"kind": "pin", "items": ["p1", "p2"]}) == 2
+    assert store.put_rule("pin", {"kind": "pin", "items": ["p3"]}) == 3
+    assert store.rules() == (3, {"boost-shoes": {"kind": "boost", "category": "shoes", "factor": 1.5},
+                                 "pin": {"kind": "pin", "items": ["p3"]}})
+    assert store.delete_rule("pin") is True
+    assert store.delete_rule("pin") is False
+    assert store.rules() == (4, {"boost-shoes": {"kind": "boost", "category": "shoes", "factor": 1.5}})
+
+
+def test_bundle_pointer_and_ping(store: OnlineStore) -> None:
+    assert store.bundle_pointer() is None
+    store.set_bundle_pointer("models:/sharefeed@champion")
+    store.set_bundle_pointer("/bundles/2025-11-25")
+    assert store.bundle_pointer() == "/bundles/2025-11-25"
+    assert store.ping() is True
+
+
+def test_concurrent_records_lose_nothing(store: OnlineStore) -> None:
+    def work(thread: int) -> None:
+        for i in range(20):
+            store.record([ev(f"u{thread}", f"p{i}", "view", T0 + i, category="c")])
+            store.claim_event_ids([f"{thread}-{i}"])
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(len(store.recent(f"u{t}")) == 20 for t in range(4))
+    assert dict(store.trending(24, 100, category="c")) == {f"p{i}": pytest.approx(4.0) for i in range(20)}
+
+
+# -- the Redis encoding ------------------------------------------------------------------------------------------
+def test_packed_record_round_trips() -> None:
+    for kind in ("view", "purchase", "refund", "wishlist"):
+        record = pack_event("p0012345", kind, T0 + 0.9)
+        assert unpack_event("u", record) == OnlineEvent("u", "p0012345", kind, T0)
+    assert len(pack_event("p0012345", "view", T0)) == 13
+
+
+def test_a_user_with_20_events_and_5_purchases_costs_at_most_1_kb(redis_url: str, redis_prefix: str) -> None:
+    store = RedisStore(redis_url, redis_prefix)
+    user = "u0012345"
+    kinds = ["view", "view", "add_to_cart", "like", "share"]
+    events = [ev(user, f"p{1_000_000 + i * 7919:07d}", kinds[i % 5], T0 + i * 60) for i in range(20)]
+    events += [ev(user, f"p{2_000_000 + i * 104_729:07d}", "purchase", T0 + 3_600 + i) for i in range(5)]
+    store.record(events)
+    store.set_consent(user, {"marketing": False})
+    assert len(store.recent(user)) == RECENT_CAP if len(events) > RECENT_CAP else len(events)
+    assert len(store.purchased(user)) == 5
+    used = store.user_bytes(user)
+    print(f"bytes per user (20 events + 5 purchases + consent): {used}")
+    assert 0 < used <= 1024
+    keys = Keys(redis_prefix)
+    client = store.client
+    assert client.object("encoding", keys.recent(user)) in (b"quicklist", b"listpack")
+    assert 0 < int(client.ttl(keys.recent(user))) <= USER_TTL_SECONDS
+    assert 0 < int(client.ttl(keys.trending_bucket(int(T0 // HOUR)))) <= (TRENDING_BUCKETS_KEPT + 1) * HOUR
+    store.close()
+
+
+def test_redis_errors_propagate() -> None:
+    store = RedisStore("redis://127.0.0.1:1/0")
+    with pytest.raises(redis.ConnectionError):
+        store.recent("u1")
+
+
+def test_open_store_picks_the_implementation(redis_url: str) -> None:
+    assert isinstance(open_store(None), MemoryStore)
+    opened = open_store(redis_url)
+    assert isinstance(opened, RedisStore)
+    assert opened.ping()
+    opened.close()
