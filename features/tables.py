@@ -92,10 +92,26 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
                 value = {"_parse_error": f"line {line_no} is not a JSON object"}
             records.append(value)
             line_numbers.append(line_no)
+    return _records_frame(records, line_numbers)
+
+
+def _records_frame(records: list[dict[str, object]], row_numbers: list[int]) -> pd.DataFrame:
     # object dtype: a column of JSON integers with a gap must not turn into floats ("42" -> "42.0")
     columns = dict.fromkeys(key for record in records for key in record)
     frame = pd.DataFrame({c: pd.Series([r.get(c) for r in records], dtype=object) for c in columns})
-    frame[SOURCE_ROW] = line_numbers
+    frame[SOURCE_ROW] = row_numbers
+    return frame
+
+
+def records_table(records: list[dict[str, object]], source: str) -> pd.DataFrame:
+    """Records that arrived as JSON objects (an API batch) in the form `read_file` gives a file: text values,
+    the source name, and the row number = the record's position in the batch."""
+    frame = _records_frame(records, list(range(len(records))))
+    frame = pd.DataFrame(
+        {str(col): frame[col] if col == SOURCE_ROW else _as_text(frame[col]) for col in frame.columns},
+        index=frame.index,
+    )
+    frame[SOURCE_FILE] = source
     return frame
 
 

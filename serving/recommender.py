@@ -7,29 +7,37 @@ since training gets the same items from either.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from features.candidates import (
     SOURCE_ORDER,
+    CandidateModels,
     PopularLists,
     candidate_features,
     merge_candidates,
+    neighbour_candidates,
     top_scores,
     user_candidates,
 )
 from features.feed import Candidates, Feed, Source, compose_feed
+from features.foldin import FoldIn
+from features.online_view import blank_user_rows, user_view
 from features.popularity import ranked
 from features.repurchase import NO_CATEGORY
+from features.state import FeatureState
+from features.store import OnlineEvent
 from training.bundle import Bundle
 from training.ranker import Ranker
 
 FALLBACK_DEPTH = 2000  # how far down the trending and popular lists a feed may reach
 RETRIEVAL_MARGIN = 32  # over-fetch beyond n + blocked items, so filters rarely leave a feed short
-_HISTORY_SOURCES = frozenset({Source.ALS, Source.BPR, Source.ITEM_KNN})  # explained by a similar past item
+RECENT_ANCHORS = 20  # recent items a pick may be explained by
+# sources whose picks are explained by a similar past item
+_HISTORY_SOURCES = frozenset({Source.ALS, Source.BPR, Source.ITEM_KNN, Source.FOLD_IN, Source.NEIGHBOURS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +46,25 @@ class FeedItem:
     score: float
     source: Source
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserContext:
+    """What the online store knows about a user beyond the bundle."""
+
+    recent: Sequence[OnlineEvent] = ()  # newest first
+    purchased: Mapping[str, float] = field(default_factory=dict)  # item id -> time of the last purchase
+
+
+@dataclass(frozen=True, slots=True)
+class _Profile:
+    """The user as the ranker sees them: a state row, the factor models' user rows, the ALS vector."""
+
+    state: FeatureState
+    models: CandidateModels
+    row: int
+    vector: np.ndarray  # 1 x factors
+    online: bool  # folded in from events the bundle has not seen
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +82,7 @@ class Recommender:
         self.bundle = bundle
         meta = bundle.item_meta
         self._category = meta["category"].fillna(NO_CATEGORY).to_numpy(dtype=object)
+        self._price = meta["price"].to_numpy(dtype=np.float64)
         self._out_of_stock = (meta["in_stock"].fillna(True) == False).to_numpy(dtype=bool)  # noqa: E712
         policy = bundle.manifest.repurchase
         self._once_only = ~policy.repeatable_mask(self._category)
@@ -69,29 +97,53 @@ class Recommender:
         self._ranker = Ranker.from_string(bundle.ranker_text) if bundle.ranker_text else None
         self._lists = PopularLists.from_state(bundle.state)
         self._k = {Source(name): int(k) for name, k in bundle.manifest.candidates.items()}
+        model = bundle.manifest.model
+        self._fold = FoldIn(bundle.item_factors, bundle.item_gram, model.regularization, model.alpha,
+                            model.confidence_scale)
+        self._blank = blank_user_rows(bundle.state, bundle.manifest.categories, bundle.manifest.brands)
+        self._weights = dict(bundle.manifest.event_weights)
         if hasattr(bundle.index, "hnsw"):
-            bundle.index.hnsw.efSearch = bundle.manifest.model.ef_search
+            bundle.index.hnsw.efSearch = model.ef_search
 
     @property
     def version(self) -> str:
         return self.bundle.version
 
-    def _blocked(self, user_idx: int | None, exclude: Sequence[str], category: str | None,
-                 personalized: bool) -> np.ndarray:
+    def category_of(self, item_id: str) -> str | None:
+        idx = self.bundle.items.index_of(item_id)
+        if idx is None:
+            return None
+        category = self._category[idx]
+        return str(category) if category != NO_CATEGORY else None
+
+    def _blocked(self, user_idx: int | None, context: UserContext | None, exclude: Sequence[str],
+                 category: str | None, price_range: tuple[float | None, float | None]) -> np.ndarray:
         mask = self._out_of_stock.copy()
-        if personalized and user_idx is not None:
+        if user_idx is not None:
             bought = self.bundle.bought
             items = bought.indices[bought.indptr[user_idx] : bought.indptr[user_idx + 1]]
             mask[items[self._once_only[items]]] = True
+        if context is not None and context.purchased:  # bought since training, seconds ago included
+            codes = self.bundle.items.indexes(list(context.purchased))
+            codes = codes[codes >= 0]
+            mask[codes[self._once_only[codes]]] = True
         if exclude:
             codes = self.bundle.items.indexes(list(exclude))
             mask[codes[codes >= 0]] = True
         if category is not None:
             mask |= self._category != category
+        low, high = price_range
+        if low is not None or high is not None:
+            with np.errstate(invalid="ignore"):
+                outside = np.isnan(self._price)
+                if low is not None:
+                    outside |= self._price < low
+                if high is not None:
+                    outside |= self._price > high
+            mask |= outside
         return mask
 
-    def _retrieve(self, user_idx: int, n: int, blocked: np.ndarray, category: str | None) -> Candidates:
-        vector = self.bundle.user_factors[user_idx : user_idx + 1]
+    def _retrieve(self, vector: np.ndarray, n: int, blocked: np.ndarray, category: str | None) -> Candidates:
         if category is not None:
             members = self._by_category.get(category, np.empty(0, dtype=np.int64))
             scores = self.bundle.item_factors[members] @ vector[0]
@@ -107,23 +159,49 @@ class Recommender:
                 return Candidates(Source.ALS, items[0][found].astype(np.int64), scores[0][found])
             k = min(n_items, k * 2)
 
-    def _rank(self, user_idx: int, blocked: np.ndarray, category: str | None) -> Candidates:
+    def _profile(self, user_idx: int | None, context: UserContext | None) -> _Profile | None:
+        """The bundle's rows for a known user, updated by (or, for a new user, built from) the events
+        the online store holds since the bundle's data ended; None when there is nothing to go on."""
+        state, models = self.bundle.state, self.bundle.models
+        fresh = [e for e in (context.recent if context else ()) if e.ts >= state.cutoff_seconds]
+        if not fresh:
+            if user_idx is None:
+                return None
+            return _Profile(state, models, user_idx, self.bundle.user_factors[user_idx : user_idx + 1], False)
+        items = self.bundle.items.indexes([e.item_id for e in fresh])
+        view = user_view(state, -1 if user_idx is None else user_idx, self._blank, items,
+                         np.asarray([e.event_type for e in fresh], dtype=object),
+                         np.asarray([e.ts for e in fresh], dtype=np.float64), self._weights)
+        weights = view.pair_weight
+        vector = self._fold.user_vector(weights.indices, weights.data)
+        if vector is None:
+            if user_idx is None:
+                return None
+            vector = self.bundle.user_factors[user_idx]
+        bpr = (models.bpr_users[user_idx : user_idx + 1] if user_idx is not None
+               else np.full((1, models.bpr_users.shape[1]), np.nan, dtype=np.float32))
+        view_models = CandidateModels(vector[None, :], models.als_items, bpr, models.bpr_items,
+                                      models.item_neighbours)
+        return _Profile(view, view_models, 0, vector[None, :], True)
+
+    def _rank(self, profile: _Profile, blocked: np.ndarray, category: str | None) -> Candidates:
         """Every source's candidates for the user, merged and ordered by the ranker."""
         assert self._ranker is not None
-        models, state = self.bundle.models, self.bundle.state
-        factor_lists = {
-            Source.ALS: self._factor_top(self._retrieve(user_idx, self._k[Source.ALS], blocked, category),
-                                         self._k[Source.ALS], blocked),
-            Source.BPR: top_scores(models.bpr_items @ models.bpr_users[user_idx], self._k[Source.BPR], blocked),
-        }
-        lists = user_candidates(state, models, self._lists, user_idx, self._k, blocked, factor_lists)
+        state, models, row = profile.state, profile.models, profile.row
+        als = self._retrieve(profile.vector, self._k[Source.ALS], blocked, category)
+        factor_lists = {Source.ALS: self._factor_top(als, self._k[Source.ALS], blocked)}
+        bpr_user = models.bpr_users[row]
+        if np.isfinite(bpr_user).all():
+            factor_lists[Source.BPR] = top_scores(models.bpr_items @ bpr_user, self._k[Source.BPR], blocked)
+        lists = user_candidates(state, models, self._lists, row, self._k, blocked, factor_lists)
         items, scores, ranks, first, _ = merge_candidates(lists, self.bundle.manifest.union_size)
+        chain_source = Source.FOLD_IN if profile.online else Source.ALS
         if not len(items):
-            return Candidates(Source.ALS, items, np.empty(0, dtype=np.float32))
-        rows = np.full(len(items), user_idx, dtype=np.int64)
+            return Candidates(chain_source, items, np.empty(0, dtype=np.float32))
+        rows = np.full(len(items), row, dtype=np.int64)
         predicted = self._ranker.predict(candidate_features(state, models, rows, items, scores, ranks))
         order = np.argsort(-predicted, kind="stable")
-        return Candidates(Source.ALS, items[order], predicted[order].astype(np.float32),
+        return Candidates(chain_source, items[order], predicted[order].astype(np.float32),
                           tuple(SOURCE_ORDER[i] for i in first[order].tolist()))
 
     @staticmethod
@@ -140,34 +218,54 @@ class Recommender:
         return Candidates(Source.TRENDING_CATEGORY, chosen, trending[order][:FALLBACK_DEPTH])
 
     def feed(self, user_id: str, n: int, *, category: str | None = None, exclude: Sequence[str] = (),
-             personalized: bool = True) -> FeedResult:
-        user_idx = self.bundle.users.index_of(user_id) if personalized else None
-        blocked = self._blocked(user_idx, exclude, category, personalized)
+             personalized: bool = True, context: UserContext | None = None,
+             price_range: tuple[float | None, float | None] = (None, None)) -> FeedResult:
+        """The user's feed: ranked candidates, then the fallback chain, with every filter applied.
+
+        `personalized=False` (the caller's choice or the user's withheld consent) answers from the
+        non-personal steps only and reads nothing about the user.
+        """
+        if not personalized:
+            user_idx, context = None, None
+        else:
+            user_idx = self.bundle.users.index_of(user_id)
+        blocked = self._blocked(user_idx, context, exclude, category, price_range)
+        profile = self._profile(user_idx, context)
         chain: list[Candidates] = []
-        if user_idx is not None and self._ranker is not None:
-            chain.append(self._rank(user_idx, blocked, category))
-        elif user_idx is not None:
-            chain.append(self._retrieve(user_idx, n, blocked, category))
+        if profile is not None and self._ranker is not None:
+            chain.append(self._rank(profile, blocked, category))
+        elif profile is not None:
+            retrieved = self._retrieve(profile.vector, n, blocked, category)
+            chain.append(Candidates(Source.FOLD_IN if profile.online else Source.ALS, retrieved.items,
+                                    retrieved.scores))
+        if profile is not None and profile.online:
+            chain.append(Candidates(Source.NEIGHBOURS, *neighbour_candidates(
+                profile.state, self.bundle.models.item_neighbours, 0, FALLBACK_DEPTH, blocked)))
         if category is not None:
             chain.append(self._category_trending(category))
         chain += [self._trending, self._popular]
         feed = compose_feed(chain, n, blocked)
-        return FeedResult(user_id, self._items(feed, user_idx), user_idx is not None, feed.step)
+        step = Source.FOLD_IN if profile is not None and profile.online and len(feed.items) else feed.step
+        return FeedResult(user_id, self._items(feed, profile), profile is not None, step)
 
-    def _items(self, feed: Feed, user_idx: int | None) -> tuple[FeedItem, ...]:
+    def _items(self, feed: Feed, profile: _Profile | None) -> tuple[FeedItem, ...]:
         ids = self.bundle.items.ids
-        anchors = self._anchors(feed, user_idx)
+        anchors = self._anchors(feed, profile)
         return tuple(
             FeedItem(str(ids[idx]), float(score), source, self._reason(source, idx, anchors.get(idx)))
             for idx, score, source in zip(feed.items.tolist(), feed.scores.tolist(), feed.sources, strict=True)
         )
 
-    def _anchors(self, feed: Feed, user_idx: int | None) -> dict[int, int]:
+    def _anchors(self, feed: Feed, profile: _Profile | None) -> dict[int, int]:
         """For each personal pick, the item of the user's recent history it is most like (cosine)."""
-        if user_idx is None:
+        if profile is None:
             return {}
-        recent = self.bundle.recent
-        history = recent.indices[recent.indptr[user_idx] : recent.indptr[user_idx + 1]]
+        if profile.online:
+            last = profile.state.pair_last
+            history = last.indices[np.argsort(-last.data)[:RECENT_ANCHORS]]
+        else:
+            recent = self.bundle.recent
+            history = recent.indices[recent.indptr[profile.row] : recent.indptr[profile.row + 1]]
         picks = [i for i, s in zip(feed.items.tolist(), feed.sources, strict=True) if s in _HISTORY_SOURCES]
         if not len(history) or not picks:
             return {}
