@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Iterator
 
@@ -248,7 +249,7 @@ def test_a_user_with_20_events_and_5_purchases_costs_at_most_1_kb(redis_url: str
     events += [ev(user, f"p{2_000_000 + i * 104_729:07d}", "purchase", T0 + 3_600 + i) for i in range(5)]
     store.record(events)
     store.set_consent(user, {"marketing": False})
-    assert len(store.recent(user)) == RECENT_CAP if len(events) > RECENT_CAP else len(events)
+    assert len(store.recent(user)) == 25
     assert len(store.purchased(user)) == 5
     used = store.user_bytes(user)
     print(f"bytes per user (20 events + 5 purchases + consent): {used}")
@@ -273,3 +274,28 @@ def test_open_store_picks_the_implementation(redis_url: str) -> None:
     assert isinstance(opened, RedisStore)
     assert opened.ping()
     opened.close()
+
+
+def test_redis_and_memory_agree_on_a_random_event_sequence(redis_url: str, redis_prefix: str) -> None:
+    rng = random.Random(11)
+    kinds = ["view", "view", "add_to_cart", "purchase", "share", "like", "impression", "refund", "wishlist"]
+    events = [
+        ev(f"u{rng.randrange(8)}", f"p{rng.randrange(40):07d}", rng.choice(kinds),
+           T0 + rng.randrange(-3_600, 40 * 3_600) + rng.random(), category=rng.choice([None, "c1", "c2"]))
+        for _ in range(600)
+    ]
+    memory, on_redis = MemoryStore(), RedisStore(redis_url, redis_prefix)
+    for start in range(0, len(events), 37):
+        memory.record(events[start : start + 37])
+        on_redis.record(events[start : start + 37])
+        if start == 37 * 5:
+            memory.erase_user("u3")
+            on_redis.erase_user("u3")
+    for user in [f"u{n}" for n in range(8)]:
+        assert on_redis.recent(user) == memory.recent(user)
+        assert on_redis.purchased(user) == memory.purchased(user)
+    for hours, category in [(1, None), (24, None), (TRENDING_BUCKETS_KEPT, None), (24, "c1"), (48, "c2")]:
+        got, want = on_redis.trending(hours, 15, category), memory.trending(hours, 15, category)
+        assert [item for item, _ in got] == [item for item, _ in want]
+        assert [score for _, score in got] == pytest.approx([score for _, score in want], rel=1e-12)
+    on_redis.close()
