@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,11 +17,12 @@ from fastapi.testclient import TestClient
 
 from features.online import MemoryStore
 from features.store import OnlineEvent
+from serving.catalog import Catalog
 from serving.item_schemas import MAX_CATALOG_BATCH
 from serving.items import items_router
 from serving.recommender import Recommender
 from serving.settings import ServingSettings
-from training.bundle import Bundle, load_bundle
+from training.bundle import MANIFEST, SCHEMA_VERSION, Bundle, BundleError, load_bundle
 from training.pipeline import TrainResult
 
 
@@ -214,3 +218,76 @@ def test_no_bundle_is_a_503(store: MemoryStore) -> None:
     app.state.store = store
     with TestClient(app) as client:
         assert client.get("/v1/trending").status_code == 503
+
+
+class _CatalogRows:
+    """A catalog source that counts what it hands out (the refresh must ask only for changes)."""
+
+    def __init__(self) -> None:
+        self.store = MemoryStore()
+        self.asked: list[int] = []
+        self.handed = 0
+
+    def items_since(self, version: int) -> tuple[int, list[dict[str, object]]]:
+        self.asked.append(version)
+        current, rows = self.store.items_since(version)
+        self.handed += len(rows)
+        return current, rows
+
+
+def test_catalog_refresh_applies_only_changed_rows(bundle: Bundle) -> None:
+    source, catalog = _CatalogRows(), Catalog(bundle)
+    known = bundle.items.id_of(0)
+    idx = 0
+    source.store.put_items([{"item_id": known, "price": 99.5, "in_stock": False, "category": "zz-new-category"}])
+    assert catalog.refresh(source) == 1
+    assert catalog.price[idx] == 99.5
+    assert not catalog.in_stock[idx]
+    assert catalog.category_of(known) == "zz-new-category"
+    assert catalog.members("zz-new-category").tolist() == [idx]
+    assert bundle.item_meta["price"].iloc[idx] != 99.5  # the bundle itself is untouched
+    assert catalog.refresh(source) == 0  # nothing changed since
+    source.store.put_items([{"item_id": "fresh-1", "category": "c", "created_at": "2026-11-01T00:00:00Z"},
+                            {"item_id": "fresh-2", "category": "c", "created_at": "2026-11-02T00:00:00Z"},
+                            {"item_id": "fresh-3", "category": "d", "in_stock": False}])
+    assert catalog.refresh(source) == 3
+    assert source.asked == [0, 1, 1]
+    assert source.handed == 4
+    assert [m.item_id for m in catalog.fresh_items(5)] == ["fresh-2", "fresh-1"]  # newest first, in stock only
+    assert [m.item_id for m in catalog.fresh_items(5, category="d")] == []
+    source.store.put_items([{"item_id": "fresh-1", "price": 4.0}])
+    catalog.refresh(source)
+    meta = catalog.meta("fresh-1")
+    assert meta is not None
+    assert (meta.category, meta.price) == ("c", 4.0)  # a partial row keeps the other fields
+    calls = len(source.asked)
+    catalog.refresh(source, max_age_s=60.0)
+    assert len(source.asked) == calls  # too soon: no round trip
+
+
+def test_content_neighbours_rank_category_then_brand_then_price(bundle: Bundle) -> None:
+    source, catalog = _CatalogRows(), Catalog(bundle)
+    source.store.put_items([
+        {"item_id": "anchor", "category": "kites", "brand": "acme", "price": 10.0},
+        {"item_id": "same-all", "category": "kites", "brand": "acme", "price": 10.5},
+        {"item_id": "far-price", "category": "kites", "brand": "acme", "price": 80.0},
+        {"item_id": "other-brand", "category": "kites", "brand": "zeta", "price": 10.0},
+        {"item_id": "other-category", "category": "boats", "brand": "acme", "price": 10.0},
+        {"item_id": "sold-out", "category": "kites", "brand": "acme", "price": 10.0, "in_stock": False},
+    ])
+    catalog.refresh(source)
+    found = catalog.content_neighbours("anchor", 4)
+    assert [i for i, _ in found] == ["same-all", "far-price", "other-brand", "other-category"]
+    assert [s for _, s in found] == sorted((s for _, s in found), reverse=True)
+    assert catalog.content_neighbours("nobody-knows", 3) == []
+
+
+def test_a_bundle_of_the_previous_schema_is_refused(trained: TrainResult, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(trained.bundle_path, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["schema_version"] = SCHEMA_VERSION - 1
+    del manifest["files"]["bought_together.npz"]
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"schema version {SCHEMA_VERSION - 1} is not supported"):
+        load_bundle(old)
