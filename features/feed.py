@@ -77,3 +77,35 @@ def compose_feed(chain: Sequence[Candidates], n: int, blocked: np.ndarray | None
             if len(taken) >= n:
                 break
     return Feed(np.asarray(taken, dtype=np.int64), np.asarray(scores, dtype=np.float32), tuple(sources))
+
+
+def interleave(primary: Candidates, secondary: Candidates, every: int, limit: int) -> Candidates:
+    """`primary` with one item of `secondary` after each `every - 1` of its own, at most `limit` of them.
+
+    How a session's fresh intent (items like the ones just viewed) gets seats in a feed the long-term
+    ranker orders: the ranked order is kept, the session's picks are placed, repeats are skipped.
+    """
+    items: list[int] = []
+    scores: list[float] = []
+    sources: list[Source] = []
+    seen: set[int] = set()
+    extra = [k for k in range(len(secondary.items))][:limit] if limit > 0 else []
+    queue = iter(extra)
+    for position in range(len(primary.items)):
+        if len(items) % every == every - 1:
+            for k in queue:
+                idx = int(secondary.items[k])
+                if idx not in seen:
+                    seen.add(idx)
+                    items.append(idx)
+                    scores.append(float(secondary.scores[k]))
+                    sources.append(secondary.source_of(k))
+                    break
+        idx = int(primary.items[position])
+        if idx not in seen:
+            seen.add(idx)
+            items.append(idx)
+            scores.append(float(primary.scores[position]))
+            sources.append(primary.source_of(position))
+    return Candidates(primary.source, np.asarray(items, dtype=np.int64), np.asarray(scores, dtype=np.float32),
+                      tuple(sources))

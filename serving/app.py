@@ -1,25 +1,89 @@
-"""The FastAPI application: a factory whose lifespan loads the bundle once.
+"""The FastAPI application: a factory whose lifespan loads the bundle, opens the online store and the
+event log, and follows reloads.
 
 Handlers parse, call one domain function and map the result; the model logic lives in
-`serving.recommender`.
+`serving.recommender`, ingestion in `serving.ingest`.
 """
 
 
+import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 
+from features.eventlog import EventLog, EventLogError, consent_row, erase_row
+from features.online import open_store
+from features.store import CONSENT_PURPOSES, OnlineStore
+from features.weights import DEFAULT_EVENT_WEIGHTS
+from serving import metrics
+from serving.ingest import ingest
 from serving.recommender import FeedResult, Recommender
-from serving.schemas import FeedItemOut, FeedOut, HealthOut
+from serving.runtime import Service
+from serving.schemas import (
+    ConsentIn,
+    ConsentOut,
+    ErasedOut,
+    EventsIn,
+    EventsOut,
+    FeedItemOut,
+    FeedOut,
+    HealthOut,
+    RankIn,
+    RankOut,
+    ReloadIn,
+    ReloadOut,
+    RowRejected,
+)
 from serving.settings import ServingSettings
-from training.bundle import Bundle, load_bundle
+from training.bundle import Bundle, BundleError
+
+log = logging.getLogger(__name__)
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+
+class _Timing:
+    """Pure ASGI middleware: latency per route template and status class, without a per-request task."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                       send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            metrics.REQUEST_SECONDS.labels(endpoint=endpoint, method=scope["method"]).observe(
+                time.perf_counter() - started)
+            metrics.RESPONSES.labels(endpoint=endpoint, status=f"{status[0] // 100}xx").inc()
+
+
+def _service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
 
 
 def _recommender(request: Request) -> Recommender:
-    recommender: Recommender | None = getattr(request.app.state, "recommender", None)
+    recommender = _service(request).recommender
     if recommender is None:
         raise HTTPException(status_code=503, detail="no model bundle is loaded")
     return recommender
@@ -29,17 +93,19 @@ def _request_id(x_request_id: Annotated[str | None, Header(max_length=128)] = No
     return x_request_id or uuid.uuid4().hex
 
 
+ServiceDep = Annotated[Service, Depends(_service)]
 RecommenderDep = Annotated[Recommender, Depends(_recommender)]
 RequestId = Annotated[str, Depends(_request_id)]
 
 
-def _feed_out(result: FeedResult, request_id: str, version: str, explain: bool) -> FeedOut:
+def _feed_out(result: FeedResult, request_id: str, version: str, explain: bool, degraded: bool) -> FeedOut:
     return FeedOut(
         request_id=request_id,
         bundle_version=version,
         user_id=result.user_id,
         personalized=result.personalized,
         step=result.step.value if result.step else None,
+        degraded=degraded,
         items=[
             FeedItemOut(item_id=i.item_id, score=i.score, source=i.source.value,
                         reason=i.reason if explain else None)
@@ -48,43 +114,148 @@ def _feed_out(result: FeedResult, request_id: str, version: str, explain: bool) 
     )
 
 
-def create_app(settings: ServingSettings, bundle: Bundle | None = None) -> FastAPI:
-    """The service; `bundle` is loaded from `settings.bundle` at start-up when not given."""
+def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: OnlineStore | None = None) -> FastAPI:
+    """The service; `bundle` is loaded from `settings.bundle` and the store opened from `settings.redis_url`
+    at start-up when not given."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = bundle if bundle is not None else (load_bundle(settings.bundle) if settings.bundle else None)
-        app.state.recommender = Recommender(loaded) if loaded is not None else None
+        online = store if store is not None else open_store(settings.redis_url, settings.redis_prefix)
+        service = Service(settings, online, EventLog(settings.event_log), app.state)
+        app.state.service = service
+        if bundle is not None:
+            service.install(Recommender(bundle), bundle.path)
+        elif settings.bundle is not None and settings.workers > 1:
+            service.follow_pointer()  # `serve` named the bundle; a sibling may have reloaded another since
+        if service.recommender is None and settings.bundle is not None:
+            service.reload(settings.bundle)
+        service.start()
         yield
-        app.state.recommender = None
+        service.stop()
 
     app = FastAPI(title="sharefeed", version="1", lifespan=lifespan,
                   description="Recommendations and audience segments for social e-commerce.")
+    app.add_middleware(_Timing)
+    _routes(app, settings)
+    return app
 
+
+def app_from_environment() -> FastAPI:
+    """The factory `serve` hands to uvicorn: each worker process builds its app from SHAREFEED_* settings."""
+    return create_app(ServingSettings())
+
+
+def _routes(app: FastAPI, settings: ServingSettings) -> None:
     @app.get("/v1/users/{user_id}/feed", response_model=FeedOut, response_model_exclude_none=True)
     def feed(
         user_id: str,
+        service: ServiceDep,
         recommender: RecommenderDep,
         request_id: RequestId,
         n: Annotated[int, Query(ge=1, le=settings.max_n)] = 20,
         category: Annotated[str | None, Query(max_length=256)] = None,
         exclude: Annotated[list[str] | None, Query(max_length=1000)] = None,
+        min_price: Annotated[float | None, Query(ge=0)] = None,
+        max_price: Annotated[float | None, Query(ge=0)] = None,
         personalized: bool = True,
         explain: bool = False,
     ) -> FeedOut:
         excluded = [part for value in exclude or [] for part in value.split(",") if part]
-        result = recommender.feed(user_id, n, category=category, exclude=excluded, personalized=personalized)
-        return _feed_out(result, request_id, recommender.version, explain)
+        view = service.user_view(user_id) if personalized else None
+        allowed = personalized and (view is None or view.consent.get("personalization", True))
+        result = recommender.feed(user_id, n, category=category, exclude=excluded, personalized=allowed,
+                                  context=view.context if view else None, price_range=(min_price, max_price))
+        metrics.FEED_STEPS.labels(step=result.step.value if result.step else "empty").inc()
+        degraded = bool(view and view.degraded)
+        if degraded:
+            metrics.DEGRADED.labels(endpoint="feed").inc()
+        return _feed_out(result, request_id, recommender.version, explain, degraded)
+
+    @app.post("/v1/rank", response_model=RankOut, response_model_exclude_none=True)
+    def rank(body: RankIn, service: ServiceDep, recommender: RecommenderDep, request_id: RequestId) -> RankOut:
+        view = service.user_view(body.user_id)
+        allowed = view.consent.get("personalization", True)
+        result = recommender.rank(body.user_id, body.item_ids, context=view.context, personalized=allowed)
+        return RankOut(
+            request_id=request_id, bundle_version=recommender.version, user_id=body.user_id,
+            personalized=result.personalized,
+            items=[FeedItemOut(item_id=i.item_id, score=i.score, source=i.source.value,
+                               reason=i.reason if body.explain else None) for i in result.items],
+        )
+
+    @app.post("/v1/events", response_model=EventsOut)
+    def events(body: EventsIn, service: ServiceDep, request_id: RequestId) -> EventsOut:
+        if len(body.events) > settings.max_batch:
+            raise HTTPException(status_code=413, detail=f"a batch holds at most {settings.max_batch} events, "
+                                                        f"this one has {len(body.events)}")
+        recommender = service.recommender
+        weights = recommender.bundle.manifest.event_weights if recommender else None
+        types = sorted(weights or DEFAULT_EVENT_WEIGHTS)
+        try:
+            result = ingest(body.events, event_types=types, store=service.store, event_log=service.event_log,
+                            category_of=recommender.category_of if recommender else (lambda _: None))
+        except EventLogError as exc:
+            metrics.EVENTS.labels(outcome="unavailable").inc(len(body.events))
+            raise HTTPException(status_code=503, detail=f"events not stored, retry: {exc}") from exc
+        metrics.EVENTS.labels(outcome="accepted").inc(result.accepted)
+        metrics.EVENTS.labels(outcome="duplicate").inc(result.duplicates)
+        metrics.EVENTS.labels(outcome="rejected").inc(len(result.rejected))
+        if not result.store_updated:
+            metrics.DEGRADED.labels(endpoint="events").inc()
+        return EventsOut(request_id=request_id, accepted=result.accepted, duplicates=result.duplicates,
+                         rejected=[RowRejected(index=r.index, reason=r.reason) for r in result.rejected],
+                         online_updated=result.store_updated)
+
+    @app.put("/v1/users/{user_id}/consent", response_model=ConsentOut)
+    def consent(user_id: str, body: ConsentIn, service: ServiceDep, request_id: RequestId) -> ConsentOut:
+        purposes = {k: v for k, v in body.model_dump().items() if v is not None}
+        if not purposes:
+            raise HTTPException(status_code=422, detail=f"give at least one of {', '.join(CONSENT_PURPOSES)}")
+        try:
+            service.event_log.append([consent_row(user_id, purposes, time.time())])
+        except EventLogError as exc:
+            raise HTTPException(status_code=503, detail=f"consent not stored, retry: {exc}") from exc
+        service.store.set_consent(user_id, purposes)
+        return ConsentOut(request_id=request_id, user_id=user_id, **service.store.consent(user_id))
+
+    @app.delete("/v1/users/{user_id}", response_model=ErasedOut, status_code=202)
+    def erase(user_id: str, service: ServiceDep, request_id: RequestId) -> ErasedOut:
+        try:
+            service.event_log.append([erase_row(user_id, time.time())])
+        except EventLogError as exc:
+            raise HTTPException(status_code=503, detail=f"erasure not stored, retry: {exc}") from exc
+        service.store.erase_user(user_id)
+        return ErasedOut(request_id=request_id, user_id=user_id, erased=True)
+
+    @app.post("/v1/admin/reload", response_model=ReloadOut)
+    def reload(service: ServiceDep, request_id: RequestId,
+               body: Annotated[ReloadIn | None, Body()] = None) -> ReloadOut:
+        current = service.loaded
+        target = body.bundle if body is not None and body.bundle is not None else (
+            current.path if current is not None else settings.bundle)
+        if target is None:
+            raise HTTPException(status_code=422, detail="no bundle given and none loaded")
+        try:
+            version, previous = service.reload(Path(target))
+        except BundleError as exc:
+            raise HTTPException(status_code=422, detail=f"bundle refused, still serving the previous one: {exc}"
+                                ) from exc
+        return ReloadOut(request_id=request_id, bundle_version=version, previous_version=previous,
+                         bundle=str(target))
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics_text() -> Response:
+        body, content_type = metrics.render()
+        return Response(content=body, media_type=content_type)
 
     @app.get("/healthz", response_model=HealthOut, response_model_exclude_none=True)
     def healthz() -> HealthOut:
         return HealthOut(status="ok")
 
     @app.get("/readyz", response_model=HealthOut)
-    def readyz(request: Request) -> HealthOut:
-        recommender: Recommender | None = getattr(request.app.state, "recommender", None)
+    def readyz(service: ServiceDep) -> HealthOut:
+        recommender = service.recommender
         if recommender is None:
             raise HTTPException(status_code=503, detail="no model bundle is loaded")
         return HealthOut(status="ready", bundle_version=recommender.version)
 
-    return app

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from features.candidates import (
     SOURCE_ORDER,
@@ -23,7 +24,7 @@ from features.candidates import (
     top_scores,
     user_candidates,
 )
-from features.feed import Candidates, Feed, Source, compose_feed
+from features.feed import Candidates, Feed, Source, compose_feed, interleave
 from features.foldin import FoldIn
 from features.online_view import blank_user_rows, user_view
 from features.popularity import ranked
@@ -36,6 +37,9 @@ from training.ranker import Ranker
 FALLBACK_DEPTH = 2000  # how far down the trending and popular lists a feed may reach
 RETRIEVAL_MARGIN = 32  # over-fetch beyond n + blocked items, so filters rarely leave a feed short
 RECENT_ANCHORS = 20  # recent items a pick may be explained by
+SESSION_SECONDS = 30 * 60  # events this close to the user's latest one make up the current session
+SESSION_EVERY = 3  # one seat in three of a feed goes to items like the ones of the current session ...
+SESSION_SHARE = 1 / 3  # ... up to this share of the feed
 # sources whose picks are explained by a similar past item
 _HISTORY_SOURCES = frozenset({Source.ALS, Source.BPR, Source.ITEM_KNN, Source.FOLD_IN, Source.NEIGHBOURS})
 
@@ -209,6 +213,29 @@ class Recommender:
         keep = ~blocked[retrieved.items]
         return retrieved.items[keep][:k], retrieved.scores[keep][:k]
 
+    def _session(self, context: UserContext | None, blocked: np.ndarray) -> Candidates | None:
+        """Items like the ones of the user's current session (their events within SESSION_SECONDS of the
+        latest): the bundle's item neighbours of those items, else the nearest items by cosine."""
+        if context is None or not context.recent:
+            return None
+        latest = max(e.ts for e in context.recent)
+        picked = [e for e in context.recent
+                  if e.ts >= latest - SESSION_SECONDS and self._weights.get(e.event_type, 0.0) > 0]
+        codes = self.bundle.items.indexes([e.item_id for e in picked])
+        keep = codes >= 0
+        if not keep.any():
+            return None
+        items = codes[keep]
+        weights = np.asarray([self._weights[e.event_type] for e, k in zip(picked, keep.tolist(), strict=True) if k])
+        rows = self.bundle.models.item_neighbours[items]  # only the session's rows: cheap at any catalog size
+        scores = np.asarray((sp.csr_matrix(weights[None, :]) @ rows).todense(), dtype=np.float64).ravel()
+        if not (scores > 0).any():
+            direction = (self._unit_items[items] * weights[:, None]).sum(axis=0)
+            scores = self._unit_items @ direction
+        scores[items] = -np.inf  # the session's own items are not news
+        chosen, values = top_scores(scores.astype(np.float32), RETRIEVAL_MARGIN, blocked)
+        return Candidates(Source.NEIGHBOURS, chosen, values) if len(chosen) else None
+
     def _category_trending(self, category: str) -> Candidates:
         members = self._by_category.get(category, np.empty(0, dtype=np.int64))
         trending = self.bundle.popularity.trending[members]
@@ -238,6 +265,9 @@ class Recommender:
             retrieved = self._retrieve(profile.vector, n, blocked, category)
             chain.append(Candidates(Source.FOLD_IN if profile.online else Source.ALS, retrieved.items,
                                     retrieved.scores))
+        session = self._session(context, blocked) if profile is not None and profile.online else None
+        if session is not None and chain:
+            chain[0] = interleave(chain[0], session, SESSION_EVERY, int(n * SESSION_SHARE))
         if profile is not None and profile.online:
             chain.append(Candidates(Source.NEIGHBOURS, *neighbour_candidates(
                 profile.state, self.bundle.models.item_neighbours, 0, FALLBACK_DEPTH, blocked)))
@@ -247,6 +277,37 @@ class Recommender:
         feed = compose_feed(chain, n, blocked)
         step = Source.FOLD_IN if profile is not None and profile.online and len(feed.items) else feed.step
         return FeedResult(user_id, self._items(feed, profile), profile is not None, step)
+
+    def rank(self, user_id: str, item_ids: Sequence[str], *, context: UserContext | None = None,
+             personalized: bool = True) -> FeedResult:
+        """The caller's items in the order the ranker prefers for this user (no filter drops any).
+
+        Without a profile (unknown user, no events, or no consent) the order is by trending; items the
+        bundle does not know keep their given order at the end with score 0.
+        """
+        unique = list(dict.fromkeys(item_ids))
+        codes = self.bundle.items.indexes(unique)
+        known = codes >= 0
+        items = codes[known]
+        user_idx = self.bundle.users.index_of(user_id) if personalized else None
+        profile = self._profile(user_idx, context) if personalized else None
+        if profile is not None and self._ranker is not None and len(items):
+            rows = np.full(len(items), profile.row, dtype=np.int64)
+            scores = self._ranker.predict(candidate_features(profile.state, profile.models, rows, items, {}, {}))
+            source = Source.FOLD_IN if profile.online else Source.ALS
+        elif profile is not None:
+            scores = self.bundle.item_factors[items] @ profile.vector[0]
+            source = Source.FOLD_IN if profile.online else Source.ALS
+        else:
+            scores = self.bundle.popularity.trending[items]
+            source = Source.TRENDING
+        order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+        ranked_items = items[order]
+        feed = Feed(ranked_items, np.asarray(scores, dtype=np.float32)[order], (source,) * len(ranked_items))
+        picked = self._items(feed, profile)
+        missing = tuple(FeedItem(item_id, 0.0, Source.POPULAR, "not in the current model")
+                        for item_id, ok in zip(unique, known.tolist(), strict=True) if not ok)
+        return FeedResult(user_id, picked + missing, profile is not None, source if len(items) else None)
 
     def _items(self, feed: Feed, profile: _Profile | None) -> tuple[FeedItem, ...]:
         ids = self.bundle.items.ids

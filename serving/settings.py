@@ -1,5 +1,5 @@
-"""Deployment settings of the HTTP service: which bundle, where to listen. No model hyperparameters:
-everything about the model comes from the bundle."""
+"""Deployment settings of the HTTP service: which bundle, where to listen, where events and online state
+live. No model hyperparameters: everything about the model comes from the bundle."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def _default_event_log() -> Path:
+    return Path.home() / ".sharefeed" / "eventlog"
+
+
 class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHAREFEED_", extra="ignore")
 
@@ -16,4 +20,12 @@ class ServingSettings(BaseSettings):
     model_alias: str | None = None  # or serve what an MLflow registered-model alias names (resolved by the CLI)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)  # more than one needs a shared online store (redis_url)
     max_n: int = Field(200, ge=1)  # the largest feed a caller may ask for
+    max_batch: int = Field(1000, ge=1)  # events per POST /v1/events
+    redis_url: str | None = None  # the online store; None keeps it in process (one worker only)
+    redis_prefix: str = "sf:"
+    event_log: Path = Field(default_factory=_default_event_log)  # the durable log `train --data` reads
+    reload_poll_seconds: float = Field(1.0, gt=0)  # how often a worker checks which bundle to serve
+    max_per_category: int | None = Field(None, ge=1)  # diversity: at most this many items of a category ...
+    diversity_window: int = Field(10, ge=1)  # ... among the first this many of a feed

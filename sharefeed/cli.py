@@ -148,16 +148,26 @@ def recommend(bundle: Path, users_file: Path, n: int, out: Path) -> None:
               "alias names (e.g. champion), downloaded and verified.")
 @click.option("--host")
 @click.option("--port", type=int)
-def serve(bundle: Path | None, model_alias: str | None, host: str | None, port: int | None) -> None:
+@click.option("--workers", type=int, help="Worker processes (more than one needs SHAREFEED_REDIS_URL).")
+def serve(bundle: Path | None, model_alias: str | None, host: str | None, port: int | None,
+          workers: int | None) -> None:
     """The HTTP service (OpenAPI at /docs)."""
+    import os
+    import tempfile
+
     import uvicorn
 
-    from serving.app import create_app
+    from features.online import open_store
+    from serving.metrics import MULTIPROC_ENV
+    from serving.runtime import pointer_for
     from serving.settings import ServingSettings
+    from training.bundle import verify_bundle
 
     if bundle is not None and model_alias is not None:
         raise click.UsageError("--bundle and --model are alternatives: pass one")
-    overrides: dict[str, object] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    overrides: dict[str, object] = {
+        k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v is not None
+    }
     if bundle is not None or model_alias is not None:
         # A source given on the command line replaces both SHAREFEED_BUNDLE and SHAREFEED_MODEL_ALIAS.
         overrides |= {"bundle": bundle, "model_alias": model_alias}
@@ -168,7 +178,20 @@ def serve(bundle: Path | None, model_alias: str | None, host: str | None, port: 
         settings = settings.model_copy(update={"bundle": _fetch_bundle(settings.model_alias)})
     if settings.bundle is None:
         raise click.UsageError("no bundle: pass --bundle or --model, or set SHAREFEED_BUNDLE or SHAREFEED_MODEL_ALIAS")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    if settings.workers > 1 and settings.redis_url is None:
+        raise click.UsageError("several workers share their online state through Redis: set SHAREFEED_REDIS_URL "
+                               "or run one worker")
+    bundle_path = settings.bundle.resolve()
+    # Every worker builds its settings from the environment; the bundle named here is the one to serve.
+    os.environ.update({"SHAREFEED_BUNDLE": str(bundle_path), "SHAREFEED_WORKERS": str(settings.workers),
+                       "SHAREFEED_EVENT_LOG": str(settings.event_log.resolve())})
+    os.environ.pop("SHAREFEED_MODEL_ALIAS", None)
+    if settings.workers > 1:
+        version = verify_bundle(bundle_path).bundle_version
+        open_store(settings.redis_url, settings.redis_prefix).set_bundle_pointer(pointer_for(bundle_path, version))
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="sharefeed-metrics-")
+    uvicorn.run("serving.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_level="warning", access_log=False)
 
 
 def _fetch_bundle(alias: str) -> Path:

@@ -32,3 +32,9 @@ def trained(demo_dir: Path, training_settings: TrainingSettings,
             tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     out = tmp_path_factory.mktemp("bundles") / "demo"
     return train(demo_dir, out, TrainParams(als=TINY_ALS), training_settings, say=lambda _: None)
+
+
+@pytest.fixture(autouse=True)
+def _private_event_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service started by a test writes its event log in the test's own folder, never in the home."""
+    monkeypatch.setenv("SHAREFEED_EVENT_LOG", str(tmp_path / "eventlog"))

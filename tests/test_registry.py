@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from conftest import TINY_ALS
 from fastapi.testclient import TestClient
 
-from serving.app import create_app
+from serving.app import app_from_environment, create_app
 from serving.settings import ServingSettings
 from sharefeed.cli import main
 from training import registry
@@ -306,13 +306,20 @@ def test_serve_command_resolves_model_alias(store: Store, monkeypatch: pytest.Mo
     import uvicorn
 
     served: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
+    # `serve` hands its settings to the worker processes through the environment: keep what they would see
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, env=dict(os.environ), **kwargs))
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     registry.promote(store.settings, store.worse.model_version, "serve_cli")
     result = CliRunner().invoke(main, ["serve", "--model", "serve_cli", "--port", "8123"],
                                 env=_cli_env(store.settings))
     assert result.exit_code == 0, result.output
     assert served["port"] == 8123
-    with TestClient(served["app"]) as http:
+    assert served["factory"] is True
+    assert served["app"] == "serving.app:app_from_environment"
+    for key, value in served["env"].items():
+        if key.startswith("SHAREFEED_"):
+            monkeypatch.setenv(key, value)
+    with TestClient(app_from_environment()) as http:
         assert http.get("/readyz").json()["bundle_version"] == store.worse.manifest.bundle_version
     both = CliRunner().invoke(main, ["serve", "--model", "serve_cli", "--bundle", str(store.good.bundle_path)])
     assert both.exit_code == 2

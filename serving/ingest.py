@@ -1,0 +1,101 @@
+"""Events in: validate a batch row by row, write the good rows to the durable log, then to the online store.
+
+Order matters. A row is acknowledged only once the log file holding it is fsync'ed (the log is what
+training reads and what the online store is rebuilt from); the store is updated after, and a failure
+there does not un-acknowledge anything. Ingestion is idempotent on `event_id`: a retried batch finds its
+ids already claimed and is counted as duplicates, not applied twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from features.eventlog import EventLog
+from features.store import OnlineEvent, OnlineStore
+from features.tables import records_table
+from features.validation import check_events
+
+log = logging.getLogger(__name__)
+
+_OPTIONAL = ("target_user_id", "referrer_id", "session_id", "request_id", "quantity", "price")
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    accepted: int  # new events written to the log and acknowledged
+    duplicates: int  # rows already ingested (same event_id) or repeated inside the batch
+    rejected: tuple[Rejected, ...]
+    store_updated: bool  # False when the online store could not be updated (the log has the events)
+
+
+def _log_rows(accepted: pd.DataFrame) -> list[dict[str, object]]:
+    """Accepted events as the log stores them: the contract's columns, time in ISO 8601 UTC."""
+    rows: list[dict[str, object]] = []
+    stamps = accepted["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ").tolist()
+    columns = {c: accepted[c].tolist() for c in ("event_id", "user_id", "item_id", "event_type", *_OPTIONAL)}
+    for k, stamp in enumerate(stamps):
+        row: dict[str, object] = {"event_id": columns["event_id"][k], "user_id": columns["user_id"][k],
+                                  "item_id": columns["item_id"][k], "event_type": columns["event_type"][k],
+                                  "timestamp": stamp}
+        for name in _OPTIONAL:
+            value = columns[name][k]
+            if value is not None and not (isinstance(value, float) and value != value):
+                row[name] = value
+        rows.append(row)
+    return rows
+
+
+def ingest(
+    records: Sequence[Mapping[str, object]],
+    *,
+    event_types: Sequence[str],
+    store: OnlineStore,
+    event_log: EventLog,
+    category_of: Callable[[str], str | None],
+) -> IngestResult:
+    """Validate, deduplicate, log (fsync), then project into the store. Raises `EventLogError` when the
+    log cannot take the batch; then nothing was acknowledged and a retry is safe."""
+    raw = records_table([dict(r) for r in records], "request")
+    check = check_events(raw, event_types)
+    rejected = tuple(
+        Rejected(int(row), str(reason))
+        for row, reason in zip(check.rejects["row"].tolist(), check.rejects["reason"].tolist(), strict=True)
+    )
+    accepted = check.accepted
+    if accepted.empty:
+        return IngestResult(0, check.duplicates, rejected, True)
+    event_ids = accepted["event_id"].astype(str).tolist()
+    fresh = store.claim_event_ids(event_ids)
+    new = accepted.loc[fresh].reset_index(drop=True)
+    duplicates = check.duplicates + (len(accepted) - len(new))
+    if new.empty:
+        return IngestResult(0, duplicates, rejected, True)
+    new_ids = [i for i, keep in zip(event_ids, fresh, strict=True) if keep]
+    try:
+        event_log.append(_log_rows(new))
+    except Exception:
+        store.release_event_ids(new_ids)  # nothing acknowledged: a retry must count
+        raise
+    online = [
+        OnlineEvent(user, item, kind, ts, category_of(item))
+        for user, item, kind, ts in zip(
+            new["user_id"].tolist(), new["item_id"].tolist(), new["event_type"].tolist(),
+            (new["ts"].astype("datetime64[ns, UTC]").astype("int64") / 1e9).tolist(), strict=True,
+        )
+    ]
+    try:
+        store.record(online)
+    except Exception:  # the log holds them: a replay brings the store back in line
+        log.exception("online store update failed for %d logged events", len(online))
+        return IngestResult(len(new), duplicates, rejected, False)
+    return IngestResult(len(new), duplicates, rejected, True)

@@ -1,0 +1,147 @@
+"""The running service's moving parts: the recommender of the current bundle, the online store and the
+event log, and how a new bundle reaches every worker process.
+
+A reload loads and verifies the new bundle beside the old one and swaps a single reference, so a request
+sees one bundle from start to end and a refused bundle changes nothing. The bundle to serve is named in
+the online store (`bundle_pointer`); every worker checks it every `reload_poll_seconds` and follows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from features.eventlog import EventLog
+from features.store import OnlineStore
+from serving import metrics
+from serving.recommender import Recommender, UserContext
+from serving.settings import ServingSettings
+from training.bundle import BundleError, load_bundle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    recommender: Recommender
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class UserView:
+    context: UserContext | None
+    consent: dict[str, bool]
+    degraded: bool  # the online store did not answer: the feed comes from the bundle alone
+
+
+def pointer_for(path: Path, version: str) -> str:
+    """The shared name of the bundle to serve: its directory and the version found there when verified
+    (a bundle rewritten in place under the same path is a new version, so workers notice it too)."""
+    return orjson.dumps({"path": str(path), "version": version}).decode()
+
+
+def read_pointer(pointer: str) -> tuple[Path, str | None]:
+    try:
+        value = orjson.loads(pointer)
+    except orjson.JSONDecodeError:
+        return Path(pointer), None  # a bare path, as an operator may set it by hand
+    if isinstance(value, dict) and "path" in value:
+        version = value.get("version")
+        return Path(str(value["path"])), str(version) if version is not None else None
+    return Path(pointer), None
+
+
+class Service:
+    def __init__(self, settings: ServingSettings, store: OnlineStore, event_log: EventLog,
+                 app_state: Any) -> None:
+        self.settings = settings
+        self.store = store
+        self.event_log = event_log
+        self._app_state = app_state  # FastAPI's app.state: routers read `recommender` and `store` there
+        self._current: Loaded | None = None
+        self._swap_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        app_state.store = store
+        app_state.recommender = None
+
+    @property
+    def loaded(self) -> Loaded | None:
+        return self._current
+
+    @property
+    def recommender(self) -> Recommender | None:
+        current = self._current
+        return current.recommender if current is not None else None
+
+    def install(self, recommender: Recommender, path: Path) -> None:
+        with self._swap_lock:
+            previous = self._current
+            self._current = Loaded(recommender, path)
+            self._app_state.recommender = recommender
+        metrics.set_bundle(recommender.version, previous.recommender.version if previous else None)
+
+    def reload(self, path: Path) -> tuple[str, str | None]:
+        """Load, verify and swap in the bundle at `path`, then name it for every worker.
+
+        Raises `BundleError` (and keeps the current bundle) when the bundle fails its checks.
+        """
+        previous = self.recommender.version if self.recommender is not None else None
+        try:
+            recommender = Recommender(load_bundle(path))
+        except BundleError:
+            metrics.RELOADS.labels(outcome="refused").inc()
+            raise
+        self.install(recommender, path)
+        self.store.set_bundle_pointer(pointer_for(path, recommender.version))
+        metrics.RELOADS.labels(outcome="loaded").inc()
+        return recommender.version, previous
+
+    def follow_pointer(self) -> None:
+        """Serve the bundle the store names, when it differs from this worker's."""
+        pointer = self.store.bundle_pointer()
+        if pointer is None:
+            return
+        path, version = read_pointer(pointer)
+        current = self._current
+        if current is not None and current.path == path and version in (None, current.recommender.version):
+            return
+        try:
+            self.install(Recommender(load_bundle(path)), path)
+            log.info("worker follows the bundle pointer to %s", pointer)
+        except BundleError as exc:  # the worker that set the pointer had verified it: the copy changed since
+            log.error("bundle named by the pointer is refused, still serving the old one: %s", exc)
+
+    def start(self) -> None:
+        self._poller = threading.Thread(target=self._poll, name="bundle-pointer", daemon=True)
+        self._poller.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=5)
+        self.event_log.close()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.settings.reload_poll_seconds):
+            try:
+                self.follow_pointer()
+            except Exception:  # a store outage must not kill the poller
+                log.exception("checking the bundle pointer failed")
+
+    def user_view(self, user_id: str) -> UserView:
+        """The user's online context and consent; degraded (bundle only) when the store fails."""
+        try:
+            consent = self.store.consent(user_id)
+            if not consent.get("personalization", True):
+                return UserView(None, consent, False)
+            context = UserContext(self.store.recent(user_id), self.store.purchased(user_id))
+            return UserView(context, consent, False)
+        except Exception:
+            log.warning("online store unavailable, answering from the bundle", exc_info=True)
+            return UserView(None, {}, True)

@@ -1,0 +1,142 @@
+"""The online loop against a real Redis server: events posted to the service change the next feed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from features.online import RedisStore
+from serving.app import create_app
+from serving.settings import ServingSettings
+from training.bundle import Bundle, load_bundle
+from training.pipeline import TrainResult
+
+pytest_plugins = ["tests.redis_fixture"]
+
+
+@pytest.fixture(scope="module")
+def bundle(trained: TrainResult) -> Bundle:
+    return load_bundle(trained.bundle_path)
+
+
+@pytest.fixture
+def client(bundle: Bundle, redis_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[TestClient]:
+    store = RedisStore(redis_url, redis_prefix)
+    settings = ServingSettings(redis_url=redis_url, redis_prefix=redis_prefix, event_log=tmp_path / "log")
+    with TestClient(create_app(settings, bundle=bundle, store=store)) as test_client:
+        yield test_client
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _feed(client: TestClient, user: str, **params: object) -> dict[str, object]:
+    response = client.get(f"/v1/users/{user}/feed", params={"n": 20, **params})
+    assert response.status_code == 200, response.text
+    body: dict[str, object] = response.json()
+    return body
+
+
+def _ids(feed: dict[str, object]) -> list[str]:
+    return [item["item_id"] for item in feed["items"]]  # type: ignore[attr-defined]
+
+
+def _category(bundle: Bundle, item_id: str) -> str:
+    idx = bundle.items.index_of(item_id)
+    assert idx is not None
+    return str(bundle.item_meta["category"].iloc[idx])
+
+
+def test_a_purchase_leaves_the_next_feed_within_a_second(client: TestClient, bundle: Bundle) -> None:
+    policy = bundle.manifest.repurchase
+    users = bundle.users.ids[:50].tolist()
+    for user in users:  # a user whose feed holds an item that is not bought twice
+        items = _ids(_feed(client, user))
+        once = [i for i in items if not policy.repeatable_mask(np.asarray([_category(bundle, i)], dtype=object))[0]]
+        if once:
+            break
+    else:
+        pytest.fail("no feed among 50 users holds a once-only item")
+    item = once[0]
+    started = time.perf_counter()
+    posted = client.post("/v1/events", json={"events": [
+        {"user_id": user, "item_id": item, "event_type": "purchase", "timestamp": _now()}]})
+    assert posted.status_code == 200, posted.text
+    assert posted.json()["accepted"] == 1
+    after = _feed(client, user)
+    elapsed = time.perf_counter() - started
+    assert item not in _ids(after)
+    assert after["step"] == "fold_in"
+    assert elapsed < 1.0
+
+
+def test_views_in_a_new_category_bring_that_category_into_the_feed(client: TestClient, bundle: Bundle) -> None:
+    user = bundle.users.ids[3]
+    before = _feed(client, user)
+    shown = {_category(bundle, i) for i in _ids(before)}
+    categories = bundle.item_meta["category"].dropna()
+    fresh = [c for c in categories.unique().tolist() if c not in shown]
+    assert fresh, "the feed already covers every category"
+    category = fresh[0]
+    viewed = bundle.items.ids[np.flatnonzero((bundle.item_meta["category"] == category).to_numpy())[:3]].tolist()
+    started = time.perf_counter()
+    events = [{"user_id": user, "item_id": i, "event_type": "view", "timestamp": _now()} for i in viewed]
+    assert client.post("/v1/events", json={"events": events}).json()["accepted"] == 3
+    after = _feed(client, user, explain="true")
+    elapsed = time.perf_counter() - started
+    in_category = [i for i in _ids(after) if _category(bundle, i) == category]
+    assert in_category, f"no {category} item after viewing {viewed}"
+    assert elapsed < 1.0
+
+
+def test_a_new_user_who_viewed_three_items_gets_a_personal_feed(client: TestClient, bundle: Bundle) -> None:
+    user = "shopper-new-1"
+    cold = _feed(client, user)
+    assert cold["personalized"] is False
+    assert cold["step"] in ("trending", "popular")
+    category = bundle.item_meta["category"].dropna().iloc[0]
+    viewed = bundle.items.ids[np.flatnonzero((bundle.item_meta["category"] == category).to_numpy())[:3]].tolist()
+    events = [{"user_id": user, "item_id": i, "event_type": "view", "timestamp": _now()} for i in viewed]
+    assert client.post("/v1/events", json={"events": events}).json()["accepted"] == 3
+    warm = _feed(client, user, explain="true")
+    assert warm["personalized"] is True
+    assert warm["step"] == "fold_in"
+    assert _ids(warm) != _ids(cold)
+    assert sum(_category(bundle, i) == category for i in _ids(warm)) >= 3
+
+
+def test_events_are_idempotent_and_bad_rows_are_refused_alone(client: TestClient, bundle: Bundle) -> None:
+    item = bundle.items.ids[0]
+    batch = {"events": [
+        {"user_id": "u-x", "item_id": item, "event_type": "view", "timestamp": _now(), "event_id": "e-1"},
+        {"user_id": "u-x", "item_id": item, "event_type": "view", "timestamp": "2026-11-25T10:00:00"},
+        {"user_id": "u-x", "item_id": item, "event_type": "teleport", "timestamp": _now()},
+        {"user_id": "u-x", "item_id": item, "event_type": "purchase", "timestamp": _now(), "event_id": "e-2"},
+    ]}
+    first = client.post("/v1/events", json=batch).json()
+    assert first["accepted"] == 2
+    assert {r["index"] for r in first["rejected"]} == {1, 2}
+    assert "zone" in first["rejected"][0]["reason"] or "zone" in first["rejected"][1]["reason"]
+    again = client.post("/v1/events", json=batch).json()
+    assert again["accepted"] == 0
+    assert again["duplicates"] == 2
+
+
+def test_withdrawn_consent_gives_a_non_personal_feed(client: TestClient, bundle: Bundle) -> None:
+    user = bundle.users.ids[5]
+    assert _feed(client, user)["personalized"] is True
+    answer = client.put(f"/v1/users/{user}/consent", json={"personalization": False})
+    assert answer.status_code == 200
+    assert answer.json()["personalization"] is False
+    feed = _feed(client, user)
+    assert feed["personalized"] is False
+    assert feed["step"] in ("trending", "popular")
+    client.put(f"/v1/users/{user}/consent", json={"personalization": True})
+    assert _feed(client, user)["personalized"] is True
