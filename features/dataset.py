@@ -10,8 +10,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from features.eventlog import erased_users
 from features.schema import Table
 from features.tables import read_table
 from features.validation import (
@@ -35,6 +37,7 @@ class Dataset:
     users: pd.DataFrame | None
     social: pd.DataFrame | None
     checks: tuple[TableCheck, ...]
+    erased_events: int = 0  # events left out because their user asked to be erased
 
     @property
     def rejects(self) -> pd.DataFrame:
@@ -93,10 +96,23 @@ def load_dataset(data_dir: Path, event_types: Iterable[str]) -> Dataset:
             result = check(raw.frame)
             checks.append(result)
             tables[table.value] = result.accepted
+    events = checks[0].accepted
+    erased = erased_users(data_dir)  # erasures the event log recorded in DIR/control/
+    dropped = 0
+    if erased:
+        gone = events["user_id"].isin(erased)
+        dropped = int(gone.sum())
+        events = events.loc[~gone].reset_index(drop=True)
+        for name, columns in (("users", ("user_id",)), ("social", ("user_id", "friend_id"))):
+            frame = tables[name]
+            if frame is not None:
+                keep = ~np.logical_or.reduce([frame[c].isin(erased).to_numpy() for c in columns])
+                tables[name] = frame.loc[keep].reset_index(drop=True)
     return Dataset(
-        events=checks[0].accepted,
+        events=events,
         items=tables["items"],
         users=tables["users"],
         social=tables["social"],
         checks=tuple(checks),
+        erased_events=dropped,
     )
