@@ -28,6 +28,7 @@ class Source(StrEnum):
     TRENDING_CATEGORY = "trending_category"  # trending in the category the caller asked for
     TRENDING = "trending"
     POPULAR = "popular"
+    PINNED = "pinned"  # placed by a merchandising rule, not by a model
 
 
 @dataclass(frozen=True, slots=True)

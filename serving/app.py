@@ -22,6 +22,7 @@ from features.store import CONSENT_PURPOSES, OnlineStore
 from features.weights import DEFAULT_EVENT_WEIGHTS
 from serving import metrics
 from serving.ingest import ingest
+from serving.items import items_router
 from serving.recommender import FeedResult, Recommender
 from serving.runtime import Service
 from serving.schemas import (
@@ -137,6 +138,7 @@ def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: O
                   description="Recommendations and audience segments for social e-commerce.")
     app.add_middleware(_Timing)
     _routes(app, settings)
+    app.include_router(items_router(settings))
     return app
 
 
@@ -163,8 +165,12 @@ def _routes(app: FastAPI, settings: ServingSettings) -> None:
         excluded = [part for value in exclude or [] for part in value.split(",") if part]
         view = service.user_view(user_id) if personalized else None
         allowed = personalized and (view is None or view.consent.get("personalization", True))
+        rules = service.merchandising(recommender)
+        diversity = ((settings.max_per_category, settings.diversity_window)
+                     if settings.max_per_category is not None else None)
         result = recommender.feed(user_id, n, category=category, exclude=excluded, personalized=allowed,
-                                  context=view.context if view else None, price_range=(min_price, max_price))
+                                  context=view.context if view else None, price_range=(min_price, max_price),
+                                  rules=rules, diversity=diversity)
         metrics.FEED_STEPS.labels(step=result.step.value if result.step else "empty").inc()
         degraded = bool(view and view.degraded)
         if degraded:

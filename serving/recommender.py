@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 from features.candidates import (
@@ -28,14 +28,16 @@ from features.feed import Candidates, Feed, Source, compose_feed, interleave
 from features.foldin import FoldIn
 from features.online_view import blank_user_rows, user_view
 from features.popularity import ranked
-from features.repurchase import NO_CATEGORY
 from features.state import FeatureState
 from features.store import OnlineEvent
+from serving.catalog import Catalog
+from serving.merchandising import Ranked, Rule, apply_rules, diversify
 from training.bundle import Bundle
 from training.ranker import Ranker
 
 FALLBACK_DEPTH = 2000  # how far down the trending and popular lists a feed may reach
 RETRIEVAL_MARGIN = 32  # over-fetch beyond n + blocked items, so filters rarely leave a feed short
+RULES_RESERVE = 1  # extra feed lengths fetched before rules and diversity reorder and cut
 RECENT_ANCHORS = 20  # recent items a pick may be explained by
 SESSION_SECONDS = 30 * 60  # events this close to the user's latest one make up the current session
 SESSION_EVERY = 3  # one seat in three of a feed goes to items like the ones of the current session ...
@@ -84,18 +86,15 @@ class Recommender:
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
-        meta = bundle.item_meta
-        self._category = meta["category"].fillna(NO_CATEGORY).to_numpy(dtype=object)
-        self._price = meta["price"].to_numpy(dtype=np.float64)
-        self._out_of_stock = (meta["in_stock"].fillna(True) == False).to_numpy(dtype=bool)  # noqa: E712
+        self.catalog = Catalog(bundle)  # the bundle's item data with the catalog API's changes laid over it
+        self._category = self.catalog.category  # arrays the catalog updates in place
+        self._price = self.catalog.price
         policy = bundle.manifest.repurchase
         self._once_only = ~policy.repeatable_mask(self._category)
         pop = bundle.popularity
         trending, popular = ranked(pop.trending, FALLBACK_DEPTH), ranked(pop.popular, FALLBACK_DEPTH)
         self._trending = Candidates(Source.TRENDING, trending, pop.trending[trending])
         self._popular = Candidates(Source.POPULAR, popular, pop.popular[popular])
-        groups = pd.Series(np.arange(len(self._category))).groupby(self._category).indices
-        self._by_category: dict[str, np.ndarray] = {str(k): np.asarray(v, dtype=np.int64) for k, v in groups.items()}
         norms = np.linalg.norm(bundle.item_factors, axis=1, keepdims=True)
         self._unit_items = bundle.item_factors / np.maximum(norms, 1e-12)
         self._ranker = Ranker.from_string(bundle.ranker_text) if bundle.ranker_text else None
@@ -114,15 +113,11 @@ class Recommender:
         return self.bundle.version
 
     def category_of(self, item_id: str) -> str | None:
-        idx = self.bundle.items.index_of(item_id)
-        if idx is None:
-            return None
-        category = self._category[idx]
-        return str(category) if category != NO_CATEGORY else None
+        return self.catalog.category_of(item_id)
 
     def _blocked(self, user_idx: int | None, context: UserContext | None, exclude: Sequence[str],
                  category: str | None, price_range: tuple[float | None, float | None]) -> np.ndarray:
-        mask = self._out_of_stock.copy()
+        mask = ~self.catalog.in_stock
         if user_idx is not None:
             bought = self.bundle.bought
             items = bought.indices[bought.indptr[user_idx] : bought.indptr[user_idx + 1]]
@@ -149,7 +144,7 @@ class Recommender:
 
     def _retrieve(self, vector: np.ndarray, n: int, blocked: np.ndarray, category: str | None) -> Candidates:
         if category is not None:
-            members = self._by_category.get(category, np.empty(0, dtype=np.int64))
+            members = self.catalog.members(category)
             scores = self.bundle.item_factors[members] @ vector[0]
             order = np.argsort(-scores, kind="stable")
             return Candidates(Source.ALS, members[order], scores[order])
@@ -237,7 +232,7 @@ class Recommender:
         return Candidates(Source.NEIGHBOURS, chosen, values) if len(chosen) else None
 
     def _category_trending(self, category: str) -> Candidates:
-        members = self._by_category.get(category, np.empty(0, dtype=np.int64))
+        members = self.catalog.members(category)
         trending = self.bundle.popularity.trending[members]
         popular = self.bundle.popularity.popular[members]
         order = np.lexsort((members, -popular, -trending))
@@ -246,7 +241,8 @@ class Recommender:
 
     def feed(self, user_id: str, n: int, *, category: str | None = None, exclude: Sequence[str] = (),
              personalized: bool = True, context: UserContext | None = None,
-             price_range: tuple[float | None, float | None] = (None, None)) -> FeedResult:
+             price_range: tuple[float | None, float | None] = (None, None), rules: Sequence[Rule] = (),
+             diversity: tuple[int, int] | None = None, now: datetime | None = None) -> FeedResult:
         """The user's feed: ranked candidates, then the fallback chain, with every filter applied.
 
         `personalized=False` (the caller's choice or the user's withheld consent) answers from the
@@ -274,9 +270,40 @@ class Recommender:
         if category is not None:
             chain.append(self._category_trending(category))
         chain += [self._trending, self._popular]
-        feed = compose_feed(chain, n, blocked)
+        reserve = RULES_RESERVE * n if rules or diversity else 0  # room for bans, buries and category caps
+        feed = compose_feed(chain, n + reserve, blocked)
         step = Source.FOLD_IN if profile is not None and profile.online and len(feed.items) else feed.step
-        return FeedResult(user_id, self._items(feed, profile), profile is not None, step)
+        items = self._items(feed, profile)
+        if rules or diversity:
+            items = self._merchandise(items, n, blocked, rules, diversity, now or datetime.now(UTC))
+        return FeedResult(user_id, items[:n], profile is not None, step)
+
+    def _merchandise(self, items: tuple[FeedItem, ...], n: int, blocked: np.ndarray, rules: Sequence[Rule],
+                     diversity: tuple[int, int] | None, now: datetime) -> tuple[FeedItem, ...]:
+        """The shop's rules (ban, bury, boost, pin) and the category cap, over the ranked items."""
+        by_id = {item.item_id: item for item in items}
+
+        def eligible(item_id: str) -> bool:  # may a pin show an item the ranking did not propose?
+            idx = self.bundle.items.index_of(item_id)
+            return self.catalog.available(item_id) if idx is None else not blocked[idx]
+
+        ranked = Ranked(tuple(by_id), tuple(i.score for i in items), tuple(i.source.value for i in items))
+        if rules:
+            ranked = apply_rules(ranked.items, ranked.scores, ranked.sources, self.catalog.category_of, rules,
+                                 len(ranked.items), now, eligible=eligible)
+        if diversity is not None:
+            most, window = diversity
+            order = diversify(ranked.items, [self.catalog.category_of(i) for i in ranked.items], most, window,
+                              locked=[s == Source.PINNED for s in ranked.sources])
+            ranked = ranked.reorder(order)
+        out: list[FeedItem] = []
+        for item_id, score, source in zip(ranked.items, ranked.scores, ranked.sources, strict=True):
+            kept = by_id.get(item_id)
+            if source == Source.PINNED:
+                out.append(FeedItem(item_id, score, Source.PINNED, "featured by the shop"))
+            elif kept is not None:
+                out.append(FeedItem(item_id, score, kept.source, kept.reason))
+        return tuple(out[:n])
 
     def rank(self, user_id: str, item_ids: Sequence[str], *, context: UserContext | None = None,
              personalized: bool = True) -> FeedResult:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,9 @@ import orjson
 from features.eventlog import EventLog
 from features.store import OnlineStore
 from serving import metrics
+from serving.merchandising import Rule, RuleBook
 from serving.recommender import Recommender, UserContext
+from serving.related import ItemLists
 from serving.settings import ServingSettings
 from training.bundle import BundleError, load_bundle
 
@@ -67,6 +71,8 @@ class Service:
         self._swap_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._rules = RuleBook()
+        self._overlay_checked = -float("inf")
         app_state.store = store
         app_state.recommender = None
 
@@ -80,9 +86,13 @@ class Service:
         return current.recommender if current is not None else None
 
     def install(self, recommender: Recommender, path: Path) -> None:
+        recommender.catalog.refresh(self.store)  # catalog changes made through the API since training
+        lists = ItemLists(recommender.bundle, recommender.catalog)  # similar-item index built before the swap
         with self._swap_lock:
             previous = self._current
             self._current = Loaded(recommender, path)
+            self._app_state.catalog = recommender.catalog
+            self._app_state.item_lists = lists
             self._app_state.recommender = recommender
         metrics.set_bundle(recommender.version, previous.recommender.version if previous else None)
 
@@ -133,6 +143,19 @@ class Service:
                 self.follow_pointer()
             except Exception:  # a store outage must not kill the poller
                 log.exception("checking the bundle pointer failed")
+
+    def merchandising(self, recommender: Recommender) -> list[Rule]:
+        """The rules in force now, with the catalog brought up to date; both read at most once per
+        `overlay_refresh_seconds` from the store. A store outage keeps the last rules and catalog."""
+        now = time.monotonic()
+        if now - self._overlay_checked >= self.settings.overlay_refresh_seconds:
+            self._overlay_checked = now
+            try:
+                recommender.catalog.refresh(self.store)
+                self._rules.refresh(self.store)
+            except Exception:
+                log.warning("online store unavailable: catalog changes and rules as last read", exc_info=True)
+        return self._rules.active(datetime.now(UTC))
 
     def user_view(self, user_id: str) -> UserView:
         """The user's online context and consent; degraded (bundle only) when the store fails."""

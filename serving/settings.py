@@ -27,5 +27,6 @@ class ServingSettings(BaseSettings):
     redis_prefix: str = "sf:"
     event_log: Path = Field(default_factory=_default_event_log)  # the durable log `train --data` reads
     reload_poll_seconds: float = Field(1.0, gt=0)  # how often a worker checks which bundle to serve
+    overlay_refresh_seconds: float = Field(1.0, ge=0)  # how soon catalog changes and rules reach a worker
     max_per_category: int | None = Field(None, ge=1)  # diversity: at most this many items of a category ...
     diversity_window: int = Field(10, ge=1)  # ... among the first this many of a feed

@@ -37,7 +37,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def _feed(client: TestClient, user: str, **params: object) -> dict[str, object]:
+def _feed(client: TestClient, user: str, **params: str | int) -> dict[str, object]:
     response = client.get(f"/v1/users/{user}/feed", params={"n": 20, **params})
     assert response.status_code == 200, response.text
     body: dict[str, object] = response.json()
@@ -140,3 +140,28 @@ def test_withdrawn_consent_gives_a_non_personal_feed(client: TestClient, bundle:
     assert feed["step"] in ("trending", "popular")
     client.put(f"/v1/users/{user}/consent", json={"personalization": True})
     assert _feed(client, user)["personalized"] is True
+
+
+def test_merchandising_rules_and_stock_changes_reach_the_feed(bundle: Bundle, redis_url: str, redis_prefix: str,
+                                                              tmp_path: Path) -> None:
+    store = RedisStore(redis_url, redis_prefix)
+    settings = ServingSettings(redis_url=redis_url, redis_prefix=redis_prefix, event_log=tmp_path / "log",
+                               overlay_refresh_seconds=0, max_per_category=2, diversity_window=6)
+    with TestClient(create_app(settings, bundle=bundle, store=store)) as client:
+        user = bundle.users.ids[7]
+        first = _ids(_feed(client, user))
+        head = [_category(bundle, i) for i in first[:6]]
+        assert max(head.count(c) for c in head) <= 2  # diversity: at most two of a category in the first six
+        banned, pinned = first[0], bundle.items.ids[-1]
+        assert client.put("/v1/merchandising/rules/no-first", json={"action": "ban", "item_ids": [banned]}
+                          ).status_code == 200
+        assert client.put("/v1/merchandising/rules/feature", json={"action": "pin", "item_ids": [pinned],
+                                                                  "position": 1}).status_code == 200
+        out_of_stock = first[1]
+        assert client.put(f"/v1/items/{out_of_stock}", json={"in_stock": False}).status_code == 200
+        after = _feed(client, user)
+        ids = _ids(after)
+        assert banned not in ids
+        assert out_of_stock not in ids
+        assert ids[0] == pinned
+        assert after["items"][0]["source"] == "pinned"  # type: ignore[index]
