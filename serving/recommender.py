@@ -28,6 +28,7 @@ from features.feed import Candidates, Feed, Source, compose_feed, interleave
 from features.foldin import FoldIn
 from features.online_view import blank_user_rows, user_view
 from features.popularity import ranked
+from features.repurchase import NO_CATEGORY
 from features.state import FeatureState
 from features.store import OnlineEvent
 from serving.catalog import Catalog
@@ -37,11 +38,15 @@ from training.ranker import Ranker
 
 FALLBACK_DEPTH = 2000  # how far down the trending and popular lists a feed may reach
 RETRIEVAL_MARGIN = 32  # over-fetch beyond n + blocked items, so filters rarely leave a feed short
+FRESH_SHARE = 0.1  # up to this share of a feed goes to new catalog items no model has seen ...
+FRESH_EVERY = 5  # ... one at every fifth place
+TOP_FAVOURITES = 3  # categories a user's fresh items may come from
 RULES_RESERVE = 1  # extra feed lengths fetched before rules and diversity reorder and cut
 RECENT_ANCHORS = 20  # recent items a pick may be explained by
 SESSION_SECONDS = 30 * 60  # events this close to the user's latest one make up the current session
 SESSION_EVERY = 3  # one seat in three of a feed goes to items like the ones of the current session ...
 SESSION_SHARE = 1 / 3  # ... up to this share of the feed
+SESSION_NEW_ITEMS = 3  # new catalog items of a session whose content neighbours are looked up
 # sources whose picks are explained by a similar past item
 _HISTORY_SOURCES = frozenset({Source.ALS, Source.BPR, Source.ITEM_KNN, Source.FOLD_IN, Source.NEIGHBOURS})
 
@@ -210,25 +215,31 @@ class Recommender:
 
     def _session(self, context: UserContext | None, blocked: np.ndarray) -> Candidates | None:
         """Items like the ones of the user's current session (their events within SESSION_SECONDS of the
-        latest): the bundle's item neighbours of those items, else the nearest items by cosine."""
+        latest): the bundle's item neighbours of those items, else the nearest items by cosine; for new
+        catalog items the model has not seen, their content neighbours (category, brand, price)."""
         if context is None or not context.recent:
             return None
         latest = max(e.ts for e in context.recent)
         picked = [e for e in context.recent
                   if e.ts >= latest - SESSION_SECONDS and self._weights.get(e.event_type, 0.0) > 0]
         codes = self.bundle.items.indexes([e.item_id for e in picked])
-        keep = codes >= 0
-        if not keep.any():
-            return None
-        items = codes[keep]
-        weights = np.asarray([self._weights[e.event_type] for e, k in zip(picked, keep.tolist(), strict=True) if k])
-        rows = self.bundle.models.item_neighbours[items]  # only the session's rows: cheap at any catalog size
-        scores = np.asarray((sp.csr_matrix(weights[None, :]) @ rows).todense(), dtype=np.float64).ravel()
-        if not (scores > 0).any():
-            direction = (self._unit_items[items] * weights[:, None]).sum(axis=0)
-            scores = self._unit_items @ direction
-        scores[items] = -np.inf  # the session's own items are not news
-        chosen, values = top_scores(scores.astype(np.float32), RETRIEVAL_MARGIN, blocked)
+        weights = np.asarray([self._weights[e.event_type] for e in picked], dtype=np.float64)
+        known = codes >= 0
+        scores = np.zeros(len(blocked), dtype=np.float64)
+        if known.any():
+            rows = self.bundle.models.item_neighbours[codes[known]]  # the session's rows only: cheap at any size
+            scores += np.asarray((sp.csr_matrix(weights[known][None, :]) @ rows).todense()).ravel()
+            if not (scores > 0).any():
+                direction = (self._unit_items[codes[known]] * weights[known][:, None]).sum(axis=0)
+                scores = np.maximum(self._unit_items @ direction, 0.0)
+        unseen = [e.item_id for e, k in zip(picked, known.tolist(), strict=True) if not k]
+        for item_id in list(dict.fromkeys(unseen))[:SESSION_NEW_ITEMS]:
+            for neighbour, score in self.catalog.content_neighbours(item_id, RETRIEVAL_MARGIN):
+                idx = self.bundle.items.index_of(neighbour)
+                if idx is not None:
+                    scores[idx] += score
+        scores[codes[known]] = -np.inf  # the session's own items are not news
+        chosen, values = top_scores(scores.astype(np.float32), RETRIEVAL_MARGIN, blocked | (scores <= 0))
         return Candidates(Source.NEIGHBOURS, chosen, values) if len(chosen) else None
 
     def _category_trending(self, category: str) -> Candidates:
@@ -261,9 +272,12 @@ class Recommender:
             retrieved = self._retrieve(profile.vector, n, blocked, category)
             chain.append(Candidates(Source.FOLD_IN if profile.online else Source.ALS, retrieved.items,
                                     retrieved.scores))
-        session = self._session(context, blocked) if profile is not None and profile.online else None
+        fresh_session = profile is None or profile.online  # events the bundle has not seen
+        session = self._session(context, blocked) if fresh_session else None
         if session is not None and chain:
             chain[0] = interleave(chain[0], session, SESSION_EVERY, int(n * SESSION_SHARE))
+        elif session is not None:  # only items the model has not seen yet: their neighbours lead
+            chain.append(session)
         if profile is not None and profile.online:
             chain.append(Candidates(Source.NEIGHBOURS, *neighbour_candidates(
                 profile.state, self.bundle.models.item_neighbours, 0, FALLBACK_DEPTH, blocked)))
@@ -274,9 +288,46 @@ class Recommender:
         feed = compose_feed(chain, n + reserve, blocked)
         step = Source.FOLD_IN if profile is not None and profile.online and len(feed.items) else feed.step
         items = self._items(feed, profile)
+        fresh = self._fresh(profile, category, exclude, price_range, n)
+        if fresh:
+            items = _placed(items, fresh, FRESH_EVERY)
         if rules or diversity:
             items = self._merchandise(items, n, blocked, rules, diversity, now or datetime.now(UTC))
-        return FeedResult(user_id, items[:n], profile is not None, step)
+        return FeedResult(user_id, items[:n], profile is not None or session is not None, step)
+
+    def _fresh(self, profile: _Profile | None, category: str | None, exclude: Sequence[str],
+               price_range: tuple[float | None, float | None], n: int) -> tuple[FeedItem, ...]:
+        """New catalog items no model has seen yet (freshness boost): in stock, newest first, in the requested
+        category or else in the user's favourite ones, within the filters; at most FRESH_SHARE of a feed."""
+        slots = int(n * FRESH_SHARE)
+        if not slots or not self.catalog.new_items:
+            return ()
+        wanted: set[str] | None = {category} if category is not None else self._favourites(profile)
+        low, high = price_range
+        excluded = set(exclude)
+        picked: list[FeedItem] = []
+        for meta in self.catalog.fresh_items(FALLBACK_DEPTH, category):
+            if meta.item_id in excluded or (wanted is not None and meta.category not in wanted):
+                continue
+            if (low is not None or high is not None) and (
+                    meta.price is None or (low is not None and meta.price < low)
+                    or (high is not None and meta.price > high)):
+                continue
+            reason = f"new in {meta.category}" if meta.category != NO_CATEGORY else "new arrival"
+            picked.append(FeedItem(meta.item_id, 0.0, Source.NEW_ARRIVALS, reason))
+            if len(picked) == slots:
+                break
+        return tuple(picked)
+
+    def _favourites(self, profile: _Profile | None) -> set[str] | None:
+        """The user's top categories by affinity; None (any category) without a profile."""
+        if profile is None:
+            return None
+        affinity = profile.state.user_category
+        row = affinity[profile.row]
+        names = self.bundle.manifest.categories
+        top = row.indices[np.argsort(-row.data)[:TOP_FAVOURITES]]
+        return {names[c] for c in top.tolist() if c < len(names)} or None
 
     def _merchandise(self, items: tuple[FeedItem, ...], n: int, blocked: np.ndarray, rules: Sequence[Rule],
                      diversity: tuple[int, int] | None, now: datetime) -> tuple[FeedItem, ...]:
@@ -382,3 +433,14 @@ class Recommender:
         if source in (Source.TRENDING, Source.TRENDING_CATEGORY):
             return f"trending in {category}" if category else "trending now"
         return f"popular in {category}" if category else "popular with shoppers"
+
+
+def _placed(items: tuple[FeedItem, ...], extra: tuple[FeedItem, ...], every: int) -> tuple[FeedItem, ...]:
+    """`items` with `extra` placed at every `every`-th position (new items not in the ranked list)."""
+    out: list[FeedItem] = []
+    pending = list(extra)
+    for item in items:
+        if pending and len(out) % every == every - 1:
+            out.append(pending.pop(0))
+        out.append(item)
+    return (*out, *pending)

@@ -165,3 +165,25 @@ def test_merchandising_rules_and_stock_changes_reach_the_feed(bundle: Bundle, re
         assert out_of_stock not in ids
         assert ids[0] == pinned
         assert after["items"][0]["source"] == "pinned"  # type: ignore[index]
+
+
+def test_a_new_catalog_item_reaches_feeds_and_its_viewers_get_content_neighbours(
+        client: TestClient, bundle: Bundle) -> None:
+    known = bundle.items.ids[0]
+    category = _category(bundle, known)
+    created = client.put("/v1/items/brand-new-1", json={"category": category, "price": 9.5, "in_stock": True,
+                                                         "created_at": _now()})
+    assert created.status_code == 200, created.text
+    time.sleep(1.1)  # catalog changes reach a worker within a second
+    feed = _feed(client, "cold-shopper", category=category)
+    assert "brand-new-1" in _ids(feed)
+    fresh = next(i for i in feed["items"] if i["item_id"] == "brand-new-1")  # type: ignore[attr-defined]
+    assert fresh["source"] == "new_arrivals"
+    viewer = "viewer-of-new"
+    assert client.post("/v1/events", json={"events": [
+        {"user_id": viewer, "item_id": "brand-new-1", "event_type": "view", "timestamp": _now()}]}
+    ).json()["accepted"] == 1
+    after = _feed(client, viewer)
+    assert after["personalized"] is True
+    assert after["step"] == "neighbours"
+    assert all(_category(bundle, i) == category for i in _ids(after)[:5] if i != "brand-new-1")
