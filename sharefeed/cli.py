@@ -4,7 +4,7 @@ function; no logic lives here."""
 from __future__ import annotations
 
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -192,6 +192,39 @@ def serve(bundle: Path | None, model_alias: str | None, host: str | None, port: 
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="sharefeed-metrics-")
     uvicorn.run("serving.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level="warning", access_log=False)
+
+
+@main.command()
+@click.option("--log", "log_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="The event log directory (default: SHAREFEED_EVENT_LOG).")
+@click.option("--bundle", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Read item categories from this bundle, for per-category trending.")
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"]),
+              help="Replay events from this time on (control rows are always replayed).")
+def replay(log_dir: Path | None, bundle: Path | None, since: datetime | None) -> None:
+    """Rebuild the online store (SHAREFEED_REDIS_URL) from the durable event log, after Redis lost its data."""
+    from features.eventlog import replay as replay_log
+    from features.online import open_store
+    from serving.settings import ServingSettings
+    from training.bundle import load_bundle
+
+    settings = ServingSettings()
+    if settings.redis_url is None:
+        raise click.UsageError("replay fills a Redis server: set SHAREFEED_REDIS_URL")
+    directory = log_dir or settings.event_log
+    category_of = None
+    if bundle is not None:
+        loaded = load_bundle(bundle)
+        categories = dict(zip(loaded.items.ids.tolist(), loaded.item_meta["category"].tolist(), strict=True))
+
+        def category_of(item_id: str) -> str | None:
+            value = categories.get(item_id)
+            return value if isinstance(value, str) else None
+    start = since.replace(tzinfo=since.tzinfo or UTC).timestamp() if since is not None else None
+    stats = replay_log(directory, open_store(settings.redis_url, settings.redis_prefix), start,
+                       category_of=category_of)
+    _echo(f"replayed {stats.events:,} events and {stats.control:,} consent/erasure rows from {directory} "
+          f"({stats.skipped:,} rows left out)")
 
 
 def _fetch_bundle(alias: str) -> Path:

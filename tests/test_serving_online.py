@@ -187,3 +187,29 @@ def test_a_new_catalog_item_reaches_feeds_and_its_viewers_get_content_neighbours
     assert after["personalized"] is True
     assert after["step"] == "neighbours"
     assert all(_category(bundle, i) == category for i in _ids(after)[:5] if i != "brand-new-1")
+
+
+def test_replay_rebuilds_redis_from_the_log_after_a_loss(bundle: Bundle, redis_url: str, redis_prefix: str,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from sharefeed.cli import main
+
+    store = RedisStore(redis_url, redis_prefix)
+    log_dir = tmp_path / "log"
+    settings = ServingSettings(redis_url=redis_url, redis_prefix=redis_prefix, event_log=log_dir)
+    user, item = "replayed-user", bundle.items.ids[4]
+    with TestClient(create_app(settings, bundle=bundle, store=store)) as client:
+        client.post("/v1/events", json={"events": [
+            {"user_id": user, "item_id": item, "event_type": "purchase", "timestamp": _now()}]})
+        client.put(f"/v1/users/{user}/consent", json={"marketing": False})
+    keys = list(store.client.scan_iter(f"{redis_prefix}*"))
+    store.client.delete(*keys)  # Redis lost everything
+    assert store.purchased(user) == {}
+    monkeypatch.setenv("SHAREFEED_REDIS_URL", redis_url)
+    monkeypatch.setenv("SHAREFEED_REDIS_PREFIX", redis_prefix)
+    result = CliRunner().invoke(main, ["replay", "--log", str(log_dir), "--bundle", str(bundle.path)])
+    assert result.exit_code == 0, result.output
+    assert "replayed 1 events and 1 consent/erasure rows" in result.output
+    assert list(store.purchased(user)) == [item]
+    assert store.consent(user)["marketing"] is False
