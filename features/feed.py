@@ -90,23 +90,21 @@ def interleave(primary: Candidates, secondary: Candidates, every: int, limit: in
     scores: list[float] = []
     sources: list[Source] = []
     seen: set[int] = set()
-    extra = [k for k in range(len(secondary.items))][:limit] if limit > 0 else []
-    queue = iter(extra)
+
+    def take(candidates: Candidates, position: int) -> bool:
+        idx = int(candidates.items[position])
+        if idx in seen:
+            return False
+        seen.add(idx)
+        items.append(idx)
+        scores.append(float(candidates.scores[position]))
+        sources.append(candidates.source_of(position))
+        return True
+
+    extra = iter(range(min(max(limit, 0), len(secondary.items))))
     for position in range(len(primary.items)):
         if len(items) % every == every - 1:
-            for k in queue:
-                idx = int(secondary.items[k])
-                if idx not in seen:
-                    seen.add(idx)
-                    items.append(idx)
-                    scores.append(float(secondary.scores[k]))
-                    sources.append(secondary.source_of(k))
-                    break
-        idx = int(primary.items[position])
-        if idx not in seen:
-            seen.add(idx)
-            items.append(idx)
-            scores.append(float(primary.scores[position]))
-            sources.append(primary.source_of(position))
+            any(take(secondary, k) for k in extra)  # the next session pick not already placed
+        take(primary, position)
     return Candidates(primary.source, np.asarray(items, dtype=np.int64), np.asarray(scores, dtype=np.float32),
                       tuple(sources))

@@ -8,19 +8,19 @@ Handlers parse, call one domain function and map the result; the model logic liv
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response
 
 from features.eventlog import EventLog, EventLogError, consent_row, erase_row
 from features.online import open_store
 from features.store import CONSENT_PURPOSES, OnlineStore
 from features.weights import DEFAULT_EVENT_WEIGHTS
 from serving import metrics
+from serving.deps import RequestId
 from serving.ingest import ingest
 from serving.items import items_router
 from serving.recommender import FeedResult, Recommender
@@ -90,13 +90,8 @@ def _recommender(request: Request) -> Recommender:
     return recommender
 
 
-def _request_id(x_request_id: Annotated[str | None, Header(max_length=128)] = None) -> str:
-    return x_request_id or uuid.uuid4().hex
-
-
 ServiceDep = Annotated[Service, Depends(_service)]
 RecommenderDep = Annotated[Recommender, Depends(_recommender)]
-RequestId = Annotated[str, Depends(_request_id)]
 
 
 def _feed_out(result: FeedResult, request_id: str, version: str, explain: bool, degraded: bool) -> FeedOut:

@@ -5,15 +5,15 @@ They read `app.state.recommender` (its `.bundle`) and `app.state.store` (the onl
 lists for a bundle are built on first use and kept on `app.state.item_lists`.
 """
 
-import uuid
 from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import ValidationError
 
 from features.store import OnlineStore
 from serving.catalog import Catalog
+from serving.deps import RequestId
 from serving.item_schemas import (
     CatalogBatchIn,
     CatalogFields,
@@ -53,14 +53,9 @@ def _writable_store(store: Annotated[OnlineStore | None, Depends(_store)]) -> On
     return store
 
 
-def _request_id(x_request_id: Annotated[str | None, Header(max_length=128)] = None) -> str:
-    return x_request_id or uuid.uuid4().hex
-
-
 BundleDep = Annotated[Bundle, Depends(_bundle)]
 StoreDep = Annotated[OnlineStore | None, Depends(_store)]
 WritableStore = Annotated[OnlineStore, Depends(_writable_store)]
-RequestId = Annotated[str, Depends(_request_id)]
 ItemIdPath = Annotated[str, Path(min_length=1, max_length=256)]
 RuleIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
