@@ -23,14 +23,17 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from features.attribution import ITEM_COLUMNS as ITEM_SHARE_COLUMNS
+from features.attribution import USER_COLUMNS as USER_INFLUENCE_COLUMNS
 from features.candidates import CandidateModels
 from features.popularity import ItemPopularity
 from features.ranking import FEATURE_NAMES
 from features.repurchase import RepurchasePolicy
+from features.social import SocialGraph
 from features.state import FeatureState, load_state, save_state
 from features.vocab import Vocabulary
 
-SCHEMA_VERSION = 3  # 3: bought_together.npz (co-purchase companions per item)
+SCHEMA_VERSION = 4  # 3: bought_together.npz; 4: social graph, user influence, item share stats (issue #5)
 MANIFEST = "manifest.json"
 ITEM_META_COLUMNS = ("category", "brand", "title", "price", "in_stock", "created_at")
 
@@ -85,6 +88,7 @@ class Manifest(BaseModel):
     metrics: dict[str, float]
     mlflow_run_id: str | None
     files: dict[str, str]  # file name -> sha256
+    social: dict[str, float] = {}  # attribution window and global share rates (the priors of features.attribution)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +111,9 @@ class Bundle:
     state: FeatureState
     ranker_text: str | None  # LightGBM model; None when the data had no time order to train one
     bought_together: sp.csr_matrix  # items x items: each item's co-purchase companions (features.copurchase)
+    social_graph: SocialGraph  # who reaches whom; its first len(users) ids are `users` in order (features.social)
+    user_influence: pd.DataFrame  # by user_id: share funnel and influence (features.attribution.USER_COLUMNS)
+    item_share_stats: pd.DataFrame  # by item_id: share rate, referral conversion, viral coefficient
 
     @property
     def version(self) -> str:
@@ -131,6 +138,9 @@ class BundleContents:
     state: FeatureState
     ranker_text: str | None
     bought_together: sp.csr_matrix
+    social_graph: SocialGraph
+    user_influence: pd.DataFrame
+    item_share_stats: pd.DataFrame
 
 
 def _sha256(path: Path) -> str:
@@ -150,6 +160,17 @@ def _write_items(path: Path, contents: BundleContents) -> None:
     columns["popular"] = pa.array(contents.popularity.popular)
     columns["trending"] = pa.array(contents.popularity.trending)
     pq.write_table(pa.table(columns), path)
+
+
+def _write_keyed(path: Path, frame: pd.DataFrame, key: str, columns: tuple[str, ...]) -> None:
+    table = frame[list(columns)].rename_axis(key).reset_index()
+    table[key] = table[key].astype("str")
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), path)
+
+
+def _read_keyed(path: Path, key: str, columns: tuple[str, ...]) -> pd.DataFrame:
+    frame: pd.DataFrame = pq.read_table(path).to_pandas().set_index(key)
+    return frame[list(columns)]
 
 
 def write_bundle(out: Path, contents: BundleContents, manifest: Manifest) -> Manifest:
@@ -172,6 +193,9 @@ def write_bundle(out: Path, contents: BundleContents, manifest: Manifest) -> Man
         sp.save_npz(tmp / "item_neighbours.npz", contents.models.item_neighbours.tocsr(), compressed=False)
         sp.save_npz(tmp / "bought_together.npz", contents.bought_together.tocsr(), compressed=False)
         save_state(contents.state, tmp)
+        contents.social_graph.save(tmp)
+        _write_keyed(tmp / "user_influence.parquet", contents.user_influence, "user_id", USER_INFLUENCE_COLUMNS)
+        _write_keyed(tmp / "item_share_stats.parquet", contents.item_share_stats, "item_id", ITEM_SHARE_COLUMNS)
         if contents.ranker_text is not None:
             (tmp / "ranker.txt").write_text(contents.ranker_text)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
@@ -260,6 +284,9 @@ def load_bundle(path: Path) -> Bundle:
             state=load_state(path),
             ranker_text=(path / "ranker.txt").read_text() if (path / "ranker.txt").is_file() else None,
             bought_together=sp.load_npz(path / "bought_together.npz").tocsr(),
+            social_graph=SocialGraph.load(path),
+            user_influence=_read_keyed(path / "user_influence.parquet", "user_id", USER_INFLUENCE_COLUMNS),
+            item_share_stats=_read_keyed(path / "item_share_stats.parquet", "item_id", ITEM_SHARE_COLUMNS),
             popularity=ItemPopularity(
                 popular=meta["popular"].to_numpy(np.float32), trending=meta["trending"].to_numpy(np.float32)
             ),
@@ -278,6 +305,8 @@ def load_bundle(path: Path) -> Bundle:
         "neighbours shape": (bundle.models.item_neighbours.shape, (n_items, n_items)),
         "bought_together shape": (bundle.bought_together.shape, (n_items, n_items)),
         "feature names": (tuple(manifest.feature_names), FEATURE_NAMES),
+        "social graph's leading users": (bool(np.array_equal(bundle.social_graph.users.ids[:n_users],
+                                                             bundle.users.ids)), True),
     }
     for what, (got, want) in checks.items():
         if got != want:

@@ -19,11 +19,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from features.attribution import attribute
 from features.copurchase import bought_together
 from features.dataset import Dataset, load_dataset
 from features.interactions import user_items_matrix
 from features.popularity import item_popularity
 from features.ranking import FEATURE_NAMES
+from features.social import build_social_graph
 from features.vocab import Vocabulary
 from training import registry, tracking
 from training.als import fit_als
@@ -227,6 +229,12 @@ def train(
             users, items = window.users, window.items
             popularity = item_popularity(events, items, params.weights, now,
                                          params.popularity.trending_half_life_days)
+        with clock.stage("social graph and attribution"):
+            social_cut = now + pd.Timedelta(1, "ns")  # as of now, like the refit window
+            social_graph = build_social_graph(data.social, events, social_cut, users=users)
+            attribution = attribute(events, social_cut)
+            say(f"social graph: {social_graph.n_users:,} users, {social_graph.n_edges:,} edges; "
+                f"{len(attribution.chains):,} share chains, {len(attribution.purchases):,} attributed purchases")
         with clock.stage("index"):
             index = build_item_index(window.models.als_items, params.index)
         with clock.stage("write bundle"):
@@ -253,6 +261,7 @@ def train(
                 metrics=report.flat_metrics(),
                 mlflow_run_id=run_id,
                 files={},
+                social=attribution.rates,
             )
             als_items = window.models.als_items
             bundle = BundleContents(
@@ -262,6 +271,7 @@ def train(
                 recent=_recent(events, users, items, params.weights, RECENT_ITEMS),
                 models=window.models, state=window.state, ranker_text=ranker_text,
                 bought_together=bought_together(events.loc[events["ts"] <= now], items),
+                social_graph=social_graph, user_influence=attribution.users, item_share_stats=attribution.items,
             )
             manifest = write_bundle(out, bundle, manifest)
         tracking.log_metrics(report.flat_metrics() | {f"time.{k}_s": v for k, v in clock.seconds.items()})
