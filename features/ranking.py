@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from features.state import DAY, ITEM_WINDOWS_DAYS, USER_EVENT_TYPES, FeatureState, cell_values
+from features.state import DAY, ITEM_WINDOWS_DAYS, RECENT_BASKETS, USER_EVENT_TYPES, FeatureState, cell_values
 
 SOURCE_FEATURES = ("als", "bpr", "item_knn", "repeat", "trending", "category_trending", "new_arrivals")
 
@@ -35,6 +35,23 @@ FEATURE_NAMES: tuple[str, ...] = (
     "pair_weight_all",
     "category_days_since_last_event",
     "category_repurchase_rate",
+    # reorder timing: purchase occasions ("baskets") and the intervals between them
+    "item_reorder_rate",
+    "user_baskets_all",
+    "user_basket_size",
+    "user_repeat_share",
+    "user_basket_gap_days",
+    "user_days_since_last_basket",
+    "user_basket_due_ratio",
+    "pair_baskets_all",
+    "pair_basket_share",
+    "pair_basket_share_since_first",
+    "pair_baskets_since_last",
+    "pair_interval_days",
+    "pair_days_since_purchase",
+    "pair_due_ratio",
+    "pair_recent_basket_share",
+    "pair_basket_decay",
 )
 
 
@@ -85,6 +102,50 @@ def pair_features(
     category_last = cell_values(state.user_category_last, rows, category)
     columns.append(np.where(category_last > 0, (now - category_last) / DAY, np.nan))
     columns.append(np.where(category >= 0, state.category_repurchase[np.maximum(category, 0)], np.nan))
+    columns.extend(_reorder_timing(state, rows, item_idx))
     matrix = np.column_stack(columns).astype(np.float32)
     assert matrix.shape[1] == len(FEATURE_NAMES)
     return matrix
+
+
+def _ratio(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(bottom > 0, top / bottom, np.nan)
+
+
+def _reorder_timing(state: FeatureState, rows: np.ndarray, item_idx: np.ndarray) -> list[np.ndarray]:
+    """When the user shops and whether this item is due: occasions, shares and intervals (NaN if unknown)."""
+    now = state.cutoff_seconds
+    known = rows >= 0
+    u = np.maximum(rows, 0)
+    baskets = np.where(known, state.user_baskets[u], 0.0)
+    first = np.where(known, state.user_first_purchase[u], np.nan)
+    last = np.where(known, state.user_last_purchase[u], np.nan)
+    user_gap = _ratio((last - first) / DAY, baskets - 1)
+    since_basket = (now - last) / DAY
+    pair_baskets = cell_values(state.pair_baskets, rows, item_idx)
+    first_basket = cell_values(state.pair_first_basket, rows, item_idx)
+    last_basket = cell_values(state.pair_last_basket, rows, item_idx)
+    first_bought = cell_values(state.pair_first_purchase, rows, item_idx)
+    last_bought = cell_values(state.pair_last_purchase, rows, item_idx)
+    bought = pair_baskets > 0
+    pair_gap = _ratio((last_bought - first_bought) / DAY, pair_baskets - 1)
+    since_bought = np.where(bought, (now - last_bought) / DAY, np.nan)
+    return [
+        _ratio(state.item_repeat_buyers[item_idx], state.item_buyers[item_idx]),
+        baskets,
+        _ratio(np.where(known, state.user_purchases[u], 0.0), baskets),
+        _ratio(np.where(known, state.user_repeat_purchases[u], 0.0), np.where(known, state.user_purchases[u], 0.0)),
+        user_gap,
+        since_basket,
+        _ratio(since_basket, user_gap),
+        pair_baskets,
+        _ratio(pair_baskets, baskets),
+        np.where(bought, _ratio(pair_baskets, baskets - first_basket + 1), np.nan),
+        np.where(bought, baskets - last_basket, np.nan),
+        pair_gap,
+        since_bought,
+        _ratio(since_bought, pair_gap),
+        _ratio(cell_values(state.pair_recent_baskets, rows, item_idx), np.minimum(baskets, RECENT_BASKETS)),
+        cell_values(state.pair_basket_decay, rows, item_idx),
+    ]

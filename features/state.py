@@ -22,6 +22,8 @@ from features.weights import CONVERSION_TYPES
 ITEM_WINDOWS_DAYS = (7, 30, 180)  # plus all time: item popularity over several windows
 USER_EVENT_TYPES = ("view", "add_to_cart", "purchase", "share", "like", "refund")
 DAY = 86_400.0
+RECENT_BASKETS = 5  # "recently bought": in the user's last five purchase occasions
+BASKET_DECAY = 0.8  # weight of an occasion n occasions before the user's last: BASKET_DECAY ** n
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +45,24 @@ class FeatureState:
     user_category: sp.csr_matrix  # users x categories: share of the user's positive weight
     user_brand: sp.csr_matrix  # users x brands: share of the user's positive weight
     user_category_last: sp.csr_matrix  # users x categories: epoch seconds of the last event there
+    # purchase occasions ("baskets": distinct days with a purchase) and reorder timing
+    item_repeat_buyers: np.ndarray  # buyers who bought the item on two or more occasions
+    user_baskets: np.ndarray  # purchase occasions
+    user_purchases: np.ndarray  # distinct (occasion, item) purchases, summed over occasions
+    user_repeat_purchases: np.ndarray  # of those, purchases of an item bought on an earlier occasion
+    user_first_purchase: np.ndarray  # epoch seconds of the first purchase; NaN if none
+    user_last_purchase: np.ndarray  # epoch seconds of the last purchase; NaN if none
     # user-item pairs
     pair_last: sp.csr_matrix  # users x items: epoch seconds of the last positive event
     pair_purchases: sp.csr_matrix  # users x items: purchase count
     pair_weight: sp.csr_matrix  # users x items: summed weights (floored at 0)
+    pair_baskets: sp.csr_matrix  # users x items: occasions the item was bought on
+    pair_first_basket: sp.csr_matrix  # users x items: 1-based ordinal of the user's first occasion with it
+    pair_last_basket: sp.csr_matrix  # users x items: 1-based ordinal of the last occasion with it
+    pair_first_purchase: sp.csr_matrix  # users x items: epoch seconds of the first purchase
+    pair_last_purchase: sp.csr_matrix  # users x items: epoch seconds of the last purchase
+    pair_recent_baskets: sp.csr_matrix  # users x items: of the user's last RECENT_BASKETS occasions, how many
+    pair_basket_decay: sp.csr_matrix  # users x items: occasions with the item, weighted BASKET_DECAY ** age
 
     @property
     def cutoff_seconds(self) -> float:
@@ -68,15 +84,44 @@ def _codes(values: pd.Series, vocabulary: list[str]) -> np.ndarray:
 
 
 def _sparse(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape: tuple[int, int], how: str) -> sp.csr_matrix:
-    """Aggregate (row, col, value) triples by sum or max into a CSR matrix."""
+    """Aggregate (row, col, value) triples by sum, min or max into a CSR matrix (values must not be 0)."""
     if how == "sum":
         matrix = sp.csr_matrix((values.astype(np.float64), (rows, cols)), shape=shape)
         matrix.sum_duplicates()
         return matrix
-    frame = pd.DataFrame({"r": rows, "c": cols, "v": values}).groupby(["r", "c"], sort=False)["v"].max()
+    frame = pd.DataFrame({"r": rows, "c": cols, "v": values}).groupby(["r", "c"], sort=False)["v"].agg(how)
     r = frame.index.get_level_values(0).to_numpy()
     c = frame.index.get_level_values(1).to_numpy()
     return sp.csr_matrix((frame.to_numpy(dtype=np.float64), (r, c)), shape=shape)
+
+
+@dataclass(frozen=True, slots=True)
+class _Occasions:
+    """Purchases grouped into occasions: one row per (user, item, day) with the day's ordinal per user."""
+
+    user: np.ndarray
+    item: np.ndarray
+    ts: np.ndarray  # the first purchase time of the pair that day
+    ordinal: np.ndarray  # 1-based: the user's n-th purchase day
+
+
+def _occasions(user: np.ndarray, item: np.ndarray, ts: np.ndarray) -> _Occasions:
+    if not len(user):
+        empty = np.empty(0, dtype=np.int64)
+        return _Occasions(empty, empty, np.empty(0), np.empty(0))
+    day = np.floor(ts / DAY).astype(np.int64)
+    span = int(day.max() - day.min()) + 1
+    user_day, line_key = np.unique(user.astype(np.int64) * span + (day - day.min()), return_inverse=True)
+    day_user = user_day // span
+    ordinal = np.arange(len(user_day)) - np.searchsorted(day_user, day_user, side="left") + 1
+    lines = pd.DataFrame({"u": user, "i": item, "o": ordinal[line_key.ravel()], "t": ts})
+    lines = lines.groupby(["u", "i", "o"], sort=True)["t"].min().reset_index()
+    return _Occasions(
+        lines["u"].to_numpy(np.int64),
+        lines["i"].to_numpy(np.int64),
+        lines["t"].to_numpy(np.float64),
+        lines["o"].to_numpy(np.float64),
+    )
 
 
 def build_state(
@@ -155,6 +200,24 @@ def build_state(
         scale = np.divide(1.0, totals, out=np.zeros_like(totals), where=totals > 0)
         return sp.csr_matrix(sp.diags(scale) @ matrix)
 
+    occasions = _occasions(u[bought], i[bought], ts[bought])
+    shape = (n_users, n_items)
+    ou, oi = occasions.user, occasions.item
+    pair_baskets = _sparse(ou, oi, np.ones(len(ou)), shape, "sum")
+    pair_first_basket = _sparse(ou, oi, occasions.ordinal, shape, "min")
+    repeat_line = occasions.ordinal > cell_values(pair_first_basket, ou, oi)  # bought on an earlier occasion
+    user_baskets = np.zeros(n_users)
+    np.maximum.at(user_baskets, ou, occasions.ordinal)
+    first_purchase = np.full(n_users, np.nan)
+    last_purchase = np.full(n_users, np.nan)
+    if len(ou):
+        per_user = pd.Series(occasions.ts).groupby(ou)
+        first_purchase[per_user.min().index.to_numpy()] = per_user.min().to_numpy()
+        last_purchase[per_user.max().index.to_numpy()] = per_user.max().to_numpy()
+    repeat_buyer_items = pair_baskets.indices[pair_baskets.data >= 2]
+    baskets_ago = user_baskets[ou] - occasions.ordinal  # 0: the user's last occasion
+    recent = baskets_ago < RECENT_BASKETS
+
     has_cat = category[i] >= 0
     return FeatureState(
         cutoff=cutoff,
@@ -172,13 +235,40 @@ def build_state(
         user_category=shares(category, len(categories)),
         user_brand=shares(brand, len(brands)),
         user_category_last=_sparse(u[has_cat], category[i][has_cat], ts[has_cat], (n_users, n_cat), "max"),
+        item_repeat_buyers=np.bincount(repeat_buyer_items, minlength=n_items).astype(np.float32),
+        user_baskets=user_baskets.astype(np.float32),
+        user_purchases=np.bincount(ou, minlength=n_users).astype(np.float32),
+        user_repeat_purchases=np.bincount(ou, weights=repeat_line, minlength=n_users).astype(np.float32),
+        user_first_purchase=first_purchase,
+        user_last_purchase=last_purchase,
         pair_last=_sparse(u[positive], i[positive], ts[positive], (n_users, n_items), "max"),
         pair_purchases=purchase_counts,
         pair_weight=_sparse(u, i, w, (n_users, n_items), "sum").maximum(0).tocsr(),
+        pair_baskets=pair_baskets,
+        pair_first_basket=pair_first_basket,
+        pair_last_basket=_sparse(ou, oi, occasions.ordinal, shape, "max"),
+        pair_first_purchase=_sparse(ou, oi, occasions.ts, shape, "min"),
+        pair_last_purchase=_sparse(ou, oi, occasions.ts, shape, "max"),
+        pair_recent_baskets=_sparse(ou[recent], oi[recent], np.ones(int(recent.sum())), shape, "sum"),
+        pair_basket_decay=_sparse(ou, oi, np.power(BASKET_DECAY, baskets_ago), shape, "sum"),
     )
 
 
-_SPARSE_FIELDS = ("user_category", "user_brand", "user_category_last", "pair_last", "pair_purchases", "pair_weight")
+_SPARSE_FIELDS = (
+    "user_category",
+    "user_brand",
+    "user_category_last",
+    "pair_last",
+    "pair_purchases",
+    "pair_weight",
+    "pair_baskets",
+    "pair_first_basket",
+    "pair_last_basket",
+    "pair_first_purchase",
+    "pair_last_purchase",
+    "pair_recent_baskets",
+    "pair_basket_decay",
+)
 
 
 def save_state(state: FeatureState, directory: Path) -> list[Path]:

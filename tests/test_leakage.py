@@ -9,10 +9,14 @@ import pandas as pd
 import pytest
 
 from features.dataset import load_dataset
+from features.ranking import FEATURE_NAMES
 from training.bundle import ITEM_META_COLUMNS
 from training.params import ALSParams, BPRParams, TrainParams
 from training.window import candidate_rows, fit_window
 
+# Reorder timing is read from purchase occasions: the check must see them take real values.
+REORDER_FEATURES = ("pair_baskets_all", "pair_interval_days", "pair_due_ratio", "pair_basket_decay",
+                    "user_basket_gap_days", "user_basket_due_ratio", "item_reorder_rate")
 PARAMS = TrainParams(als=ALSParams(factors=8, iterations=4), bpr=BPRParams(factors=8, iterations=10))
 
 
@@ -46,6 +50,9 @@ def test_moving_every_event_after_the_cutoff_changes_no_training_feature(demo_di
     np.testing.assert_array_equal(before[1], after[1])
     np.testing.assert_array_equal(before[0], after[0])
     assert before[0].shape[0] > 0
+    for name in REORDER_FEATURES:
+        column = before[0][:, FEATURE_NAMES.index(name)]
+        assert (np.nan_to_num(column) > 0).any(), f"{name} is never exercised"
 
 
 def test_a_future_event_does_change_features_when_moved_before_the_cutoff(demo_dir: Path) -> None:
