@@ -1,0 +1,197 @@
+"""Share suggestions: which items a user should share and to which friends, by expected conversions.
+
+A pair (item, friend) is worth P(friend opens a share from this user) x P(friend buys the item): the first
+from the user's attributed share history (smoothed towards the shop's rate), the second from the ALS
+affinity of the friend's vector with the item (clipped to [0, 1]). Candidate items are the user's recent
+items and their top ALS items; friends who already bought an item are left out for it. Numpy only.
+"""
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+import scipy.sparse as sp
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from pydantic import BaseModel
+
+from features.social import SocialGraph
+from features.vocab import Vocabulary
+from serving.deps import RequestId
+from serving.settings import ServingSettings
+from training.bundle import Bundle
+
+MAX_FRIENDS = 300  # strongest ties scored per request
+RECENT_CANDIDATES = 20
+ALS_CANDIDATES = 30
+
+
+@dataclass(frozen=True, slots=True)
+class ShareInputs:
+    """What suggestions read; built from a bundle, or from a past window by an evaluation.
+
+    The social graph's first len(users) ids are `users`, so a graph idx below that is a factor row.
+    """
+
+    users: Vocabulary
+    items: Vocabulary
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    bought: sp.csr_matrix  # users x items
+    recent: sp.csr_matrix  # users x items: epoch seconds of the last positive event
+    graph: SocialGraph
+    open_rate: np.ndarray  # per graph user: smoothed share open rate (the shop's rate for non-sharers)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> "ShareInputs":
+        by_user = {str(k): float(v) for k, v in bundle.user_influence["open_rate"].items()}
+        prior = float(bundle.manifest.social.get("open_rate", 0.0))
+        return cls(users=bundle.users, items=bundle.items, user_factors=bundle.user_factors,
+                   item_factors=bundle.item_factors, bought=bundle.bought, recent=bundle.recent,
+                   graph=bundle.social_graph, open_rate=open_rates(bundle.social_graph, by_user, prior))
+
+
+def open_rates(graph: SocialGraph, by_user: dict[str, float], prior: float) -> np.ndarray:
+    """Per graph user, their smoothed open rate; `prior` where they never shared."""
+    rates = np.full(graph.n_users, prior, dtype=np.float64)
+    if by_user:
+        codes = graph.users.indexes(list(by_user))
+        values = np.fromiter(by_user.values(), dtype=np.float64, count=len(by_user))
+        rates[codes[codes >= 0]] = values[codes >= 0]
+    return rates
+
+
+@dataclass(frozen=True, slots=True)
+class SuggestedFriend:
+    user_id: str
+    expected_conversions: float
+    affinity: float  # P(friend buys the item), from ALS
+
+
+@dataclass(frozen=True, slots=True)
+class SuggestedItem:
+    item_id: str
+    expected_conversions: float  # summed over the suggested friends
+    source: str  # "recent" (the user's own recent item) or "als" (one of their top items)
+    friends: tuple[SuggestedFriend, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ShareSuggestions:
+    items: tuple[SuggestedItem, ...]
+    open_rate: float  # P(a friend opens this user's share)
+    reason: str | None = None  # why the list is empty
+
+
+def _candidate_items(inputs: ShareInputs, user_idx: int) -> tuple[np.ndarray, np.ndarray]:
+    """The user's recent items (newest first), then their top ALS items; and whether each came from recency."""
+    row = inputs.recent.getrow(user_idx)
+    recent = row.indices[np.argsort(-row.data, kind="stable")][:RECENT_CANDIDATES]
+    scores = inputs.item_factors @ inputs.user_factors[user_idx]
+    k = min(ALS_CANDIDATES, len(scores))
+    top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, np.int64)
+    top = top[np.argsort(-scores[top], kind="stable")]
+    items = np.concatenate([recent, top[~np.isin(top, recent)]]).astype(np.int64)
+    return items, np.arange(len(items)) < len(recent)
+
+
+def _friends(inputs: ShareInputs, user_idx: int) -> np.ndarray:
+    """Whom the user reaches and who has a factor row, strongest ties first, at most MAX_FRIENDS."""
+    reach, weight = inputs.graph.reach(user_idx)
+    keep = (reach < len(inputs.users)) & (reach != user_idx)
+    reach, weight = reach[keep], weight[keep]
+    order = np.argsort(-weight, kind="stable")[:MAX_FRIENDS]
+    friends: np.ndarray = reach[order].astype(np.int64)
+    return friends
+
+
+def suggest_shares(inputs: ShareInputs, user_idx: int | None, n: int = 10,
+                   friends_per_item: int = 3) -> ShareSuggestions:
+    """The `n` items with the most expected conversions, each with its best `friends_per_item` friends."""
+    if user_idx is None or user_idx >= len(inputs.users):
+        return ShareSuggestions((), 0.0, "unknown user: no history or social ties in the model")
+    open_rate = float(inputs.open_rate[user_idx])
+    friends = _friends(inputs, user_idx)
+    if len(friends) == 0:
+        return ShareSuggestions((), open_rate, "no friends or followers in the social graph")
+    items, from_recent = _candidate_items(inputs, user_idx)
+    if len(items) == 0:
+        return ShareSuggestions((), open_rate, "no candidate items")
+    affinity = np.clip(inputs.user_factors[friends] @ inputs.item_factors[items].T, 0.0, 1.0)
+    owned = inputs.bought[friends][:, items].toarray() > 0
+    affinity[owned] = 0.0
+    per = min(friends_per_item, len(friends))
+    best = np.argsort(-affinity, axis=0, kind="stable")[:per]  # per item, its best friends
+    best_affinity = np.take_along_axis(affinity, best, axis=0)
+    value = open_rate * best_affinity.sum(axis=0)
+    order = [int(j) for j in np.argsort(-value, kind="stable")[:n] if value[j] > 0]
+    out = []
+    for j in order:
+        chosen = [(int(friends[best[r, j]]), float(best_affinity[r, j])) for r in range(per) if best_affinity[r, j] > 0]
+        out.append(SuggestedItem(
+            item_id=inputs.items.id_of(int(items[j])), expected_conversions=float(value[j]),
+            source="recent" if from_recent[j] else "als",
+            friends=tuple(SuggestedFriend(inputs.users.id_of(f), open_rate * a, a) for f, a in chosen),
+        ))
+    reason = None if out else "every friend already has the candidate items, or none fits them"
+    return ShareSuggestions(tuple(out), open_rate, reason)
+
+
+class FriendOut(BaseModel):
+    user_id: str
+    expected_conversions: float
+    affinity: float
+
+
+class ShareItemOut(BaseModel):
+    item_id: str
+    expected_conversions: float
+    source: str
+    friends: list[FriendOut]
+
+
+class ShareSuggestionsOut(BaseModel):
+    request_id: str
+    bundle_version: str
+    user_id: str
+    open_rate: float
+    items: list[ShareItemOut]
+    reason: str | None = None
+
+
+def _inputs(request: Request) -> tuple[Bundle, ShareInputs]:
+    """The served bundle and its share inputs, built on first use and kept beside it on app.state."""
+    recommender = getattr(request.app.state, "recommender", None)
+    if recommender is None:
+        raise HTTPException(status_code=503, detail="no model bundle is loaded")
+    bundle: Bundle = recommender.bundle
+    cached = getattr(request.app.state, "share_inputs", None)
+    if cached is None or cached[0] is not bundle:
+        cached = (bundle, ShareInputs.from_bundle(bundle))
+        request.app.state.share_inputs = cached
+    return cached[0], cached[1]
+
+
+InputsDep = Annotated[tuple[Bundle, ShareInputs], Depends(_inputs)]
+UserIdPath = Annotated[str, Path(min_length=1, max_length=256)]
+
+
+def share_router(settings: ServingSettings) -> APIRouter:
+    """GET /v1/users/{user_id}/share-suggestions; `settings.max_n` bounds the list."""
+    router = APIRouter(tags=["social"])
+    N = Annotated[int, Query(ge=1, le=settings.max_n)]
+    PerItem = Annotated[int, Query(ge=1, le=50)]
+
+    @router.get("/v1/users/{user_id}/share-suggestions", response_model=ShareSuggestionsOut,
+                response_model_exclude_none=True)
+    def share_suggestions(user_id: UserIdPath, loaded: InputsDep, request_id: RequestId, n: N = 10,
+                          friends_per_item: PerItem = 3) -> ShareSuggestionsOut:
+        bundle, inputs = loaded
+        found = suggest_shares(inputs, inputs.users.index_of(user_id), n, friends_per_item)
+        items = [ShareItemOut(item_id=i.item_id, expected_conversions=i.expected_conversions, source=i.source,
+                              friends=[FriendOut(user_id=f.user_id, expected_conversions=f.expected_conversions,
+                                                 affinity=f.affinity) for f in i.friends])
+                 for i in found.items]
+        return ShareSuggestionsOut(request_id=request_id, bundle_version=bundle.version, user_id=user_id,
+                                   open_rate=found.open_rate, items=items, reason=found.reason)
+
+    return router
