@@ -10,8 +10,10 @@ else about a person, and are produced one row group at a time: memory stays flat
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,9 +22,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import TypeAdapter
 
+from features.eventlog import replay
+from features.online import MemoryStore, open_store
 from features.store import OnlineStore
 from serving.segment_schemas import SegmentDefinition
-from serving.segment_snapshots import SnapshotMeta, SnapshotStore
+from serving.segment_snapshots import ROW_GROUP, SnapshotMeta, SnapshotStore
 from serving.segments import SegmentEngine, allowed_users
 from training.bundle import Bundle
 
@@ -103,36 +107,71 @@ class Segments:
 
     def export_csv(self, segment_id: str) -> Iterator[bytes]:
         meta, batches = self._allowed_batches(segment_id)
-
-        def stream() -> Iterator[bytes]:
-            header = {"segment_id": meta.segment_id, "bundle_version": meta.bundle_version,
-                      "created_at": meta.created_at.isoformat(), "definition": meta.definition}
-            yield b"# " + orjson.dumps(header) + b"\n"
-            first = True
-            for batch in batches:
-                sink = io.BytesIO()
-                pacsv.write_csv(batch, sink, pacsv.WriteOptions(include_header=first, quoting_style="needed"))
-                first = False
-                yield sink.getvalue()
-            if first:
-                yield b'"user_id","score"\n'
-        return stream()
+        return csv_stream(_info(meta), batches)
 
     def export_parquet(self, segment_id: str) -> Iterator[bytes]:
         meta, batches = self._allowed_batches(segment_id)
+        return parquet_stream(_info(meta), batches)
 
-        def stream() -> Iterator[bytes]:
-            sink = _Chunks()
-            info = {"segment_id": meta.segment_id, "bundle_version": meta.bundle_version,
-                    "created_at": meta.created_at.isoformat(), "definition": meta.definition}
-            schema = pa.schema([("user_id", pa.string()), ("score", pa.float32())],
-                               metadata={PARQUET_METADATA_KEY: orjson.dumps(info)})
-            with pq.ParquetWriter(sink, schema) as writer:
-                for batch in batches:
-                    writer.write_batch(batch)
-                    yield sink.take()
+
+def _info(meta: SnapshotMeta) -> dict[str, object]:
+    return {"segment_id": meta.segment_id, "bundle_version": meta.bundle_version,
+            "created_at": meta.created_at.isoformat(), "definition": meta.definition}
+
+
+def csv_stream(info: dict[str, object], batches: Iterable[pa.RecordBatch]) -> Iterator[bytes]:
+    """`# {json of info}` on the first line, then `user_id,score` rows."""
+    yield b"# " + orjson.dumps(info) + b"\n"
+    first = True
+    for batch in batches:
+        sink = io.BytesIO()
+        pacsv.write_csv(batch, sink, pacsv.WriteOptions(include_header=first, quoting_style="needed"))
+        first = False
+        yield sink.getvalue()
+    if first:
+        yield b'"user_id","score"\n'
+
+
+def parquet_stream(info: dict[str, object], batches: Iterable[pa.RecordBatch]) -> Iterator[bytes]:
+    """A Parquet file (user_id, score; info as JSON under the schema metadata key PARQUET_METADATA_KEY),
+    one row group per batch, bytes handed on as each row group is written."""
+    sink = _Chunks()
+    schema = pa.schema([("user_id", pa.string()), ("score", pa.float32())],
+                       metadata={PARQUET_METADATA_KEY: orjson.dumps(info)})
+    with pq.ParquetWriter(sink, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
             yield sink.take()
-        return stream()
+    yield sink.take()
+
+
+def write_segment(engine: SegmentEngine, definition: SegmentDefinition, store: OnlineStore | None,
+                  out: Path) -> int:
+    """Evaluate a definition and write its members to `out` (.parquet, else CSV) as the API exports them;
+    returns the number of members."""
+    members = engine.evaluate(definition, store)
+    ids = engine.bundle.users.ids[members.user_idx]
+    info: dict[str, object] = {"bundle_version": engine.bundle.version,
+                               "created_at": datetime.now(UTC).isoformat(), "definition": definition_json(definition)}
+    batches = (pa.record_batch({"user_id": pa.array(ids[k:k + ROW_GROUP].tolist(), type=pa.string()),
+                                "score": pa.array(members.scores[k:k + ROW_GROUP], type=pa.float32())})
+               for k in range(0, len(ids), ROW_GROUP))
+    stream = parquet_stream(info, batches) if out.suffix == ".parquet" else csv_stream(info, batches)
+    with out.open("wb") as fh:
+        for chunk in stream:
+            fh.write(chunk)
+    return len(ids)
+
+
+def offline_store(redis_url: str | None, prefix: str, event_log: Path) -> OnlineStore:
+    """The consent and erasure state a batch job must honour: the Redis store when there is one, else the
+    control rows (consent changes, erasures) of the durable event log replayed into an in-process store."""
+    if redis_url is not None:
+        return open_store(redis_url, prefix)
+    store = MemoryStore()
+    if Path(event_log).is_dir():
+        replay(Path(event_log), store, since=float("inf"))  # no events, every control row
+    return store
 
 
 class _Chunks(io.RawIOBase):

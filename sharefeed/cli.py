@@ -143,6 +143,62 @@ def recommend(bundle: Path, users_file: Path, n: int, out: Path) -> None:
 
 
 @main.command()
+@click.option("--bundle", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--kind", required=True, type=click.Choice(["propensity", "lookalike", "lifecycle", "social"]))
+@click.option("--item", "item_id", help="propensity: the item; social friends_of_buyers: whose buyers' friends.")
+@click.option("--category", help="propensity: any item of this category.")
+@click.option("--brand", help="propensity: any item of this brand.")
+@click.option("--seeds", "seeds_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="lookalike: a file of seed user ids, one a line.")
+@click.option("--method", type=click.Choice(["centroid", "max"]), default="centroid", show_default=True)
+@click.option("--group", "groups", multiple=True, help="lifecycle: champions, loyal, at_risk, hibernating, new, "
+              "other (repeatable; default all buyers).")
+@click.option("--signal", type=click.Choice(["top_sharers", "influencers", "friends_of_buyers", "community"]))
+@click.option("--user", "user_id", help="social community: a member.")
+@click.option("--top", "size", type=int, default=1000, show_default=True, help="Members at most (0: no limit).")
+@click.option("--min-score", type=float, help="Only members scoring at least this.")
+@click.option("--active-days", type=int, help="Only users with an event in the last N days.")
+@click.option("--bought-category", "bought", multiple=True, help="Only users who bought in this category.")
+@click.option("--never-bought-category", "never", multiple=True, help="Only users who never bought in it.")
+@click.option("--exclude-buyers", is_flag=True, help="propensity: leave out users who already bought the target.")
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="FILE.csv or FILE.parquet: user_id, score and the definition.")
+def segment(bundle: Path, kind: str, item_id: str | None, category: str | None, brand: str | None,
+            seeds_file: Path | None, method: str, groups: tuple[str, ...], signal: str | None, user_id: str | None,
+            size: int, min_score: float | None, active_days: int | None, bought: tuple[str, ...],
+            never: tuple[str, ...], exclude_buyers: bool, out: Path) -> None:
+    """An audience segment to a file; users erased or opted out of marketing are left out."""
+    from pydantic import ValidationError
+
+    from serving.batch import read_user_ids
+    from serving.segment_service import DEFINITION, offline_store, write_segment
+    from serving.segments import SegmentEngine, SegmentError
+    from serving.settings import ServingSettings
+    from training.bundle import load_bundle
+
+    fields = {"kind": kind, "item_id": item_id, "category": category, "brand": brand, "method": method,
+              "seed_user_ids": read_user_ids(seeds_file) if seeds_file else None, "groups": list(groups) or None,
+              "signal": signal, "user_id": user_id, "size": size or None, "min_score": min_score,
+              "filters": {"active_days": active_days, "bought_categories": list(bought) or None,
+                          "never_bought_categories": list(never) or None, "exclude_current_buyers": exclude_buyers}}
+    allowed = {"propensity": {"item_id", "category", "brand"}, "lookalike": {"seed_user_ids", "method"},
+               "lifecycle": {"groups"}, "social": {"signal", "item_id", "user_id"}}[kind]
+    given = {k: v for k, v in fields.items() if v is not None and (k in allowed or k in {"kind", "size", "min_score",
+                                                                                           "filters"})}
+    try:
+        definition = DEFINITION.validate_python(given)
+    except ValidationError as exc:
+        raise click.UsageError("; ".join(str(e["msg"]) for e in exc.errors())) from exc
+    settings = ServingSettings()
+    store = offline_store(settings.redis_url, settings.redis_prefix, settings.event_log)
+    try:
+        written = write_segment(SegmentEngine(load_bundle(bundle)), definition, store, out)
+    except SegmentError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _echo(f"wrote {written:,} members to {out}")
+
+
+@main.command()
 @click.option("--bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--model", "model_alias", help="Instead of --bundle: serve the version this MLflow registered-model "
               "alias names (e.g. champion), downloaded and verified.")

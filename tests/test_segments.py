@@ -306,3 +306,35 @@ def test_unknown_segment_bad_cursor_and_expiry(bundle: Bundle, store: MemoryStor
         body = _query(client, {"kind": "social", "signal": "top_sharers", "size": 3})
         assert client.get(f"/v1/segments/{body['segment_id']}").status_code == 404
         assert client.get(f"/v1/segments/{body['segment_id']}/export").status_code == 404
+
+
+def test_cli_segment_honours_the_event_logs_erasures(bundle: Bundle, trained: TrainResult, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from click.testing import CliRunner
+
+    from features.eventlog import EventLog, consent_row, erase_row
+    from sharefeed.cli import main
+
+    log_dir = tmp_path / "log"
+    monkeypatch.setenv("SHAREFEED_EVENT_LOG", str(log_dir))
+    monkeypatch.delenv("SHAREFEED_REDIS_URL", raising=False)
+    args = ["segment", "--bundle", str(trained.bundle_path), "--kind", "propensity", "--category",
+            _top_category(bundle), "--top", "25"]
+    first = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a.csv")])
+    assert first.exit_code == 0, first.output
+    before = pd.read_csv(tmp_path / "a.csv", comment="#", dtype={"user_id": str})
+    assert len(before) == 25
+    log = EventLog(log_dir)
+    log.append([erase_row(before["user_id"][0], time.time()),
+                consent_row(before["user_id"][1], {"marketing": False}, time.time())])
+    log.close()
+    second = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b.parquet")])
+    assert second.exit_code == 0, second.output
+    after = pd.read_parquet(tmp_path / "b.parquet")
+    assert len(after) == 25
+    assert not set(before["user_id"][:2]) & set(after["user_id"])
+    bad = CliRunner().invoke(main, ["segment", "--bundle", str(trained.bundle_path), "--kind", "social",
+                                    "--out", str(tmp_path / "c.csv")])
+    assert bad.exit_code == 2
