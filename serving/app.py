@@ -41,6 +41,7 @@ from serving.schemas import (
     RowRejected,
 )
 from serving.settings import ServingSettings
+from serving.share_suggestions import share_router
 from training.bundle import Bundle, BundleError
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: O
     app.add_middleware(_Timing)
     _routes(app, settings)
     app.include_router(items_router(settings))
+    app.include_router(share_router(settings))
     return app
 
 
