@@ -137,8 +137,8 @@ def evaluate(name: str, data_dir: Path, params_file: Path | None) -> pd.DataFram
 
 def markdown(table: pd.DataFrame) -> str:
     columns = ["data", "category", "future_buyers", "base_rate", "ceiling", "propensity_1%", "propensity_1%_ci",
-               "baseline_1%",
-               "propensity_max_1%", "als_1%", "als_max_1%", "propensity_5%", "baseline_5%", "lookalike_1%", "lookalike_5%"]
+               "baseline_1%", "propensity_max_1%", "als_1%", "als_max_1%", "propensity_5%", "baseline_5%",
+               "lookalike_1%", "lookalike_5%"]
     shown = table[columns].copy()
     shown["base_rate"] = shown["base_rate"].map(lambda v: f"{v:.2%}")
     for c in columns[4:]:
