@@ -114,10 +114,10 @@ def evaluate(name: str, data_dir: Path, params_file: Path | None) -> pd.DataFram
                                   "base_rate": base, "ceiling": 1.0 / base}
         for share in TOPS:
             pct = f"{share:.0%}"
-            row[f"propensity_{pct}"] = _lift(mean_scores, future_buyers, share, base)
-            row[f"max_{pct}"] = _lift(max_scores, future_buyers, share, base)
-            row[f"rescored_{pct}"] = _lift(rescored, future_buyers, share, base)
-            row[f"rescored_max_{pct}"] = _lift(rescored_max, future_buyers, share, base)
+            row[f"propensity_{pct}"] = _lift(rescored, future_buyers, share, base)
+            row[f"propensity_max_{pct}"] = _lift(rescored_max, future_buyers, share, base)
+            row[f"als_{pct}"] = _lift(mean_scores, future_buyers, share, base)
+            row[f"als_max_{pct}"] = _lift(max_scores, future_buyers, share, base)
             row[f"baseline_{pct}"] = _lift(baseline, future_buyers, share, base)
         low, high = _bootstrap_lift(rescored, future_buyers, TOPS[0], rng)
         row["propensity_1%_ci"] = f"{low:.1f}-{high:.1f}"

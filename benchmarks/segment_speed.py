@@ -42,6 +42,7 @@ def synthetic_bundle(n_users: int, n_items: int, factors: int, categories: int, 
     users = (taste @ topics + 0.3 * rng.normal(size=(n_users, factors)).astype(np.float32)) / 4
     state = SimpleNamespace(item_category=item_cat, item_buyers=rng.poisson(5, n_items).astype(np.float32),
                             pair_purchases=sp.csr_matrix((n_users, n_items)), cutoff_seconds=now,
+                            pair_last_purchase=sp.csr_matrix((n_users, n_items)),
                             user_last_seen=now - rng.exponential(30 * 86_400, n_users))
     manifest = SimpleNamespace(categories=[f"c{k}" for k in range(categories)], brands=[])
     return SimpleNamespace(user_factors=users.astype(np.float32), item_factors=items, state=state, manifest=manifest,
