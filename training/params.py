@@ -68,6 +68,7 @@ class RankerParams(_Strict):
     lambda_l2: float = Field(1.0, ge=0.0)
     negatives_per_group: int = Field(100, ge=1)  # training rows: all positives plus this many sampled negatives
     validation_share: float = Field(0.2, gt=0.0, lt=1.0)  # users held out for early stopping
+    label_windows: int = Field(1, ge=1, le=12)  # training groups from this many consecutive label windows
     seed: int = 23
 
 

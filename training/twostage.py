@@ -2,8 +2,9 @@
 
 Window A (fit before T1, labels in [T1, T2)) trains the ranker and picks the best popularity window;
 window B (fit before T2, labels in [T2, T3)) is the reported test: every baseline and the ranker are
-scored on the same users with the same blocked items. The ranker that serving gets is then refit on
-window B's rows with the number of rounds chosen on A.
+scored on the same users with the same blocked items. With `ranker.label_windows` > 1, window A's groups
+are stacked with those of the windows before it (each fit as of its own cut-off, labels before T1). The
+ranker that serving gets is then refit on window B's rows plus those groups, for the rounds chosen on A.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from training.evaluate import (
     score_lists,
 )
 from training.params import SplitParams, TrainParams
-from training.ranker import Ranker, fit_ranker, sample_negatives, with_positive_groups
+from training.ranker import Ranker, RankerData, fit_ranker, sample_negatives, with_positive_groups
 from training.split import Holdout, time_holdout
 from training.window import CandidateRows, Window, attach_labels, candidate_rows, fit_window, labels_between
 
@@ -119,8 +120,30 @@ def _ranker_data(
     return rows, attach_labels(rows, window, labels)
 
 
-def _split_users(n_groups: int, share: float, rng: np.random.Generator) -> np.ndarray:
-    return rng.random(n_groups) < share
+def _stack(parts: list[RankerData]) -> RankerData:
+    return RankerData(
+        np.concatenate([p.features for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        np.concatenate([p.group_sizes for p in parts]),
+    )
+
+
+def _training_groups(
+    stacked: list[tuple[CandidateRows, np.ndarray]], params: TrainParams, rng: np.random.Generator
+) -> tuple[RankerData, RankerData]:
+    """Training and early-stopping groups from every label window; a user is held out in all or none."""
+    users = sorted({u for rows, _ in stacked for u in rows.user_ids})
+    held = dict(zip(users, (rng.random(len(users)) < params.ranker.validation_share).tolist(), strict=True))
+    train, valid = [], []
+    for rows, labels in stacked:
+        valid_groups = np.asarray([held[u] for u in rows.user_ids], dtype=bool)
+        train.append(sample_negatives(
+            with_positive_groups(rows.features, labels, rows.group_sizes, ~valid_groups),
+            params.ranker.negatives_per_group,
+            rng,
+        ))
+        valid.append(with_positive_groups(rows.features, labels, rows.group_sizes, valid_groups))
+    return _stack(train), _stack(valid)
 
 
 def evaluate_two_stage(
@@ -142,14 +165,14 @@ def evaluate_two_stage(
     n, ks = max(params.evaluation.k), params.evaluation.k
 
     window_a = fit_window(events, catalog, params, t1, meta_columns)
-    rows_a, labels_a = _ranker_data(window_a, events, t1, t2, params)
-    valid_groups = _split_users(len(rows_a.group_sizes), params.ranker.validation_share, rng)
-    train_data = sample_negatives(
-        with_positive_groups(rows_a.features, labels_a, rows_a.group_sizes, ~valid_groups),
-        params.ranker.negatives_per_group,
-        rng,
-    )
-    valid_data = with_positive_groups(rows_a.features, labels_a, rows_a.group_sizes, valid_groups)
+    stacked = [_ranker_data(window_a, events, t1, t2, params)]
+    for back in range(1, params.ranker.label_windows):  # earlier windows, each as of its own cut-off
+        cut = t1 - back * (t2 - t1)
+        if cut <= events["ts"].min():
+            break
+        stacked.append(_ranker_data(fit_window(events, catalog, params, cut, meta_columns), events, cut,
+                                    cut + (t2 - t1), params))
+    train_data, valid_data = _training_groups(stacked, params, rng)
     if not len(train_data.group_sizes):
         raise ValueError(
             f"no user bought or carted anything among their candidates in [{t1}, {t2}): "
@@ -157,7 +180,7 @@ def evaluate_two_stage(
         )
     ranker_a = fit_ranker(train_data, params.ranker, valid_data)
     say(
-        f"ranker on window A: {len(train_data.group_sizes):,} training groups, "
+        f"ranker on window A ({len(stacked)} label window(s)): {len(train_data.group_sizes):,} training groups, "
         f"{len(valid_data.group_sizes):,} validation groups, {ranker_a.rounds} rounds"
     )
     targets_a = holdout_targets(
@@ -224,9 +247,10 @@ def evaluate_two_stage(
             } | {"users": float(mask.sum())}
 
     labels_b = attach_labels(rows, window_b, labels_between(events, t2, None))
-    final_data = sample_negatives(
-        with_positive_groups(rows.features, labels_b, rows.group_sizes), params.ranker.negatives_per_group, rng
-    )
+    final_data = _stack([
+        sample_negatives(with_positive_groups(r.features, lab, r.group_sizes), params.ranker.negatives_per_group, rng)
+        for r, lab in [(rows, labels_b), *stacked]
+    ])
     ranker = fit_ranker(final_data, params.ranker, rounds=ranker_a.rounds) if len(final_data.group_sizes) else ranker_a
     windows = {
         "T0": events["ts"].min().isoformat(),
