@@ -40,6 +40,7 @@ from serving.schemas import (
     ReloadOut,
     RowRejected,
 )
+from serving.segment_routes import segments_router
 from serving.settings import ServingSettings
 from serving.share_suggestions import share_router
 from training.bundle import Bundle, BundleError
@@ -136,6 +137,7 @@ def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: O
     _routes(app, settings)
     app.include_router(items_router(settings))
     app.include_router(share_router(settings))
+    app.include_router(segments_router(settings))
     return app
 
 

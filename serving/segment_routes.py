@@ -5,7 +5,6 @@ as files under `settings.segments_dir`, shared by every worker process.
 """
 
 from collections.abc import Iterator
-from pathlib import Path as FilePath
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
@@ -29,21 +28,14 @@ from serving.segment_snapshots import SnapshotStore, UnknownSegmentError
 from serving.segments import SegmentError
 from serving.settings import ServingSettings
 
-DEFAULT_TTL_SECONDS = 7 * 86_400.0
 SegmentIdPath = Annotated[str, Path(min_length=1, max_length=64)]
 SavedNamePath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
 
-def _default_dir() -> FilePath:
-    return FilePath.home() / ".sharefeed" / "segments"
-
-
 def segments_router(settings: ServingSettings) -> APIRouter:
     """The segment routes; `settings.segments_dir` and `settings.segment_ttl_seconds` say where snapshots
-    live and for how long (defaults: ~/.sharefeed/segments, a week)."""
-    directory = FilePath(getattr(settings, "segments_dir", None) or _default_dir())
-    ttl = float(getattr(settings, "segment_ttl_seconds", None) or DEFAULT_TTL_SECONDS)
-    snapshots = SnapshotStore(directory, ttl)
+    live and for how long."""
+    snapshots = SnapshotStore(settings.segments_dir, settings.segment_ttl_seconds)
     router = APIRouter(prefix="/v1/segments", tags=["segments"])
 
     def segments(request: Request) -> Segments:

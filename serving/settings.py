@@ -28,5 +28,8 @@ class ServingSettings(BaseSettings):
     event_log: Path = Field(default_factory=_default_event_log)  # the durable log `train --data` reads
     reload_poll_seconds: float = Field(1.0, gt=0)  # how often a worker checks which bundle to serve
     overlay_refresh_seconds: float = Field(1.0, ge=0)  # how soon catalog changes and rules reach a worker
+    segments_dir: Path = Field(default_factory=lambda: Path.home() / ".sharefeed" / "segments")  # snapshots and
+    # saved segment definitions, shared by every worker
+    segment_ttl_seconds: float = Field(7 * 86_400.0, gt=0)  # how long a segment snapshot is kept
     max_per_category: int | None = Field(None, ge=1)  # diversity: at most this many items of a category ...
     diversity_window: int = Field(10, ge=1)  # ... among the first this many of a feed

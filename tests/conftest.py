@@ -36,5 +36,7 @@ def trained(demo_dir: Path, training_settings: TrainingSettings,
 
 @pytest.fixture(autouse=True)
 def _private_event_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A service started by a test writes its event log in the test's own folder, never in the home."""
+    """A service started by a test writes its event log and segments in the test's own folder, never in the
+    home."""
     monkeypatch.setenv("SHAREFEED_EVENT_LOG", str(tmp_path / "eventlog"))
+    monkeypatch.setenv("SHAREFEED_SEGMENTS_DIR", str(tmp_path / "segments"))

@@ -22,6 +22,7 @@ from serving.recommender import Recommender
 from serving.segment_routes import segments_router
 from serving.segment_service import PARQUET_METADATA_KEY
 from serving.segment_social import ReachGraph
+from serving.settings import ServingSettings
 from training.bundle import Bundle, load_bundle
 from training.pipeline import TrainResult
 
@@ -33,18 +34,10 @@ def bundle(trained: TrainResult) -> Bundle:
 
 def _app(bundle: Bundle, store: MemoryStore, directory: Path, ttl: float = 3600.0) -> FastAPI:
     app = FastAPI()
-    app.include_router(segments_router(_Settings(directory, ttl)))  # type: ignore[arg-type]
+    app.include_router(segments_router(ServingSettings(segments_dir=directory, segment_ttl_seconds=ttl)))
     app.state.recommender = Recommender(bundle)
     app.state.store = store
     return app
-
-
-class _Settings:
-    """The two settings the router reads (ServingSettings gains them when the app wires the router)."""
-
-    def __init__(self, directory: Path, ttl: float) -> None:
-        self.segments_dir = directory
-        self.segment_ttl_seconds = ttl
 
 
 @pytest.fixture
