@@ -39,10 +39,13 @@ from serving.schemas import (
     ReloadIn,
     ReloadOut,
     RowRejected,
+    SocialOut,
 )
 from serving.segment_routes import segments_router
 from serving.settings import ServingSettings
 from serving.share_suggestions import share_router
+from serving.social_proof import Proof
+from serving.social_proof import reason as social_reason
 from training.bundle import Bundle, BundleError
 
 log = logging.getLogger(__name__)
@@ -96,20 +99,29 @@ ServiceDep = Annotated[Service, Depends(_service)]
 RecommenderDep = Annotated[Recommender, Depends(_recommender)]
 
 
-def _feed_out(result: FeedResult, request_id: str, version: str, explain: bool, degraded: bool) -> FeedOut:
-    return FeedOut(
-        request_id=request_id,
-        bundle_version=version,
-        user_id=result.user_id,
-        personalized=result.personalized,
-        step=result.step.value if result.step else None,
-        degraded=degraded,
-        items=[
-            FeedItemOut(item_id=i.item_id, score=i.score, source=i.source.value,
-                        reason=i.reason if explain else None)
-            for i in result.items
-        ],
-    )
+def _feed_out(result: FeedResult, request_id: str, version: str, explain: bool, degraded: bool,
+              proof: dict[str, Proof], named: bool) -> FeedOut:
+    items = []
+    for i in result.items:
+        evidence = proof.get(i.item_id)
+        social = (SocialOut(friends_bought=evidence.friends_bought,
+                            friend_ids=list(evidence.friend_ids) if named else None) if evidence else None)
+        reason = (social_reason(evidence, named) if evidence else i.reason) if explain else None
+        items.append(FeedItemOut(item_id=i.item_id, score=i.score, source=i.source.value, reason=reason,
+                                 social=social))
+    return FeedOut(request_id=request_id, bundle_version=version, user_id=result.user_id,
+                   personalized=result.personalized, step=result.step.value if result.step else None,
+                   degraded=degraded, items=items)
+
+
+def _social_proof(service: Service, recommender: Recommender, result: FeedResult) -> dict[str, Proof]:
+    """Friends' purchases behind the feed's items (only for a personalized feed: it reads the user's ties)."""
+    if not result.personalized or not result.items:
+        return {}
+    codes = recommender.bundle.items.indexes([i.item_id for i in result.items])
+    known = codes[codes >= 0].tolist()
+    found = recommender.social.for_items(result.user_id, known, service.visible_in_social_proof)
+    return {recommender.bundle.items.id_of(idx): proof for idx, proof in found.items()}
 
 
 def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: OnlineStore | None = None) -> FastAPI:
@@ -174,7 +186,9 @@ def _routes(app: FastAPI, settings: ServingSettings) -> None:
         degraded = bool(view and view.degraded)
         if degraded:
             metrics.DEGRADED.labels(endpoint="feed").inc()
-        return _feed_out(result, request_id, recommender.version, explain, degraded)
+        proof = _social_proof(service, recommender, result)
+        return _feed_out(result, request_id, recommender.version, explain, degraded, proof,
+                         settings.social_proof_names)
 
     @app.post("/v1/rank", response_model=RankOut, response_model_exclude_none=True)
     def rank(body: RankIn, service: ServiceDep, recommender: RecommenderDep, request_id: RequestId) -> RankOut:

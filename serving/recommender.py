@@ -33,6 +33,7 @@ from features.state import FeatureState
 from features.store import OnlineEvent
 from serving.catalog import Catalog
 from serving.merchandising import Ranked, Rule, apply_rules, diversify
+from serving.social_proof import SocialProof
 from training.bundle import Bundle
 from training.ranker import Ranker
 
@@ -110,6 +111,7 @@ class Recommender:
                             model.confidence_scale)
         self._blank = blank_user_rows(bundle.state, bundle.manifest.categories, bundle.manifest.brands)
         self._weights = dict(bundle.manifest.event_weights)
+        self.social = SocialProof(bundle)
         if hasattr(bundle.index, "hnsw"):
             bundle.index.hnsw.efSearch = model.ef_search
 

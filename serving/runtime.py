@@ -157,6 +157,19 @@ class Service:
                 log.warning("online store unavailable: catalog changes and rules as last read", exc_info=True)
         return self._rules.active(datetime.now(UTC))
 
+    def visible_in_social_proof(self, user_ids: list[str]) -> list[bool]:
+        """Who may appear in other shoppers' social proof: not erased, `social_proof` consent not withheld.
+        When the store cannot tell, nobody does (privacy first)."""
+        if not user_ids:
+            return []
+        try:
+            erased = self.store.erased(user_ids)
+            return [not gone and self.store.consent(user).get("social_proof", True)
+                    for user, gone in zip(user_ids, erased, strict=True)]
+        except Exception:
+            log.warning("online store unavailable: social proof left out", exc_info=True)
+            return [False] * len(user_ids)
+
     def user_view(self, user_id: str) -> UserView:
         """The user's online context and consent; degraded (bundle only) when the store fails."""
         try:

@@ -11,11 +11,17 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SocialOut(_Body):
+    friends_bought: int  # people this shopper follows or is friends with who bought the item
+    friend_ids: list[str] | None = None  # named only where the deployment allows it
+
+
 class FeedItemOut(_Body):
     item_id: str
     score: float
     source: str
     reason: str | None = None
+    social: SocialOut | None = None
 
 
 class FeedOut(_Body):

@@ -31,5 +31,6 @@ class ServingSettings(BaseSettings):
     segments_dir: Path = Field(default_factory=lambda: Path.home() / ".sharefeed" / "segments")  # snapshots and
     # saved segment definitions, shared by every worker
     segment_ttl_seconds: float = Field(7 * 86_400.0, gt=0)  # how long a segment snapshot is kept
+    social_proof_names: bool = False  # name the friends behind "friends bought this" (else counts only)
     max_per_category: int | None = Field(None, ge=1)  # diversity: at most this many items of a category ...
     diversity_window: int = Field(10, ge=1)  # ... among the first this many of a feed

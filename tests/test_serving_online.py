@@ -213,3 +213,66 @@ def test_replay_rebuilds_redis_from_the_log_after_a_loss(bundle: Bundle, redis_u
     assert "replayed 1 events and 1 consent/erasure rows" in result.output
     assert list(store.purchased(user)) == [item]
     assert store.consent(user)["marketing"] is False
+
+
+def _sees(data: Path, viewer: str) -> set[str]:
+    """Whose activity the viewer sees, from the raw tables: friends, people they follow, people who shared
+    with them or referred them (the social graph's definition)."""
+    import pandas as pd
+
+    social = pd.read_parquet(data / "social.parquet")
+    events = pd.read_parquet(data / "events.parquet")
+    friend = social["kind"] == "friend"
+    seen = set(social.loc[friend & (social["friend_id"] == viewer), "user_id"])
+    seen |= set(social.loc[friend & (social["user_id"] == viewer), "friend_id"])
+    seen |= set(social.loc[(social["kind"] == "follow") & (social["user_id"] == viewer), "friend_id"])
+    if "target_user_id" in events.columns:
+        seen |= set(events.loc[events["target_user_id"] == viewer, "user_id"])
+    if "referrer_id" in events.columns:
+        seen |= set(events.loc[(events["user_id"] == viewer) & events["referrer_id"].notna(), "referrer_id"])
+    seen.discard(viewer)
+    return seen
+
+
+def test_social_proof_names_the_friends_who_really_bought_and_respects_their_consent(
+        bundle: Bundle, demo_dir: Path, redis_url: str, redis_prefix: str, tmp_path: Path) -> None:
+    import pandas as pd
+
+    events = pd.read_parquet(demo_dir / "events.parquet")
+    purchases = events.loc[events["event_type"] == "purchase"]
+    store = RedisStore(redis_url, redis_prefix)
+    settings = ServingSettings(redis_url=redis_url, redis_prefix=redis_prefix, event_log=tmp_path / "log",
+                               social_proof_names=True)
+    with TestClient(create_app(settings, bundle=bundle, store=store)) as client:
+        checked = 0
+        for user in bundle.users.ids[:80].tolist():
+            feed = client.get(f"/v1/users/{user}/feed", params={"n": 20, "explain": "true"}).json()
+            friends = _sees(demo_dir, user)
+            for item in feed["items"]:
+                buyers = set(purchases.loc[purchases["item_id"] == item["item_id"], "user_id"]) & friends
+                if not buyers:
+                    assert "social" not in item
+                    continue
+                assert item["social"]["friends_bought"] == len(buyers)
+                assert set(item["social"]["friend_ids"]) <= buyers
+                assert "bought this" in item["reason"]
+                checked += 1
+            if checked >= 5:
+                break
+        assert checked >= 5, "too few feed items with a friend's purchase to check"
+        named = next(i for i in feed["items"] if "social" in i)
+        hidden = named["social"]["friend_ids"][0]
+        client.put(f"/v1/users/{hidden}/consent", json={"social_proof": False})
+        erased = named["social"]["friend_ids"][-1]
+        client.delete(f"/v1/users/{erased}")
+        again = client.get(f"/v1/users/{user}/feed", params={"n": 20, "explain": "true"}).json()
+        for item in again["items"]:
+            assert hidden not in item.get("social", {}).get("friend_ids", [])
+            assert erased not in item.get("social", {}).get("friend_ids", [])
+    counts_only = ServingSettings(redis_url=redis_url, redis_prefix=redis_prefix, event_log=tmp_path / "log2")
+    with TestClient(create_app(counts_only, bundle=bundle, store=store)) as client:
+        feed = client.get(f"/v1/users/{user}/feed", params={"n": 20, "explain": "true"}).json()
+        social = [i for i in feed["items"] if "social" in i]
+        assert social
+        assert all("friend_ids" not in i["social"] for i in social)
+        assert all("friend" in i["reason"] for i in social)

@@ -1,0 +1,77 @@
+"""Social proof for feed items: which of the people a shopper follows or is friends with bought an item.
+
+Read from the bundle: the social graph (an edge u -> v means v sees u's activity) and the purchases of
+the feature state. Only real contributions count: a friend appears for an item only if the bundle holds
+that friend's purchase of it, and only if the friend has not withheld the `social_proof` consent nor been
+erased (the caller passes that check, which reads the online store). Names are given out only when the
+caller may see them; counts otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from training.bundle import Bundle
+
+MAX_FRIENDS_CHECKED = 500  # the strongest ties looked at per request
+MAX_NAMED = 3  # friends named per item at most
+MAX_FRIENDS_NAMED_CHECK = 50  # friends whose consent is checked per request (strongest ties first)
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    friends_bought: int
+    friend_ids: tuple[str, ...]  # at most MAX_NAMED, strongest ties first
+
+
+class SocialProof:
+    """Built once per bundle: the graph turned around (whose activity each user sees)."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        graph = bundle.social_graph
+        n = graph.n_users
+        edges = sp.csr_matrix((graph.weight.astype(np.float32), graph.indices, graph.indptr), shape=(n, n))
+        self._sees = sp.csr_matrix(edges.T)  # row v: the users whose activity v sees, with the tie's weight
+        self._users = graph.users
+        self._bundle_users = len(bundle.users)
+        self._purchases = bundle.state.pair_purchases
+
+    def for_items(self, user_id: str, items: Sequence[int],
+                  allowed: Callable[[list[str]], list[bool]]) -> dict[int, Proof]:
+        """Per item idx with at least one friend's purchase: how many friends bought it and who."""
+        viewer = self._users.index_of(user_id)
+        if viewer is None or not len(items):
+            return {}
+        row = self._sees[viewer]
+        order = np.argsort(-row.data, kind="stable")[:MAX_FRIENDS_CHECKED]
+        friends = row.indices[order]
+        friends = friends[friends < self._bundle_users]  # purchases are kept for the bundle's users only
+        if not len(friends):
+            return {}
+        columns = np.asarray(items, dtype=np.int64)
+        bought = self._purchases[friends][:, columns].toarray() > 0  # friends x items
+        hit = np.flatnonzero(bought.any(axis=0))
+        if not len(hit):
+            return {}
+        involved = np.flatnonzero(bought[:, hit].any(axis=1))[:MAX_FRIENDS_NAMED_CHECK]
+        names = [self._users.id_of(int(f)) for f in friends[involved]]
+        visible = np.asarray(allowed(names), dtype=bool)
+        out: dict[int, Proof] = {}
+        for j in hit.tolist():
+            who = [names[k] for k in np.flatnonzero(bought[involved, j] & visible).tolist()]
+            if who:
+                out[int(columns[j])] = Proof(len(who), tuple(who[:MAX_NAMED]))
+        return out
+
+
+def reason(proof: Proof, named: bool) -> str:
+    """The shopper-readable line: names only when the caller may see them."""
+    if named and proof.friend_ids:
+        first = proof.friend_ids[0]
+        others = proof.friends_bought - 1
+        return f"{first} bought this" if not others else f"{first} and {others} more friends bought this"
+    return "a friend bought this" if proof.friends_bought == 1 else f"{proof.friends_bought} friends bought this"
