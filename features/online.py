@@ -202,6 +202,9 @@ class MemoryStore:
             given = self._consent.get(user_id, {})
             return {purpose: given.get(purpose, True) for purpose in CONSENT_PURPOSES}
 
+    def consents(self, user_ids: Sequence[str]) -> list[dict[str, bool]]:
+        return [self.consent(user_id) for user_id in user_ids]
+
     def erase_user(self, user_id: str) -> None:
         with self._lock:
             for table in (self._recent, self._purchases, self._consent):
@@ -475,6 +478,16 @@ class RedisStore:
         stored = cast(dict[bytes, bytes], self._redis.hgetall(self.keys.consent(user_id)))
         given = {purpose.decode(): value == b"1" for purpose, value in stored.items()}
         return {purpose: given.get(purpose, True) for purpose in CONSENT_PURPOSES}
+
+    def consents(self, user_ids: Sequence[str]) -> list[dict[str, bool]]:
+        pipe = self._redis.pipeline(transaction=False)
+        for user_id in user_ids:
+            pipe.hgetall(self.keys.consent(user_id))
+        out = []
+        for stored in cast(list[dict[bytes, bytes]], pipe.execute()):
+            given = {purpose.decode(): value == b"1" for purpose, value in stored.items()}
+            out.append({purpose: given.get(purpose, True) for purpose in CONSENT_PURPOSES})
+        return out
 
     def erase_user(self, user_id: str) -> None:
         pipe = self._redis.pipeline(transaction=True)

@@ -66,6 +66,10 @@ class OnlineStore(Protocol):
         """Every purpose in CONSENT_PURPOSES; a user who never said anything has given none away (True)."""
         ...
 
+    def consents(self, user_ids: Sequence[str]) -> list[dict[str, bool]]:
+        """`consent` of many users in one round trip."""
+        ...
+
     def erase_user(self, user_id: str) -> None:
         """Drop the user's online state and keep a tombstone."""
         ...

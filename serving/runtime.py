@@ -164,8 +164,9 @@ class Service:
             return []
         try:
             erased = self.store.erased(user_ids)
-            return [not gone and self.store.consent(user).get("social_proof", True)
-                    for user, gone in zip(user_ids, erased, strict=True)]
+            consents = self.store.consents(user_ids)
+            return [not gone and given.get("social_proof", True)
+                    for given, gone in zip(consents, erased, strict=True)]
         except Exception:
             log.warning("online store unavailable: social proof left out", exc_info=True)
             return [False] * len(user_ids)

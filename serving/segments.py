@@ -370,8 +370,9 @@ def allowed_users(user_ids: Sequence[str], store: OnlineStore | None, purposes: 
     if store is None or not len(user_ids):
         return np.ones(len(user_ids), dtype=bool)
     keep = ~np.asarray(store.erased(list(user_ids)), dtype=bool)
-    for k in np.flatnonzero(keep):
-        consent = store.consent(user_ids[int(k)])
+    candidates = np.flatnonzero(keep)
+    consents = store.consents([user_ids[int(k)] for k in candidates])  # one round trip
+    for k, consent in zip(candidates.tolist(), consents, strict=True):
         keep[k] = all(consent.get(p, True) for p in purposes)
     return keep
 

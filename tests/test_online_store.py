@@ -157,6 +157,7 @@ def test_consent_defaults_to_given_and_keeps_what_was_said(store: OnlineStore) -
     store.set_consent("u1", {"marketing": True})
     assert store.consent("u1") == {"personalization": False, "marketing": True, "social_proof": True}
     assert store.consent("u2") == dict.fromkeys(CONSENT_PURPOSES, True)
+    assert store.consents(["u2", "u1", "u2"]) == [store.consent("u2"), store.consent("u1"), store.consent("u2")]
     with pytest.raises(ValueError, match="unknown consent purposes"):
         store.set_consent("u1", {"telemarketing": False})
 
