@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from features.dataset import load_dataset
 from features.interactions import user_items_matrix
 from features.social import EdgeKind, build_social_graph
 from features.vocab import Vocabulary
-from serving.share_suggestions import ShareInputs, open_rates, suggest_shares
+from serving.share_suggestions import ShareInputs, ShareWeights, open_rates, suggest_shares
 from training.als import fit_als
 from training.params import TrainParams
 
@@ -89,9 +90,11 @@ def past_inputs(events: pd.DataFrame, social: pd.DataFrame | None, cut: pd.Times
     graph = build_social_graph(social, events, cut, users=users)
     attribution = attribute(events, cut)
     rates = open_rates(graph, attribution.users["open_rate"].to_dict(), attribution.rates["open_rate"])
+    purchases = _matrix(buys, users, items, np.ones(len(buys)))
+    buyers = buys.groupby("item_id")["user_id"].nunique().reindex(items.ids).fillna(0).to_numpy(np.float64)
     inputs = ShareInputs(users=users, items=items, user_factors=factors.user_factors,
                          item_factors=factors.item_factors, bought=bought, recent=recent, graph=graph,
-                         open_rate=rates)
+                         open_rate=rates, purchases=purchases, item_popularity=buyers, now=cut.value / 1e9)
     return inputs, past
 
 
@@ -118,11 +121,11 @@ def baseline_lists(inputs: ShareInputs, past: pd.DataFrame, sharers: np.ndarray,
     return lists
 
 
-def model_lists(inputs: ShareInputs, sharers: np.ndarray, k: int,
-                per_item: int) -> dict[int, list[tuple[int, list[int]]]]:
+def model_lists(inputs: ShareInputs, sharers: np.ndarray, k: int, per_item: int,
+                weights: ShareWeights) -> dict[int, list[tuple[int, list[int]]]]:
     lists = {}
     for u in sharers:
-        found = suggest_shares(inputs, int(u), k, per_item)
+        found = suggest_shares(inputs, int(u), k, per_item, weights)
         lists[int(u)] = [(int(inputs.items.index_of(i.item_id) or 0),
                           [int(inputs.graph.users.index_of(f.user_id) or 0) for f in i.friends]) for i in found.items]
     return lists
@@ -147,25 +150,58 @@ def _ratio_ci(model: pd.DataFrame, base: pd.DataFrame, column: str, rng: np.rand
     return point, float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975))
 
 
+# Share-propensity weights tried on the validation window (the week before the test); the best is then
+# applied to the test window once.
+WEIGHT_GRID = [ShareWeights(recency=r, purchases=b, affinity=a, popularity=p, conversions=c)
+               for r in (0.5, 1.0, 2.0) for b in (1.0, 2.0) for a in (0.3, 0.6) for p in (0.0, 0.3)
+               for c in (0.0, 0.5)]
+
+
+def _shares_after(events: pd.DataFrame, inputs: ShareInputs, start: pd.Timestamp,
+                  end: pd.Timestamp | None = None) -> tuple[pd.DataFrame, int]:
+    window = (events["ts"] >= start) & (events["event_type"] == "share") & events["target_user_id"].notna()
+    if end is not None:
+        window &= events["ts"] < end
+    shares = events.loc[window]
+    test = pd.DataFrame({"sharer": inputs.users.indexes(shares["user_id"]),
+                         "item": inputs.items.indexes(shares["item_id"]),
+                         "recipient": inputs.graph.users.indexes(shares["target_user_id"])})
+    return test.loc[test["sharer"] >= 0].reset_index(drop=True), len(test)
+
+
+def pick_weights(events: pd.DataFrame, social: pd.DataFrame | None, cut: pd.Timestamp, test_days: float,
+                 ks: list[int], per_item: int, params: TrainParams) -> tuple[ShareWeights, int]:
+    """The grid point recovering the most validation shares (summed over k), fitted before the validation."""
+    start = cut - pd.Timedelta(days=test_days)
+    inputs, _ = past_inputs(events.loc[events["ts"] < cut], social, start, params)
+    valid, _ = _shares_after(events, inputs, start, cut)
+    sharers = np.unique(valid["sharer"].to_numpy())
+
+    def hits(weights: ShareWeights) -> int:
+        lists = model_lists(inputs, sharers, max(ks), per_item, weights)  # shorter lists are its prefixes
+        return sum(int(recovered({u: found[:k] for u, found in lists.items()}, valid)["item_hit"].sum())
+                   for k in ks)
+
+    scored = [(hits(w), w) for w in WEIGHT_GRID]
+    best = max(scored, key=lambda pair: pair[0])
+    return best[1], best[0]
+
+
 def suggestion_table(events: pd.DataFrame, social: pd.DataFrame | None, test_days: float, ks: list[int],
                      per_item: int, seed: int) -> dict[str, Any]:
     cut = (events["ts"].max() - pd.Timedelta(days=test_days)).floor("D")
     params = TrainParams()
+    weights, valid_hits = pick_weights(events, social, cut, test_days, ks, per_item, params)
     started = time.perf_counter()
     inputs, past = past_inputs(events, social, cut, params)
     fit_seconds = time.perf_counter() - started
-    shares = events.loc[(events["ts"] >= cut) & (events["event_type"] == "share") & events["target_user_id"].notna()]
-    test = pd.DataFrame({"sharer": inputs.users.indexes(shares["user_id"]),
-                         "item": inputs.items.indexes(shares["item_id"]),
-                         "recipient": inputs.graph.users.indexes(shares["target_user_id"])})
-    all_test = len(test)
-    test = test.loc[test["sharer"] >= 0].reset_index(drop=True)
+    test, all_test = _shares_after(events, inputs, cut)
     sharers = np.unique(test["sharer"].to_numpy())
     rng = np.random.default_rng(seed)
     rows = []
     for k in ks:
         started = time.perf_counter()
-        model = recovered(model_lists(inputs, sharers, k, per_item), test)
+        model = recovered(model_lists(inputs, sharers, k, per_item, weights), test)
         per_user_ms = (time.perf_counter() - started) / max(len(sharers), 1) * 1000
         base = recovered(baseline_lists(inputs, past, sharers, k, per_item, rng), test)
         row: dict[str, Any] = {"k": k, "friends_per_item": per_item, "suggest_ms_per_user": per_user_ms}
@@ -174,7 +210,9 @@ def suggestion_table(events: pd.DataFrame, social: pd.DataFrame | None, test_day
             row |= {f"model {column}s": int(model[column].sum()), f"baseline {column}s": int(base[column].sum()),
                     f"{column} ratio": point, f"{column} ratio ci": [low, high]}
         rows.append(row)
-    return {"cut": cut.isoformat(), "test_days": test_days, "test_shares": all_test,
+    return {"cut": cut.isoformat(), "test_days": test_days, "weights": asdict(weights),
+            "validation_item_hits": valid_hits,
+            "test_shares": all_test,
             "test_shares_by_known_sharers": len(test), "sharers": len(sharers),
             "recipient_known_in_past_share": float((test["recipient"] >= 0).mean()) if len(test) else 0.0,
             "unseen_item_share": float((test["item"] < 0).mean()) if len(test) else 0.0,

@@ -1,9 +1,12 @@
-"""Share suggestions: which items a user should share and to which friends, by expected conversions.
+"""Share suggestions: which items a user should share and to which friends.
 
-A pair (item, friend) is worth P(friend opens a share from this user) x P(friend buys the item): the first
-from the user's attributed share history (smoothed towards the shop's rate), the second from the ALS
-affinity of the friend's vector with the item (clipped to [0, 1]). Candidate items are the user's recent
-items and their top ALS items; friends who already bought an item are left out for it. Numpy only.
+An item is worth suggesting when the user is likely to share it at all and when sharing it converts. The
+first is a share propensity from the user's own behaviour: how recently they interacted with the item,
+how often they bought it, how close it is to their taste (their ALS score) and how popular it is — weights
+chosen on a validation window by `benchmarks/social_eval.py`. The second is the expected conversions of
+sending it to the best friends for it: P(friend opens a share from this user) (the user's attributed share
+history, smoothed towards the shop's rate) x P(friend buys the item) (the friend's ALS affinity, clipped to
+[0, 1]); friends who already bought an item are left out for it. Numpy only.
 """
 
 from dataclasses import dataclass
@@ -21,8 +24,20 @@ from serving.settings import ServingSettings
 from training.bundle import Bundle
 
 MAX_FRIENDS = 300  # strongest ties scored per request
-RECENT_CANDIDATES = 20
-ALS_CANDIDATES = 30
+RECENT_CANDIDATES = 50
+ALS_CANDIDATES = 50
+RECENCY_HALF_LIFE_DAYS = 7.0
+
+
+@dataclass(frozen=True, slots=True)
+class ShareWeights:
+    """How the share propensity and the expected conversions combine into an item's rank."""
+
+    recency: float = 1.0  # 0.5 ** (days since the user's last positive event on the item / 7)
+    purchases: float = 2.0  # log(1 + times the user bought it)
+    affinity: float = 0.5  # the user's own ALS score, standardised over the candidates
+    popularity: float = 0.0  # log(1 + the item's buyers), standardised over the candidates
+    conversions: float = 0.5  # expected conversions from the best friends, standardised over the candidates
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +55,20 @@ class ShareInputs:
     recent: sp.csr_matrix  # users x items: epoch seconds of the last positive event
     graph: SocialGraph
     open_rate: np.ndarray  # per graph user: smoothed share open rate (the shop's rate for non-sharers)
+    purchases: sp.csr_matrix  # users x items: purchase counts
+    item_popularity: np.ndarray  # per item: distinct buyers
+    now: float  # epoch seconds recency is measured back from
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> "ShareInputs":
         by_user = {str(k): float(v) for k, v in bundle.user_influence["open_rate"].items()}
         prior = float(bundle.manifest.social.get("open_rate", 0.0))
+        state = bundle.state
         return cls(users=bundle.users, items=bundle.items, user_factors=bundle.user_factors,
-                   item_factors=bundle.item_factors, bought=bundle.bought, recent=bundle.recent,
-                   graph=bundle.social_graph, open_rate=open_rates(bundle.social_graph, by_user, prior))
+                   item_factors=bundle.item_factors, bought=bundle.bought, recent=state.pair_last,
+                   graph=bundle.social_graph, open_rate=open_rates(bundle.social_graph, by_user, prior),
+                   purchases=state.pair_purchases, item_popularity=state.item_buyers.astype(np.float64),
+                   now=state.cutoff_seconds)
 
 
 def open_rates(graph: SocialGraph, by_user: dict[str, float], prior: float) -> np.ndarray:
@@ -86,12 +107,32 @@ def _candidate_items(inputs: ShareInputs, user_idx: int) -> tuple[np.ndarray, np
     """The user's recent items (newest first), then their top ALS items; and whether each came from recency."""
     row = inputs.recent.getrow(user_idx)
     recent = row.indices[np.argsort(-row.data, kind="stable")][:RECENT_CANDIDATES]
+    bought = inputs.purchases.getrow(user_idx).indices
+    own = np.unique(np.concatenate([recent, bought])).astype(np.int64)
     scores = inputs.item_factors @ inputs.user_factors[user_idx]
     k = min(ALS_CANDIDATES, len(scores))
     top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, np.int64)
     top = top[np.argsort(-scores[top], kind="stable")]
-    items = np.concatenate([recent, top[~np.isin(top, recent)]]).astype(np.int64)
-    return items, np.arange(len(items)) < len(recent)
+    items = np.concatenate([own, top[~np.isin(top, own)]]).astype(np.int64)
+    return items, np.arange(len(items)) < len(own)
+
+
+def _standard(values: np.ndarray) -> np.ndarray:
+    spread = float(values.std())
+    return (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
+
+
+def share_propensity(inputs: ShareInputs, user_idx: int, items: np.ndarray, weights: ShareWeights) -> np.ndarray:
+    """How likely the user is to share each item, on a relative scale (see ShareWeights)."""
+    last = np.asarray(inputs.recent[user_idx, items].todense(), dtype=np.float64).ravel()
+    days = np.where(last > 0, (inputs.now - last) / 86_400.0, np.inf)
+    recency = np.power(0.5, np.clip(days, 0.0, None) / RECENCY_HALF_LIFE_DAYS)
+    bought = np.log1p(np.asarray(inputs.purchases[user_idx, items].todense(), dtype=np.float64).ravel())
+    affinity = _standard(inputs.item_factors[items] @ inputs.user_factors[user_idx])
+    popularity = _standard(np.log1p(inputs.item_popularity[items]))
+    propensity: np.ndarray = (weights.recency * recency + weights.purchases * bought
+                              + weights.affinity * affinity + weights.popularity * popularity)
+    return propensity
 
 
 def _friends(inputs: ShareInputs, user_idx: int) -> np.ndarray:
@@ -104,9 +145,9 @@ def _friends(inputs: ShareInputs, user_idx: int) -> np.ndarray:
     return friends
 
 
-def suggest_shares(inputs: ShareInputs, user_idx: int | None, n: int = 10,
-                   friends_per_item: int = 3) -> ShareSuggestions:
-    """The `n` items with the most expected conversions, each with its best `friends_per_item` friends."""
+def suggest_shares(inputs: ShareInputs, user_idx: int | None, n: int = 10, friends_per_item: int = 3,
+                   weights: ShareWeights = ShareWeights()) -> ShareSuggestions:
+    """The `n` best items by share propensity and expected conversions, each with its best friends."""
     if user_idx is None or user_idx >= len(inputs.users):
         return ShareSuggestions((), 0.0, "unknown user: no history or social ties in the model")
     open_rate = float(inputs.open_rate[user_idx])
@@ -123,7 +164,8 @@ def suggest_shares(inputs: ShareInputs, user_idx: int | None, n: int = 10,
     best = np.argsort(-affinity, axis=0, kind="stable")[:per]  # per item, its best friends
     best_affinity = np.take_along_axis(affinity, best, axis=0)
     value = open_rate * best_affinity.sum(axis=0)
-    order = [int(j) for j in np.argsort(-value, kind="stable")[:n] if value[j] > 0]
+    rank = share_propensity(inputs, user_idx, items, weights) + weights.conversions * _standard(value)
+    order = [int(j) for j in np.argsort(-rank, kind="stable")[:n] if value[j] > 0]
     out = []
     for j in order:
         chosen = [(int(friends[best[r, j]]), float(best_affinity[r, j])) for r in range(per) if best_affinity[r, j] > 0]
