@@ -77,10 +77,12 @@ def neighbour_candidates(
     order = np.argsort(-row.data)[:RECENT_FOR_NEIGHBOURS]
     recent, last = row.indices[order], row.data[order]
     weight = np.power(0.5, (state.cutoff_seconds - last) / DAY / 30.0)
-    profile = sp.csr_matrix((weight, (np.zeros(len(recent), dtype=np.int64), recent)), shape=(1, neighbours.shape[0]))
-    scores = (profile @ neighbours).toarray().ravel()
-    touched = np.flatnonzero(scores > 0)
-    return _top(scores[touched], k, blocked, touched)
+    rows = neighbours[recent]  # only the recent items' rows: the cost does not grow with the catalog
+    touched, position = np.unique(rows.indices, return_inverse=True)
+    scores = np.zeros(len(touched), dtype=np.float64)
+    np.add.at(scores, position, rows.data * np.repeat(weight, np.diff(rows.indptr)))
+    keep = scores > 0
+    return _top(scores[keep], k, blocked, touched[keep])
 
 
 def repeat_candidates(

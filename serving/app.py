@@ -13,7 +13,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import faiss
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response
+from threadpoolctl import threadpool_limits
 
 from features.eventlog import EventLog, EventLogError, consent_row, erase_row
 from features.online import open_store
@@ -130,6 +132,10 @@ def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: O
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # One thread per request for BLAS and FAISS: requests run side by side, and a worker that spreads one
+        # request over every core only makes the others wait (the ranker predicts on one thread too).
+        threadpool_limits(1)
+        faiss.omp_set_num_threads(1)
         online = store if store is not None else open_store(settings.redis_url, settings.redis_prefix)
         service = Service(settings, online, EventLog(settings.event_log), app.state)
         app.state.service = service

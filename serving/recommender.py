@@ -156,7 +156,8 @@ class Recommender:
             order = np.argsort(-scores, kind="stable")
             return Candidates(Source.ALS, members[order], scores[order])
         n_items = len(blocked)
-        k = min(n_items, n + int(blocked.sum()) + RETRIEVAL_MARGIN)
+        open_share = max(1.0 - float(blocked.mean()), 1e-3)  # over-fetch by the share of items filters let through
+        k = min(n_items, int((n + RETRIEVAL_MARGIN) / open_share))
         while True:
             scores, items = self.bundle.index.search(vector, k)
             found = items[0] >= 0
@@ -417,7 +418,7 @@ class Recommender:
         return {pick: int(anchor) for pick, anchor in zip(picks, best.tolist(), strict=True) if anchor != pick}
 
     def _label(self, item_idx: int) -> str:
-        title = self.bundle.item_meta["title"].iloc[item_idx]
+        title = self.catalog.title[item_idx]
         return str(title) if isinstance(title, str) and title else self.bundle.items.id_of(item_idx)
 
     def _reason(self, source: Source, item_idx: int, anchor: int | None) -> str:
