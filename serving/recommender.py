@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import faiss
 import numpy as np
 import scipy.sparse as sp
 
@@ -112,6 +113,9 @@ class Recommender:
         self._blank = blank_user_rows(bundle.state, bundle.manifest.categories, bundle.manifest.brands)
         self._weights = dict(bundle.manifest.event_weights)
         self.social = SocialProof(bundle)
+        bpr_items = np.ascontiguousarray(bundle.models.bpr_items, dtype=np.float32)
+        self._bpr_index = faiss.IndexFlatIP(bpr_items.shape[1])  # exact, as in training; FAISS scans faster
+        self._bpr_index.add(bpr_items)
         if hasattr(bundle.index, "hnsw"):
             bundle.index.hnsw.efSearch = model.ef_search
 
@@ -155,16 +159,8 @@ class Recommender:
             scores = self.bundle.item_factors[members] @ vector[0]
             order = np.argsort(-scores, kind="stable")
             return Candidates(Source.ALS, members[order], scores[order])
-        n_items = len(blocked)
-        open_share = max(1.0 - float(blocked.mean()), 1e-3)  # over-fetch by the share of items filters let through
-        k = min(n_items, int((n + RETRIEVAL_MARGIN) / open_share))
-        while True:
-            scores, items = self.bundle.index.search(vector, k)
-            found = items[0] >= 0
-            kept = (~blocked[items[0][found]]).sum()
-            if kept >= n or k >= n_items:
-                return Candidates(Source.ALS, items[0][found].astype(np.int64), scores[0][found])
-            k = min(n_items, k * 2)
+        items, scores = _search(self.bundle.index, vector, n, blocked)
+        return Candidates(Source.ALS, items, scores)
 
     def _profile(self, user_idx: int | None, context: UserContext | None) -> _Profile | None:
         """The bundle's rows for a known user, updated by (or, for a new user, built from) the events
@@ -199,7 +195,10 @@ class Recommender:
         factor_lists = {Source.ALS: self._factor_top(als, self._k[Source.ALS], blocked)}
         bpr_user = models.bpr_users[row]
         if np.isfinite(bpr_user).all():
-            factor_lists[Source.BPR] = top_scores(models.bpr_items @ bpr_user, self._k[Source.BPR], blocked)
+            found, values = _search(self._bpr_index, bpr_user[None, :].astype(np.float32), self._k[Source.BPR],
+                                    blocked)
+            keep = ~blocked[found]
+            factor_lists[Source.BPR] = found[keep][: self._k[Source.BPR]], values[keep][: self._k[Source.BPR]]
         lists = user_candidates(state, models, self._lists, row, self._k, blocked, factor_lists)
         items, scores, ranks, first, _ = merge_candidates(lists, self.bundle.manifest.union_size)
         chain_source = Source.FOLD_IN if profile.online else Source.ALS
@@ -447,3 +446,17 @@ def _placed(items: tuple[FeedItem, ...], extra: tuple[FeedItem, ...], every: int
             out.append(pending.pop(0))
         out.append(item)
     return (*out, *pending)
+
+
+def _search(index: faiss.Index, vector: np.ndarray, n: int, blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The index's best items for `vector`, fetching deeper until `n` of them pass the filters."""
+    n_items = len(blocked)
+    open_share = max(1.0 - float(blocked.mean()), 1e-3)  # over-fetch by the share of items filters let through
+    k = min(n_items, int((n + RETRIEVAL_MARGIN) / open_share))
+    while True:
+        scores, items = index.search(vector, k)
+        found = items[0] >= 0
+        kept = int((~blocked[items[0][found]]).sum())
+        if kept >= n or k >= n_items:
+            return items[0][found].astype(np.int64), scores[0][found]
+        k = min(n_items, k * 2)
