@@ -180,7 +180,8 @@ class Server:
 
 
 @contextlib.contextmanager
-def service(bundle: Path, workers: int, redis_url: str, workdir: Path, timeout: float) -> Iterator[Server]:
+def service(bundle: Path, workers: int, redis_url: str, workdir: Path, timeout: float,
+            extra_env: dict[str, str] | None = None) -> Iterator[Server]:
     port = _free_port()
     cmd = ["uv", "run", "--frozen", "sharefeed", "serve", "--bundle", str(bundle), "--port", str(port)]
     effective = 1
@@ -192,7 +193,7 @@ def service(bundle: Path, workers: int, redis_url: str, workdir: Path, timeout: 
             print(f"!! `sharefeed serve` has no --workers yet: running one worker instead of {workers}")
     event_log = workdir / "eventlog"
     event_log.mkdir(exist_ok=True)
-    env = os.environ | {"SHAREFEED_REDIS_URL": redis_url, "SHAREFEED_EVENT_LOG": str(event_log)}
+    env = os.environ | {"SHAREFEED_REDIS_URL": redis_url, "SHAREFEED_EVENT_LOG": str(event_log)} | (extra_env or {})
     log_path = workdir / "server.log"
     log = log_path.open("wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -227,6 +228,21 @@ def _wait_ready(server: Server, timeout: float) -> None:
         if now < last * 1.01:
             return
         last = now
+
+
+def drain(server: Server, limit: float = 180.0) -> float:
+    """Wait until /healthz answers within 0.5 s again (an overloaded service works off its backlog of
+    requests whose clients gave up); returns the seconds waited."""
+    import urllib.request
+
+    began = time.monotonic()
+    while time.monotonic() - began < limit:
+        start = time.monotonic()
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{server.base}/healthz", timeout=5) as answer:
+            if answer.status == 200 and time.monotonic() - start < 0.5:
+                return time.monotonic() - began
+        time.sleep(1.0)
+    return time.monotonic() - began
 
 
 # -- statistics ----------------------------------------------------------------------------------------------
@@ -766,7 +782,9 @@ def run(args: argparse.Namespace) -> Json:
     print(f"work dir {work}")
     try:
         with redis_server(work, args.redis_server) as (redis_url, client), \
-                service(bundle, args.workers, redis_url, work, args.ready_timeout) as server:
+                service(bundle, args.workers, redis_url, work, args.ready_timeout,
+                        dict(kv.split("=", 1) for kv in args.server_env)) as server:
+            results["server_env"] = args.server_env
             results["workers"] = server.workers
             results["server_rss_mib_ready"] = server.rss_mib()
             print(f"service ready at {server.base} with {server.workers} worker(s), "
@@ -805,7 +823,9 @@ def run(args: argparse.Namespace) -> Json:
             results["open_loop"] = asyncio.run(open_loop(server.base, sampler.draw(int(args.rate * args.duration)),
                                                          args.rate, args.duration, args.n))
             results["open_loop"]["server_cpu_share"] = (server.cpu_seconds() - cpu0) / args.duration
-            print(f"  {json.dumps(results['open_loop']['latency'])}; failed {results['open_loop']['failed']}")
+            print(f"  {json.dumps(results['open_loop']['latency'])}; failed {results['open_loop']['failed']} "
+                  f"{results['open_loop']['errors']}", flush=True)
+            results["open_loop"]["drain_s"] = drain(server)
 
             if not args.skip_reload:
                 copy = args.reload_bundle.resolve() if args.reload_bundle else linked_copy(bundle, work / "bundle-copy")
@@ -829,6 +849,7 @@ def run(args: argparse.Namespace) -> Json:
                         feed = await _get_json(s, f"{server.base}/v1/users/{feed_ids[0]}/feed?n={args.n}")
                     return {"readyz": ready, "feed_status": feed[0]}
 
+                results["open_loop_reload"]["drain_s"] = drain(server)
                 results["after_corrupt"] = asyncio.run(after())
 
             print("closed loop, feed ...", flush=True)
@@ -908,6 +929,8 @@ def main() -> None:
     parser.add_argument("--profile-requests", type=int, default=2000)
     parser.add_argument("--reload-bundle", type=Path, default=None,
                         help="bundle to reload under load (default: a hard-linked copy of --bundle)")
+    parser.add_argument("--server-env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra environment of the service, e.g. OMP_NUM_THREADS=1")
     parser.add_argument("--skip-events", action="store_true")
     parser.add_argument("--skip-reload", action="store_true")
     parser.add_argument("--skip-recall", action="store_true")
