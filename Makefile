@@ -19,12 +19,17 @@ demo-train: demo-data
 	$(UV) run sharefeed train --data $(DEMO_DIR)/data --out $(DEMO_DIR)/bundle
 
 demo: demo-train  ## demo data -> train -> serve on http://127.0.0.1:$(DEMO_PORT)
+	@SHAREFEED_KEYS_FILE=$(DEMO_DIR)/keys.json $(UV) run sharefeed keys create --scope admin --name demo \
+		2>/dev/null | tail -1 > $(DEMO_DIR)/demo-key.txt
+	@echo "API key (admin scope; also in $(DEMO_DIR)/demo-key.txt): $$(cat $(DEMO_DIR)/demo-key.txt)"
 	@echo "serving on http://127.0.0.1:$(DEMO_PORT); try:"
-	@echo "  curl 'http://127.0.0.1:$(DEMO_PORT)/v1/users/u000001/feed?n=5&explain=true'"
-	@echo "  curl -X POST http://127.0.0.1:$(DEMO_PORT)/v1/events -H 'content-type: application/json' \\"
+	@echo "  KEY=$$(cat $(DEMO_DIR)/demo-key.txt)"
+	@echo "  curl -H \"Authorization: Bearer \$$KEY\" 'http://127.0.0.1:$(DEMO_PORT)/v1/users/u000001/feed?n=5&explain=true'"
+	@echo "  curl -X POST http://127.0.0.1:$(DEMO_PORT)/v1/events -H \"Authorization: Bearer \$$KEY\" -H 'content-type: application/json' \\"
 	@echo "       -d '{\"events\": [{\"user_id\": \"u000001\", \"item_id\": \"p00001\", \"event_type\": \"view\", \"timestamp\": \"'$$(date -u +%FT%TZ)'\"}]}'"
 	@echo "  (events are logged into $(DEMO_DIR)/data/events/, so 'sharefeed train --data $(DEMO_DIR)/data' learns from them)"
-	SHAREFEED_EVENT_LOG=$(DEMO_DIR)/data $(UV) run sharefeed serve --bundle $(DEMO_DIR)/bundle --port $(DEMO_PORT)
+	SHAREFEED_EVENT_LOG=$(DEMO_DIR)/data SHAREFEED_KEYS_FILE=$(DEMO_DIR)/keys.json \
+		$(UV) run sharefeed serve --bundle $(DEMO_DIR)/bundle --port $(DEMO_PORT)
 
 lint: setup
 	$(UV) run ruff check $(PACKAGES) tests benchmarks

@@ -54,6 +54,10 @@ class Keys:
         return f"{self.prefix}erased"
 
     # -- events -------------------------------------------------------------------------------------
+    def rate(self, bucket: str, window: int) -> str:
+        """Requests counted in one fixed window of a rate limit (expires with the window)."""
+        return f"{self.prefix}rl:{window}:{bucket}"
+
     def event_id(self, event_id: str) -> str:
         """String with CLAIM_TTL_SECONDS: this event id was accepted."""
         return f"{self.prefix}e:{event_id}"

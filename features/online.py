@@ -113,6 +113,7 @@ class MemoryStore:
         self._weights = _positive_weights(weights)
         self._half_life = half_life_hours
         self._lock = threading.RLock()
+        self._hits: dict[tuple[str, int], int] = {}
         self._claims: dict[str, float] = {}  # event id -> monotonic expiry
         self._recent: dict[str, list[bytes]] = {}  # packed records, newest first
         self._purchases: dict[str, dict[str, int]] = {}
@@ -264,6 +265,15 @@ class MemoryStore:
             bought = sum(len(item.encode()) + 4 for item in self._purchases.get(user_id, {}))
             given = sum(len(purpose) + 1 for purpose in self._consent.get(user_id, {}))
         return recent + bought + given
+
+    def hit(self, bucket: str, window_seconds: int) -> int:
+        window = int(time.time()) // window_seconds
+        with self._lock:
+            key = (bucket, window)
+            if key not in self._hits:
+                self._hits = {k: v for k, v in self._hits.items() if k[1] >= window}  # older windows go
+            self._hits[key] = self._hits.get(key, 0) + 1
+            return self._hits[key]
 
     def ping(self) -> bool:
         return True
@@ -552,6 +562,15 @@ class RedisStore:
         for key in self.keys.user_keys(user_id):
             pipe.memory_usage(key, samples=0)
         return sum(int(used or 0) for used in pipe.execute())
+
+    def hit(self, bucket: str, window_seconds: int) -> int:
+        window = int(time.time()) // window_seconds
+        key = self.keys.rate(bucket, window)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, window_seconds * 2)
+        count, _ = pipe.execute()
+        return int(count)
 
     def ping(self) -> bool:
         return bool(self._redis.ping())

@@ -97,6 +97,10 @@ class OnlineStore(Protocol):
         ...
 
     # -- operations -----------------------------------------------------------------------------------
+    def hit(self, bucket: str, window_seconds: int) -> int:
+        """Count one request in `bucket` for the current fixed window; returns the window's count so far."""
+        ...
+
     def set_bundle_pointer(self, reference: str) -> None:
         """Name the bundle every worker should serve (a path or an MLflow alias reference)."""
         ...

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import faiss
+import orjson
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response
 from threadpoolctl import threadpool_limits
 
@@ -22,6 +23,8 @@ from features.online import open_store
 from features.store import CONSENT_PURPOSES, OnlineStore
 from features.weights import DEFAULT_EVENT_WEIGHTS
 from serving import metrics
+from serving.auth import KeyRing, Keys, required_scope
+from serving.auth import Scope as KeyScope
 from serving.deps import RequestId
 from serving.ingest import ingest
 from serving.items import items_router
@@ -83,6 +86,79 @@ class _Timing:
             metrics.REQUEST_SECONDS.labels(endpoint=endpoint, method=scope["method"]).observe(
                 time.perf_counter() - started)
             metrics.RESPONSES.labels(endpoint=endpoint, status=f"{status[0] // 100}xx").inc()
+
+
+class _BodyLimit:
+    """413 for request bodies over `limit` bytes, whether announced (Content-Length) or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                       send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _too_large(send, self.limit)
+            return
+        seen = 0
+
+        async def counting() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLargeError
+            return message
+
+        try:
+            await self.app(scope, counting, send)
+        except _BodyTooLargeError:
+            await _too_large(send, self.limit)
+
+
+class _BodyTooLargeError(Exception):
+    pass
+
+
+async def _too_large(send: Callable[[Message], Awaitable[None]], limit: int) -> None:
+    body = orjson.dumps({"detail": f"request body over {limit} bytes"})
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _authorize(request: Request) -> None:
+    """Every route's gate: the scope it needs (serving.auth.ROUTE_SCOPES) against the caller's key."""
+    keyring: KeyRing = request.app.state.keys.current()
+    if not keyring.configured:
+        return  # open mode: no key configured (said at start)
+    route = request.scope.get("route")
+    needed = required_scope(request.method, getattr(route, "path", request.url.path))
+    if needed is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    entry = keyring.check(presented.strip()) if scheme.lower() == "bearer" else None
+    if entry is None:
+        raise HTTPException(status_code=401, detail="a valid API key is needed: Authorization: Bearer <key>",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if needed not in entry.scopes and KeyScope.ADMIN not in entry.scopes:
+        raise HTTPException(status_code=403, detail=f"this key lacks the {needed.value} scope")
+    limit = request.app.state.rate_limit
+    if limit:
+        try:
+            count = request.app.state.store.hit(f"key:{entry.id}", 1)
+        except Exception:  # the limiter's store is down: let the request through rather than fail it
+            log.warning("rate limiter unavailable", exc_info=True)
+            return
+        if count > limit:
+            raise HTTPException(status_code=429, detail=f"over {limit} requests per second for this key",
+                                headers={"Retry-After": "1"})
 
 
 def _service(request: Request) -> Service:
@@ -149,8 +225,14 @@ def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: O
         yield
         service.stop()
 
-    app = FastAPI(title="sharefeed", version="1", lifespan=lifespan,
+    app = FastAPI(title="sharefeed", version="1", lifespan=lifespan, dependencies=[Depends(_authorize)],
                   description="Recommendations and audience segments for social e-commerce.")
+    app.state.keys = Keys(settings.keys_file, settings.api_keys)
+    app.state.rate_limit = settings.rate_limit_per_second
+    if not app.state.keys.ring.configured:
+        log.warning("no API key configured (%s): the service answers anyone; create one with "
+                    "`sharefeed keys create`", settings.keys_file)
+    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(_Timing)
     _routes(app, settings)
     app.include_router(items_router(settings))

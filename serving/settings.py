@@ -13,6 +13,10 @@ def _default_event_log() -> Path:
     return Path.home() / ".sharefeed" / "eventlog"
 
 
+def default_keys_file() -> Path:
+    return Path.home() / ".sharefeed" / "keys.json"
+
+
 class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHAREFEED_", extra="ignore")
 
@@ -32,5 +36,9 @@ class ServingSettings(BaseSettings):
     # saved segment definitions, shared by every worker
     segment_ttl_seconds: float = Field(7 * 86_400.0, gt=0)  # how long a segment snapshot is kept
     social_proof_names: bool = False  # name the friends behind "friends bought this" (else counts only)
+    keys_file: Path = Field(default_factory=default_keys_file)  # API keys (hashes and scopes); none: open
+    api_keys: str | None = None  # or the same JSON inline (SHAREFEED_API_KEYS)
+    rate_limit_per_second: int = Field(0, ge=0)  # requests per key and second (0: no limit)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # larger request bodies get 413
     max_per_category: int | None = Field(None, ge=1)  # diversity: at most this many items of a category ...
     diversity_window: int = Field(10, ge=1)  # ... among the first this many of a feed

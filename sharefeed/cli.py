@@ -298,6 +298,53 @@ def _fetch_bundle(alias: str) -> Path:
 
 
 @main.group()
+def keys() -> None:
+    """API keys of the service: each with scopes (feed:read, events:write, segments:read, admin)."""
+
+
+def _keys_file() -> Path:
+    from serving.settings import ServingSettings
+
+    return ServingSettings().keys_file
+
+
+@keys.command("create")
+@click.option("--scope", "scopes", multiple=True, required=True,
+              type=click.Choice(["feed:read", "events:write", "segments:read", "admin"]))
+@click.option("--name", default="", help="Who or what the key is for.")
+def keys_create(scopes: tuple[str, ...], name: str) -> None:
+    """Create a key; it is printed once, on the last line, and stored only as a hash."""
+    from serving.auth import Scope, create_key
+
+    path = _keys_file()
+    entry, key = create_key(path, [Scope(s) for s in scopes], name)
+    _echo(f"key {entry.id} ({', '.join(entry.scopes)}) stored as a hash in {path}; it is shown only now:")
+    click.echo(key)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """Keys by id, with name, scopes, creation time and whether revoked (never the key itself)."""
+    from serving.auth import list_keys
+
+    for entry in list_keys(_keys_file()):
+        state = "revoked" if entry.revoked else "active"
+        click.echo(f"{entry.id}  {state:7}  {','.join(entry.scopes):40}  {entry.created_at:%Y-%m-%d %H:%M}  "
+                   f"{entry.name}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by id; running services refuse it within a second."""
+    from serving.auth import revoke_key
+
+    if not revoke_key(_keys_file(), key_id):
+        raise click.ClickException(f"no active key {key_id}")
+    _echo(f"key {key_id} revoked")
+
+
+@main.group()
 def models() -> None:
     """The model registry: every `train` registers a version; an alias (champion) names the one to serve."""
 

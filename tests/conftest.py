@@ -36,7 +36,8 @@ def trained(demo_dir: Path, training_settings: TrainingSettings,
 
 @pytest.fixture(autouse=True)
 def _private_event_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A service started by a test writes its event log and segments in the test's own folder, never in the
-    home."""
+    """A service started by a test keeps its event log, segments and keys in the test's own folder, never in
+    the home."""
     monkeypatch.setenv("SHAREFEED_EVENT_LOG", str(tmp_path / "eventlog"))
     monkeypatch.setenv("SHAREFEED_SEGMENTS_DIR", str(tmp_path / "segments"))
+    monkeypatch.setenv("SHAREFEED_KEYS_FILE", str(tmp_path / "keys.json"))  # none: open unless a test adds keys
