@@ -216,6 +216,7 @@ def serve(bundle: Path | None, model_alias: str | None, host: str | None, port: 
     from features.online import open_store
     from serving.metrics import MULTIPROC_ENV
     from serving.runtime import pointer_for
+    from serving.server import HTTP_PROTOCOL
     from serving.settings import ServingSettings
     from training.bundle import verify_bundle
 
@@ -247,7 +248,8 @@ def serve(bundle: Path | None, model_alias: str | None, host: str | None, port: 
         open_store(settings.redis_url, settings.redis_prefix).set_bundle_pointer(pointer_for(bundle_path, version))
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="sharefeed-metrics-")
     uvicorn.run("serving.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level="warning", access_log=False)
+                workers=settings.workers, log_level="warning", access_log=False, http=HTTP_PROTOCOL,
+                loop="uvloop")
 
 
 @main.command()
