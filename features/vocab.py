@@ -15,6 +15,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+_DICT_LOOKUP_MAX = 10_000  # below this many ids, look each up in the dict
+
 
 @dataclass(frozen=True, slots=True)
 class Vocabulary:
@@ -41,6 +43,10 @@ class Vocabulary:
 
     def indexes(self, external_ids: Sequence[str] | pd.Series) -> np.ndarray:
         """Dense indexes for many ids at once; -1 where an id is unknown."""
+        if len(external_ids) <= _DICT_LOOKUP_MAX:  # a request's handful: no hash table of the whole vocabulary
+            get = self._index.get
+            return np.fromiter((-1 if v is None or v != v else get(str(v), -1) for v in external_ids),
+                               dtype=np.int64, count=len(external_ids))
         series = pd.Series(external_ids, dtype="str")
         codes = pd.Index(self.ids).get_indexer(series)
         return np.asarray(codes, dtype=np.int64)
