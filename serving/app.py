@@ -271,6 +271,8 @@ def _routes(app: FastAPI, settings: ServingSettings) -> None:
                                   context=view.context if view else None, price_range=(min_price, max_price),
                                   rules=rules, diversity=diversity)
         metrics.FEED_STEPS.labels(step=result.step.value if result.step else "empty").inc()
+        if result.ranked:
+            metrics.CANDIDATES.observe(result.ranked)
         degraded = bool(view and view.degraded)
         if degraded:
             metrics.DEGRADED.labels(endpoint="feed").inc()

@@ -31,6 +31,8 @@ FEED_STEPS = Counter("sharefeed_feed_steps_total", "Feeds by the fallback step t
 DEGRADED = Counter("sharefeed_degraded_total", "Requests answered without the online store", ["endpoint"])
 BUNDLE = Gauge("sharefeed_bundle_info", "The bundle a worker serves (value 1, version as a label)", ["version"],
                multiprocess_mode="liveall")
+CANDIDATES = Histogram("sharefeed_candidates_ranked", "Candidates the ranker scored per personalized feed",
+                       buckets=(0, 50, 100, 150, 200, 250, 300, 500, 1000))
 RELOADS = Counter("sharefeed_reloads_total", "Bundle reloads by outcome", ["outcome"])
 
 

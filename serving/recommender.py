@@ -86,6 +86,7 @@ class FeedResult:
     items: tuple[FeedItem, ...]
     personalized: bool
     step: Source | None
+    ranked: int = 0  # candidates the ranker scored for this answer
 
 
 class Recommender:
@@ -268,8 +269,10 @@ class Recommender:
         blocked = self._blocked(user_idx, context, exclude, category, price_range)
         profile = self._profile(user_idx, context)
         chain: list[Candidates] = []
+        ranked = 0
         if profile is not None and self._ranker is not None:
             chain.append(self._rank(profile, blocked, category))
+            ranked = len(chain[0].items)
         elif profile is not None:
             retrieved = self._retrieve(profile.vector, n, blocked, category)
             chain.append(Candidates(Source.FOLD_IN if profile.online else Source.ALS, retrieved.items,
@@ -295,7 +298,7 @@ class Recommender:
             items = _placed(items, fresh, FRESH_EVERY)
         if rules or diversity:
             items = self._merchandise(items, n, blocked, rules, diversity, now or datetime.now(UTC))
-        return FeedResult(user_id, items[:n], profile is not None or session is not None, step)
+        return FeedResult(user_id, items[:n], profile is not None or session is not None, step, ranked)
 
     def _fresh(self, profile: _Profile | None, category: str | None, exclude: Sequence[str],
                price_range: tuple[float | None, float | None], n: int) -> tuple[FeedItem, ...]:

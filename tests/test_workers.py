@@ -74,7 +74,7 @@ def _versions(base: str, calls: int) -> set[str]:
 def _metric(text: str, name: str, labels: str) -> float:
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") and all(part in line for part in labels.split(",")):
+        if line.startswith((name + "{", name + " ")) and all(part in line for part in labels.split(",")):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -91,6 +91,8 @@ def test_reload_reaches_every_worker_and_metrics_add_up(service: tuple[str, Path
     assert served == feeds  # both workers' requests, whichever worker answers /metrics
     pids = set(re.findall(r'sharefeed_bundle_info\{pid="(\d+)"', metrics))
     assert len(pids) == 2
+    ranked = _metric(metrics, "sharefeed_candidates_ranked_count", "")
+    assert 0 < ranked <= feeds  # personalized feeds report how many candidates the ranker scored
 
     renamed = _renamed_copy(trained.bundle_path, tmp / "next", "next-version")
     reloaded = httpx.post(f"{base}/v1/admin/reload", json={"bundle": str(renamed)})
