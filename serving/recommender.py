@@ -426,6 +426,12 @@ class Recommender:
             return f"similar to {self._label(anchor)} you looked at"
         if source is Source.REPEAT:
             return "you bought this before"
+        if source is Source.SHARED:
+            return "shared with you by a friend"
+        if source is Source.FRIENDS_BOUGHT:
+            return "bought by people you follow or know"
+        if source is Source.FRIENDS_TRENDING:
+            return "popular among your friends lately"
         if source is Source.NEW_ARRIVALS:
             return f"new in {category}" if category else "new arrival"
         if source is Source.CATEGORY_TRENDING:
