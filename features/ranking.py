@@ -17,7 +17,7 @@ from features.state import DAY, ITEM_WINDOWS_DAYS, RECENT_BASKETS, USER_EVENT_TY
 SOCIAL_SOURCES = ("shared", "friends_bought", "friends_trending")
 SOURCE_FEATURES = ("als", "bpr", "item_knn", "repeat", "trending", "category_trending", "new_arrivals",
                    *SOCIAL_SOURCES)
-FRIEND_WINDOWS_DAYS = (7, 30)  # plus all time
+FRIEND_WINDOWS_DAYS = (1, 3, 7, 30)  # plus all time; friends notice a purchase within days
 # Read from the people the user sees, as of the cut-off ("viewed": any positive event, a view or more).
 SOCIAL_FEATURES: tuple[str, ...] = (
     *(f"friends_bought_{d}d" for d in FRIEND_WINDOWS_DAYS),
