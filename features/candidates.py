@@ -15,11 +15,16 @@ import scipy.sparse as sp
 
 from features.feed import Candidates, Source
 from features.ranking import FEATURE_NAMES, SOURCE_FEATURES, pair_features
+from features.social_state import community_of, friends_of, row_cells
 from features.state import DAY, FeatureState, cell_values
 
 RECENT_FOR_NEIGHBOURS = 20
 NEW_ARRIVAL_DAYS = 14.0
 TOP_CATEGORIES = 3
+SHARED_DAYS = 30.0  # items shared to the user this recently are proposed ...
+SHARED_HALF_LIFE_DAYS = 7.0  # ... newest first
+FRIENDS_DAYS = 30.0  # friends' purchases this recent are proposed, weighted by recency
+COMMUNITY_DAYS = 14.0  # the community's activity this recent makes an item trend among them
 RRF_K = 60.0  # reciprocal rank fusion constant: the candidate union's order without a ranker
 SOURCE_ORDER: tuple[Source, ...] = tuple(Source(s) for s in SOURCE_FEATURES)
 
@@ -99,6 +104,55 @@ def repeat_candidates(
     return _top(row.data * (1.0 + recency), k, blocked, row.indices)
 
 
+def _empty() -> tuple[np.ndarray, np.ndarray]:
+    return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+
+
+def _decayed_sum(owner_weight: np.ndarray, cols: np.ndarray, seconds: np.ndarray, now: float, days: float,
+                 half_life_days: float, k: int, blocked: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Items scored by the summed recency-decayed weight of the cells no older than `days`."""
+    age = (now - seconds) / DAY
+    fresh = (age >= 0) & (age <= days)
+    if not fresh.any():
+        return _empty()
+    items, at = np.unique(cols[fresh], return_inverse=True)
+    scores = np.bincount(at.ravel(), weights=owner_weight[fresh] * np.power(0.5, age[fresh] / half_life_days))
+    return _top(scores, k, blocked, items)
+
+
+def shared_candidates(state: FeatureState, user: int, k: int, blocked: np.ndarray | None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Items shared to the user in the last SHARED_DAYS: newest first, a share from an influencer higher."""
+    if user < 0:
+        return _empty()
+    row = slice(state.pair_shared_last.indptr[user], state.pair_shared_last.indptr[user + 1])
+    cols, seconds = state.pair_shared_last.indices[row].astype(np.int64), state.pair_shared_last.data[row]
+    sharer = cell_values(state.pair_shared_by, np.full(len(cols), user), cols).astype(np.int64) - 1
+    boost = 1.0 + np.log1p(np.where(sharer >= 0, state.social.influence[np.maximum(sharer, 0)], 0.0))
+    return _decayed_sum(boost, cols, seconds, state.cutoff_seconds, SHARED_DAYS, SHARED_HALF_LIFE_DAYS, k, blocked)
+
+
+def friends_bought_candidates(state: FeatureState, user: int, k: int, blocked: np.ndarray | None
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """What the people the user sees bought in the last FRIENDS_DAYS, more friends and more recent first."""
+    friends = friends_of(state.user_sees, user)
+    if not len(friends):
+        return _empty()
+    _, cols, seconds = row_cells(state.social.bought, friends)
+    return _decayed_sum(np.ones(len(cols)), cols, seconds, state.cutoff_seconds, FRIENDS_DAYS, 14.0, k, blocked)
+
+
+def friends_trending_candidates(state: FeatureState, user: int, k: int, blocked: np.ndarray | None
+                                ) -> tuple[np.ndarray, np.ndarray]:
+    """Items most engaged with lately by the user's community: friends (1) and their friends (0.5)."""
+    friends = friends_of(state.user_sees, user)
+    if not len(friends):
+        return _empty()
+    people, weight = community_of(friends, state.social.sees)
+    owner, cols, seconds = row_cells(state.social.touched, people)
+    return _decayed_sum(weight[owner], cols, seconds, state.cutoff_seconds, COMMUNITY_DAYS, 7.0, k, blocked)
+
+
 @dataclass(frozen=True, slots=True)
 class PopularLists:
     """Non-personal rankings as of the state's cut-off, computed once per window."""
@@ -163,6 +217,10 @@ def user_candidates(
         )
     if k.get(Source.TRENDING, 0):
         out.append(Candidates(Source.TRENDING, *_listed(lists.trending, trending, k[Source.TRENDING], blocked)))
+    for source, propose in ((Source.SHARED, shared_candidates), (Source.FRIENDS_BOUGHT, friends_bought_candidates),
+                            (Source.FRIENDS_TRENDING, friends_trending_candidates)):
+        if k.get(source, 0):
+            out.append(Candidates(source, *propose(state, user, k[source], blocked)))
     return out
 
 

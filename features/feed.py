@@ -23,6 +23,9 @@ class Source(StrEnum):
     REPEAT = "repeat"
     CATEGORY_TRENDING = "category_trending"  # trending in the user's favourite categories
     NEW_ARRIVALS = "new_arrivals"
+    SHARED = "shared"  # shared to the user recently
+    FRIENDS_BOUGHT = "friends_bought"  # recent purchases of the people the user sees
+    FRIENDS_TRENDING = "friends_trending"  # trending among the user's friends and their friends
     FOLD_IN = "fold_in"
     NEIGHBOURS = "neighbours"
     TRENDING_CATEGORY = "trending_category"  # trending in the category the caller asked for

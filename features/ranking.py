@@ -11,9 +11,27 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from features.social_state import friend_window_counts
 from features.state import DAY, ITEM_WINDOWS_DAYS, RECENT_BASKETS, USER_EVENT_TYPES, FeatureState, cell_values
 
-SOURCE_FEATURES = ("als", "bpr", "item_knn", "repeat", "trending", "category_trending", "new_arrivals")
+SOCIAL_SOURCES = ("shared", "friends_bought", "friends_trending")
+SOURCE_FEATURES = ("als", "bpr", "item_knn", "repeat", "trending", "category_trending", "new_arrivals",
+                   *SOCIAL_SOURCES)
+FRIEND_WINDOWS_DAYS = (1, 3, 7, 30)  # plus all time; friends notice a purchase within days
+# Read from the people the user sees, as of the cut-off ("viewed": any positive event, a view or more).
+SOCIAL_FEATURES: tuple[str, ...] = (
+    *(f"friends_bought_{d}d" for d in FRIEND_WINDOWS_DAYS),
+    "friends_bought_all",
+    *(f"friends_shared_{d}d" for d in FRIEND_WINDOWS_DAYS),
+    "friends_shared_all",
+    *(f"friends_viewed_{d}d" for d in FRIEND_WINDOWS_DAYS),
+    "friends_viewed_all",
+    "user_friends",
+    "pair_shared_days",  # days since the item was last shared to the user; NaN if never
+    "pair_sharer_influence",  # influence of that last sharer (attribution as of the cut-off)
+    "item_share_rate",
+    "item_referral_rate",
+)
 
 FEATURE_NAMES: tuple[str, ...] = (
     *(f"{s}_score" for s in SOURCE_FEATURES),
@@ -52,6 +70,12 @@ FEATURE_NAMES: tuple[str, ...] = (
     "pair_due_ratio",
     "pair_recent_basket_share",
     "pair_basket_decay",
+    *SOCIAL_FEATURES,
+)
+# Every column the social ablation blanks: the social features and the social sources' scores and ranks.
+SOCIAL_COLUMNS: tuple[str, ...] = (
+    *(f"{s}_{kind}" for s in SOCIAL_SOURCES for kind in ("score", "rank")),
+    *SOCIAL_FEATURES,
 )
 
 
@@ -103,6 +127,7 @@ def pair_features(
     columns.append(np.where(category_last > 0, (now - category_last) / DAY, np.nan))
     columns.append(np.where(category >= 0, state.category_repurchase[np.maximum(category, 0)], np.nan))
     columns.extend(_reorder_timing(state, rows, item_idx))
+    columns.extend(_social(state, rows, item_idx))
     matrix = np.column_stack(columns).astype(np.float32)
     assert matrix.shape[1] == len(FEATURE_NAMES)
     return matrix
@@ -149,3 +174,25 @@ def _reorder_timing(state: FeatureState, rows: np.ndarray, item_idx: np.ndarray)
         _ratio(cell_values(state.pair_recent_baskets, rows, item_idx), np.minimum(baskets, RECENT_BASKETS)),
         cell_values(state.pair_basket_decay, rows, item_idx),
     ]
+
+
+def _social(state: FeatureState, rows: np.ndarray, item_idx: np.ndarray) -> list[np.ndarray]:
+    """Friends' purchases, shares and views of the item in windows; the last share of it to the user."""
+    now = state.cutoff_seconds
+    since = (*(now - d * DAY for d in FRIEND_WINDOWS_DAYS), -np.inf)
+    columns: list[np.ndarray] = []
+    for matrix in (state.social.bought, state.social.shared, state.social.touched):
+        counts = friend_window_counts(state.user_sees, matrix, rows, item_idx, since)
+        columns.extend(counts[:, k] for k in range(len(since)))
+    known = rows >= 0
+    friends = np.diff(state.user_sees.indptr)
+    columns.append(np.where(known, friends[np.maximum(rows, 0)], 0.0))
+    shared_last = cell_values(state.pair_shared_last, rows, item_idx)
+    columns.append(np.where(shared_last > 0, (now - shared_last) / DAY, np.nan))
+    sharer = cell_values(state.pair_shared_by, rows, item_idx).astype(np.int64) - 1
+    influence = state.social.influence
+    columns.append(np.where(sharer >= 0, influence[np.clip(sharer, 0, max(len(influence) - 1, 0))]
+                            if len(influence) else np.nan, np.nan))
+    columns.append(state.item_share_rate[item_idx])
+    columns.append(state.item_referral_rate[item_idx])
+    return columns

@@ -16,6 +16,7 @@ import scipy.sparse as sp
 
 from features.interactions import event_weights
 from features.repurchase import NO_CATEGORY
+from features.social_state import SocialView, build_social_fields
 from features.vocab import Vocabulary
 from features.weights import CONVERSION_TYPES
 
@@ -63,6 +64,13 @@ class FeatureState:
     pair_last_purchase: sp.csr_matrix  # users x items: epoch seconds of the last purchase
     pair_recent_baskets: sp.csr_matrix  # users x items: of the user's last RECENT_BASKETS occasions, how many
     pair_basket_decay: sp.csr_matrix  # users x items: occasions with the item, weighted BASKET_DECAY ** age
+    # social (features.social_state): friends, shares to the user, everyone's rows for reading friends'
+    item_share_rate: np.ndarray  # shares per view; NaN when neither
+    item_referral_rate: np.ndarray  # referred purchases per referred view; NaN when never referred
+    user_sees: sp.csr_matrix  # users x users: whose activity the user sees (friends, followed, sharers to them)
+    pair_shared_last: sp.csr_matrix  # users x items: epoch seconds of the last share of the item TO the user
+    pair_shared_by: sp.csr_matrix  # users x items: 1 + user idx of that last sharer
+    social: SocialView  # not per user: a one-user view keeps everyone's rows to read the friends'
 
     @property
     def cutoff_seconds(self) -> float:
@@ -133,8 +141,12 @@ def build_state(
     cutoff: pd.Timestamp,
     categories: list[str],
     brands: list[str],
+    social: pd.DataFrame | None = None,
 ) -> FeatureState:
-    """Every aggregate from events strictly before `cutoff`; `item_meta` rows follow item idx."""
+    """Every aggregate from events strictly before `cutoff`; `item_meta` rows follow item idx.
+
+    `social` is the optional friend / follow table; shares and referrals before the cut-off add ties.
+    """
     past = events.loc[events["ts"] < cutoff]
     now_s = float(cutoff.value) / 1e9
     u = users.indexes(past["user_id"])
@@ -219,6 +231,9 @@ def build_state(
     recent = baskets_ago < RECENT_BASKETS
 
     has_cat = category[i] >= 0
+    pair_last = _sparse(u[positive], i[positive], ts[positive], (n_users, n_items), "max")
+    pair_last_purchase = _sparse(ou, oi, occasions.ts, shape, "max")
+    friends = build_social_fields(past, u, i, ts, users, items, social, cutoff)
     return FeatureState(
         cutoff=cutoff,
         item_window_counts=np.stack(windows, axis=1).astype(np.float32),
@@ -241,16 +256,22 @@ def build_state(
         user_repeat_purchases=np.bincount(ou, weights=repeat_line, minlength=n_users).astype(np.float32),
         user_first_purchase=first_purchase,
         user_last_purchase=last_purchase,
-        pair_last=_sparse(u[positive], i[positive], ts[positive], (n_users, n_items), "max"),
+        pair_last=pair_last,
         pair_purchases=purchase_counts,
         pair_weight=_sparse(u, i, w, (n_users, n_items), "sum").maximum(0).tocsr(),
         pair_baskets=pair_baskets,
         pair_first_basket=pair_first_basket,
         pair_last_basket=_sparse(ou, oi, occasions.ordinal, shape, "max"),
         pair_first_purchase=_sparse(ou, oi, occasions.ts, shape, "min"),
-        pair_last_purchase=_sparse(ou, oi, occasions.ts, shape, "max"),
+        pair_last_purchase=pair_last_purchase,
         pair_recent_baskets=_sparse(ou[recent], oi[recent], np.ones(int(recent.sum())), shape, "sum"),
         pair_basket_decay=_sparse(ou, oi, np.power(BASKET_DECAY, baskets_ago), shape, "sum"),
+        item_share_rate=friends.item_share_rate,
+        item_referral_rate=friends.item_referral_rate,
+        user_sees=friends.user_sees,
+        pair_shared_last=friends.pair_shared_last,
+        pair_shared_by=friends.pair_shared_by,
+        social=SocialView(pair_last, pair_last_purchase, friends.shared, friends.influence, friends.user_sees),
     )
 
 
@@ -268,6 +289,9 @@ _SPARSE_FIELDS = (
     "pair_last_purchase",
     "pair_recent_baskets",
     "pair_basket_decay",
+    "user_sees",
+    "pair_shared_last",
+    "pair_shared_by",
 )
 
 
@@ -276,22 +300,32 @@ def save_state(state: FeatureState, directory: Path) -> list[Path]:
     dense = {
         f.name: getattr(state, f.name)
         for f in fields(state)
-        if f.name not in _SPARSE_FIELDS and f.name != "cutoff"
+        if f.name not in _SPARSE_FIELDS and f.name not in ("cutoff", "social")
     }
     dense["cutoff_ns"] = np.asarray([state.cutoff.value], dtype=np.int64)
+    dense["social_influence"] = state.social.influence
     written = [directory / "state.npz"]
     np.savez(written[0], allow_pickle=False, **dense)
     for name in _SPARSE_FIELDS:
         path = directory / f"state_{name}.npz"
         sp.save_npz(path, getattr(state, name).tocsr(), compressed=False)
         written.append(path)
+    path = directory / "state_social_shared.npz"  # the social view's other rows are the pair fields above
+    sp.save_npz(path, state.social.shared.tocsr(), compressed=False)
+    written.append(path)
     return written
 
 
 def load_state(directory: Path) -> FeatureState:
     with np.load(directory / "state.npz", allow_pickle=False) as dense:
-        values: dict[str, object] = {name: dense[name] for name in dense.files if name != "cutoff_ns"}
+        values: dict[str, object] = {
+            name: dense[name] for name in dense.files if name not in ("cutoff_ns", "social_influence")
+        }
         values["cutoff"] = pd.Timestamp(int(dense["cutoff_ns"][0]), unit="ns", tz="UTC")
+        influence = dense["social_influence"]
     for name in _SPARSE_FIELDS:
         values[name] = sp.load_npz(directory / f"state_{name}.npz").tocsr()
+    shared = sp.load_npz(directory / "state_social_shared.npz").tocsr()
+    values["social"] = SocialView(values["pair_last"], values["pair_last_purchase"],
+                                  shared, influence, values["user_sees"])
     return FeatureState(**values)  # type: ignore[arg-type]

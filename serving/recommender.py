@@ -44,6 +44,7 @@ FRESH_SHARE = 0.1  # up to this share of a feed goes to new catalog items no mod
 FRESH_EVERY = 5  # ... one at every fifth place
 TOP_FAVOURITES = 3  # categories a user's fresh items may come from
 RULES_RESERVE = 1  # extra feed lengths fetched before rules and diversity reorder and cut
+DIVERSITY_RESERVE = 4  # with a category cap: a head of few categories needs more items to choose from
 RECENT_ANCHORS = 20  # recent items a pick may be explained by
 SESSION_SECONDS = 30 * 60  # events this close to the user's latest one make up the current session
 SESSION_EVERY = 3  # one seat in three of a feed goes to items like the ones of the current session ...
@@ -289,7 +290,7 @@ class Recommender:
         if category is not None:
             chain.append(self._category_trending(category))
         chain += [self._trending, self._popular]
-        reserve = RULES_RESERVE * n if rules or diversity else 0  # room for bans, buries and category caps
+        reserve = (DIVERSITY_RESERVE if diversity else RULES_RESERVE if rules else 0) * n  # bans, buries, caps
         feed = compose_feed(chain, n + reserve, blocked)
         step = Source.FOLD_IN if profile is not None and profile.online and len(feed.items) else feed.step
         items = self._items(feed, profile)
@@ -431,6 +432,12 @@ class Recommender:
             return f"similar to {self._label(anchor)} you looked at"
         if source is Source.REPEAT:
             return "you bought this before"
+        if source is Source.SHARED:
+            return "shared with you by a friend"
+        if source is Source.FRIENDS_BOUGHT:
+            return "bought by people you follow or know"
+        if source is Source.FRIENDS_TRENDING:
+            return "popular among your friends lately"
         if source is Source.NEW_ARRIVALS:
             return f"new in {category}" if category else "new arrival"
         if source is Source.CATEGORY_TRENDING:

@@ -89,7 +89,8 @@ def test_recommend_gives_every_user_a_line_and_serve_agrees(trained: TrainResult
         known = client.get(f"/v1/users/{users[0]}/feed").json()
         assert known["personalized"] is True
         assert known["items"][0]["source"] in {"als", "bpr", "item_knn", "repeat", "category_trending",
-                                                "new_arrivals", "trending"}
+                                                "new_arrivals", "trending", "shared", "friends_bought",
+                                                "friends_trending"}
         assert known["step"] not in {"popular", None}
 
 

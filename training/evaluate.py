@@ -45,6 +45,7 @@ class EvalReport:
     cold_user_share: float = 0.0
     comparison: dict[str, float | str] = field(default_factory=dict)  # ranker vs best baseline, with CI
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)  # new / returning users: NDCG@K
+    ablation: dict[str, float | str] = field(default_factory=dict)  # ranker vs ranker_no_social, with CI
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # model -> metric -> value per CURVE_K
 
     def table(self) -> pd.DataFrame:
@@ -56,6 +57,7 @@ class EvalReport:
         out["holdout.unseen_item_share"] = self.unseen_item_share
         out["holdout.cold_user_share"] = self.cold_user_share
         out |= {f"comparison.{k}": float(v) for k, v in self.comparison.items() if not isinstance(v, str)}
+        out |= {f"ablation.{k}": float(v) for k, v in self.ablation.items() if not isinstance(v, str)}
         for group, row in self.breakdown.items():
             out |= {f"{group}.{model}.ndcg": value for model, value in row.items() if model != "users"}
             out[f"{group}.users"] = row.get("users", 0.0)

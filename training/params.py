@@ -53,6 +53,9 @@ class CandidateParams(_Strict):
     category_trending: int = Field(30, ge=0)
     new_arrivals: int = Field(20, ge=0)
     trending: int = Field(30, ge=0)
+    shared: int = Field(30, ge=0)  # items shared to the user in the last SHARED_DAYS
+    friends_bought: int = Field(50, ge=0)  # bought by people the user sees in the last FRIENDS_DAYS
+    friends_trending: int = Field(30, ge=0)  # most engaged with by the user's community lately
 
 
 class RankerParams(_Strict):
@@ -69,6 +72,7 @@ class RankerParams(_Strict):
     negatives_per_group: int = Field(100, ge=1)  # training rows: all positives plus this many sampled negatives
     validation_share: float = Field(0.2, gt=0.0, lt=1.0)  # users held out for early stopping
     label_windows: int = Field(1, ge=1, le=12)  # training groups from this many consecutive label windows
+    social: bool = True  # False: no social candidate sources, social features left missing
     seed: int = 23
 
 
@@ -102,6 +106,10 @@ class RepurchaseParams(_Strict):
 
 class EvalParams(_Strict):
     k: tuple[int, ...] = (10, 20)
+    # Also train and score, in the same run on the same holdout, the ranker without the social sources and
+    # features (row ranker_no_social) and ALS with friend-smoothed user vectors (row als_social).
+    social_ablation: bool = False
+    social_smoothing: float = Field(0.3, ge=0.0, le=1.0)  # als_social: (1 - s) * own + s * friends' mean
 
 
 class TrainParams(_Strict):
@@ -117,6 +125,13 @@ class TrainParams(_Strict):
     repurchase: RepurchaseParams = RepurchaseParams()
     evaluation: EvalParams = EvalParams()
     max_reject_share: float = Field(0.01, ge=0.0, le=1.0)
+
+    def candidate_counts(self) -> dict[str, int]:
+        """Items per source as fitted and served: the social sources are off when the ranker is not social."""
+        counts = self.candidates.model_dump()
+        if not self.ranker.social:
+            counts |= {name: 0 for name in ("shared", "friends_bought", "friends_trending")}
+        return counts
 
     @property
     def weights(self) -> dict[str, float]:

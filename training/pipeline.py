@@ -174,7 +174,8 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
     windows: dict[str, str] = {}
     if holdout.cut is not None:
         with clock.stage("two-stage evaluation"):
-            two_stage = evaluate_two_stage(events, data.items, holdout, params, ITEM_META_COLUMNS, say)
+            two_stage = evaluate_two_stage(events, data.items, holdout, params, ITEM_META_COLUMNS, say,
+                                           social=data.social)
         report, ranker_text, windows = two_stage.report, two_stage.ranker.to_string(), two_stage.windows
     else:
         say("no time order: the ranker needs one, so only ALS and popularity are evaluated and served")
@@ -186,6 +187,10 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
         c = report.comparison
         say(f"ranker / best baseline ({c['best_baseline']}) NDCG@{c['k']}: {float(c['ratio']):.3f} "
             f"(95% interval {float(c['ci_low']):.3f} - {float(c['ci_high']):.3f})")
+    if report.ablation:
+        a = report.ablation
+        say(f"ranker / ranker_no_social NDCG@{a['k']}: {float(a['ratio']):.3f} "
+            f"(95% interval {float(a['ci_low']):.3f} - {float(a['ci_high']):.3f})")
     return Evaluation(holdout, report, ranker_text, windows)
 
 
@@ -225,7 +230,8 @@ def train(
         ranker_text, windows = evaluation.ranker_text, evaluation.windows
 
         with clock.stage("refit on all data"):
-            window = fit_window(events, data.items, params, now + pd.Timedelta(1, "ns"), ITEM_META_COLUMNS)
+            window = fit_window(events, data.items, params, now + pd.Timedelta(1, "ns"), ITEM_META_COLUMNS,
+                                data.social)
             users, items = window.users, window.items
             popularity = item_popularity(events, items, params.weights, now,
                                          params.popularity.trending_half_life_days)
@@ -249,7 +255,7 @@ def train(
                 windows=windows,
                 categories=window.categories,
                 brands=window.brands,
-                candidates=params.candidates.model_dump(),
+                candidates=params.candidate_counts(),
                 union_size=UNION_SIZE,
                 model=ModelInfo(factors=params.als.factors, regularization=params.als.regularization,
                                 alpha=params.als.alpha, confidence_scale=params.als.confidence_scale,

@@ -77,7 +77,7 @@ def tune(data_dir: Path, base: TrainParams, settings: TrainingSettings, out: Pat
             tracking.log_params(params.flat() | {"data_dir": str(data_dir), "trial": str(trial.number)})
             tracking.set_tags({"kind": "tuning", "holdout": "validation"})
             result = evaluate_two_stage(before_test, data.items, validation, params, ITEM_META_COLUMNS,
-                                        lambda _: None)
+                                        lambda _: None, social=data.social)
             metrics = result.report.flat_metrics()
             tracking.log_metrics(metrics)
         value = metrics[OBJECTIVE]

@@ -16,7 +16,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from features.attribution import attribute
+from features.candidates import factor_scores, top_scores
 from features.feed import Candidates, Source, compose_feed
+from features.ranking import FEATURE_NAMES, SOCIAL_COLUMNS
+from features.social_state import friends_of
 from features.state import ITEM_WINDOWS_DAYS
 from training.evaluate import (
     EvalReport,
@@ -117,7 +121,57 @@ def _ranker_data(
     labels = labels_between(events, start, end)
     users = sorted(labels["user_id"].unique().tolist())
     rows = candidate_rows(window, users, params, UNION_SIZE)
+    if not _social_on(params):
+        _blank_social(rows)
     return rows, attach_labels(rows, window, labels)
+
+
+def _social_on(params: TrainParams) -> bool:
+    return params.ranker.social
+
+
+def without_social(params: TrainParams) -> TrainParams:
+    """The same parameters without the social sources and features (the ablation's model)."""
+    return params.model_copy(update={"ranker": params.ranker.model_copy(update={"social": False})})
+
+
+def _blank_social(rows: CandidateRows) -> None:
+    """The social feature columns set to missing: a ranker trained on them never splits on them."""
+    rows.features[:, [FEATURE_NAMES.index(name) for name in SOCIAL_COLUMNS]] = np.nan
+
+
+def _social_als(window: Window, targets: Targets, n: int, smoothing: float) -> list[np.ndarray]:
+    """ALS with each user's vector smoothed towards the mean vector of the people they see."""
+    users = window.models.als_users
+    ranked: list[np.ndarray] = []
+    mask = np.zeros(len(window.items), dtype=bool)
+    for user in targets.user_idx.tolist():
+        if user < 0:
+            ranked.append(np.empty(0, dtype=np.int64))
+            continue
+        vector = users[user]
+        friends = friends_of(window.state.user_sees, user)
+        if len(friends):
+            vector = (1.0 - smoothing) * vector + smoothing * users[friends].mean(axis=0)
+        blocked = window.blocked.indices[window.blocked.indptr[user] : window.blocked.indptr[user + 1]]
+        mask[blocked] = True
+        scores = factor_scores(vector[None, :], window.models.als_items, np.zeros(1, dtype=np.int64))[0]
+        ranked.append(top_scores(scores, n + 50, mask)[0])
+        mask[blocked] = False
+    return ranked
+
+
+def _share_metrics(lists: list[np.ndarray], targets: Targets, bought_via_share: set[tuple[str, int]],
+                   k: int) -> dict[str, float]:
+    """Of the top-k recommended items, the share later bought through a share or referral; and of those
+    purchases (by the evaluated users, of items the window knows), the share recommended."""
+    shown = hits = 0
+    for user_id, items in zip(targets.user_ids.tolist(), lists, strict=True):
+        top = items[:k].tolist()
+        shown += len(top)
+        hits += sum((str(user_id), int(i)) in bought_via_share for i in top)
+    return {f"share_bought_at_{k}": hits / max(shown, 1),
+            f"share_recall_at_{k}": hits / max(len(bought_via_share), 1)}
 
 
 def _stack(parts: list[RankerData]) -> RankerData:
@@ -153,6 +207,7 @@ def evaluate_two_stage(
     params: TrainParams,
     meta_columns: tuple[str, ...],
     say: Callable[[str], None],
+    social: pd.DataFrame | None = None,
 ) -> TwoStageResult:
     """Train the ranker on window A, report every model on window B, refit the ranker on B."""
     assert holdout.cut is not None
@@ -164,14 +219,14 @@ def evaluate_two_stage(
     rng = np.random.default_rng(params.ranker.seed)
     n, ks = max(params.evaluation.k), params.evaluation.k
 
-    window_a = fit_window(events, catalog, params, t1, meta_columns)
-    stacked = [_ranker_data(window_a, events, t1, t2, params)]
+    window_a = fit_window(events, catalog, params, t1, meta_columns, social)
+    label_windows = [(window_a, t1, t2)]
     for back in range(1, params.ranker.label_windows):  # earlier windows, each as of its own cut-off
         cut = t1 - back * (t2 - t1)
         if cut <= events["ts"].min():
             break
-        stacked.append(_ranker_data(fit_window(events, catalog, params, cut, meta_columns), events, cut,
-                                    cut + (t2 - t1), params))
+        label_windows.append((fit_window(events, catalog, params, cut, meta_columns, social), cut, cut + (t2 - t1)))
+    stacked = [_ranker_data(w, events, start, end, params) for w, start, end in label_windows]
     train_data, valid_data = _training_groups(stacked, params, rng)
     if not len(train_data.group_sizes):
         raise ValueError(
@@ -188,7 +243,7 @@ def evaluate_two_stage(
     )
     popularity_window = _best_popularity_window(window_a, targets_a, n, ks)
 
-    window_b = fit_window(events, catalog, params, t2, meta_columns)
+    window_b = fit_window(events, catalog, params, t2, meta_columns, social)
     test = holdout.test
     targets = holdout_targets(test, window_b.users, window_b.items, params.weights)
     # The window's vocabulary holds every catalog item; "unseen" means no event before the cut-off.
@@ -196,6 +251,8 @@ def evaluate_two_stage(
     unseen_pairs = sum(int(u.sum()) for u in unseen) + int((targets.n_targets - [len(t) for t in targets.items]).sum())
     targets = replace(targets, unseen_item_share=unseen_pairs / max(int(targets.n_targets.sum()), 1))
     rows = candidate_rows(window_b, [str(u) for u in targets.user_ids], params, UNION_SIZE)
+    if not _social_on(params):
+        _blank_social(rows)
     started = time.perf_counter()
     scores = ranker_a.predict(rows.features)
     rank_seconds = time.perf_counter() - started
@@ -220,9 +277,31 @@ def evaluate_two_stage(
     ranked = _ranked_rows(rows, scores)
     # Serving ranks for users the model knows; the others get the fallback chain, so evaluation does too.
     lists["ranker"] = _compose_all(window_b, targets, n, _per_user(Source.ALS, ranked, targets.user_idx >= 0))
+    if params.evaluation.social_ablation:
+        lists["als_social"] = _compose_all(window_b, targets, n, _per_user(
+            Source.ALS, _social_als(window_b, targets, n, params.evaluation.social_smoothing)))
+        plain = without_social(params)
+        stacked_plain = [_ranker_data(w, events, start, end, plain) for w, start, end in label_windows]
+        train_plain, valid_plain = _training_groups(stacked_plain, plain, np.random.default_rng(params.ranker.seed))
+        ranker_plain = fit_ranker(train_plain, plain.ranker, valid_plain)
+        rows_plain = candidate_rows(window_b, [str(u) for u in targets.user_ids], plain, UNION_SIZE)
+        _blank_social(rows_plain)
+        ranked_plain = _ranked_rows(rows_plain, ranker_plain.predict(rows_plain.features))
+        lists["ranker_no_social"] = _compose_all(
+            window_b, targets, n, _per_user(Source.ALS, ranked_plain, targets.user_idx >= 0))
+        say(f"ranker without social sources and features: {ranker_plain.rounds} rounds")
 
+    via_share = attribute(events.loc[events["ts"] >= t2 - pd.Timedelta(days=7)]).purchases
+    via_share = via_share.loc[via_share["ts"] >= t2]
+    bought_via_share = {
+        (str(u), int(i))
+        for u, i in zip(via_share["user_id"], window_b.items.indexes(via_share["item_id"]), strict=True)
+        if i >= 0 and u in set(targets.user_ids.tolist())
+    }
     for name, model_lists in lists.items():
         report.rows[name] = score_lists(model_lists, targets, ks, len(window_b.items))
+        if bought_via_share:
+            report.rows[name] |= _share_metrics(model_lists, targets, bought_via_share, max(ks))
         report.curves[name] = metric_curves(model_lists, targets, len(window_b.items))
     ceiling = [
         np.isin(t, rows.items[s]).sum() / max(nt, 1)
@@ -232,12 +311,15 @@ def evaluate_two_stage(
     report.rows["ranker"]["latency_ms_per_user"] = 1000.0 * (rows.seconds + rank_seconds) / max(len(ranked), 1)
 
     k = max(ks)
-    baselines = [name for name in lists if name not in ("ranker", "union_rrf")]
+    baselines = [name for name in lists if not name.startswith("ranker") and name != "union_rrf"]
     best = max(baselines, key=lambda name: report.rows[name][f"ndcg_at_{k}"])
     ours = per_user_metrics(lists["ranker"], targets, k)
     theirs = per_user_metrics(lists[best], targets, k)
     low, mid, high = bootstrap_ratio(ours, theirs, rng)
     report.comparison = {"best_baseline": best, "ratio": mid, "ci_low": low, "ci_high": high, "k": k}
+    if "ranker_no_social" in lists:
+        low, mid, high = bootstrap_ratio(ours, per_user_metrics(lists["ranker_no_social"], targets, k), rng)
+        report.ablation = {"against": "ranker_no_social", "ratio": mid, "ci_low": low, "ci_high": high, "k": k}
     returning = targets.user_idx >= 0
     for label, mask in (("returning", returning), ("new", ~returning)):
         if mask.any():

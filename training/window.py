@@ -116,8 +116,12 @@ def fit_window(
     params: TrainParams,
     cutoff: pd.Timestamp,
     meta_columns: tuple[str, ...],
+    social: pd.DataFrame | None = None,
 ) -> Window:
-    """Fit every candidate model on the events before `cutoff` and build the feature state as of it."""
+    """Fit every candidate model on the events before `cutoff` and build the feature state as of it.
+
+    `social` is the friend / follow table (it has no times: ties are taken as known at every cut-off).
+    """
     past = events.loc[events["ts"] < cutoff]
     users = Vocabulary.from_ids(past["user_id"])
     items = item_vocabulary(past, catalog)
@@ -129,7 +133,7 @@ def fit_window(
     models = fit_candidate_models(matrix, params)
     categories = sorted(str(c) for c in meta["category"].dropna().unique())
     brands = sorted(str(b) for b in meta["brand"].dropna().unique())
-    state = build_state(past, users, items, meta, weights, cutoff, categories, brands)
+    state = build_state(past, users, items, meta, weights, cutoff, categories, brands, social)
     policy = repurchase_policy(past, catalog, params)
     blocked = blocked_matrix(bought_matrix(past, users, items), meta, policy)
     return Window(
@@ -168,7 +172,8 @@ def candidate_rows(window: Window, user_ids: list[str], params: TrainParams, uni
     """Generate, merge and describe the candidates of `user_ids` (external ids) as of the window."""
     started = time.perf_counter()
     user_idx = window.users.indexes(pd.Series(user_ids, dtype="str"))
-    k = {Source(name): getattr(params.candidates, name) for name in SOURCE_FEATURES}
+    counts = params.candidate_counts()
+    k = {Source(name): counts[name] for name in SOURCE_FEATURES}
     mask = np.zeros(len(window.items), dtype=bool)
     groups: list[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, np.ndarray]] = []
     per_source: dict[str, list[np.ndarray]] = {s: [] for s in SOURCE_FEATURES}

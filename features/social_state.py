@@ -1,0 +1,166 @@
+"""The social part of the feature state as of a cut-off: whom each user sees, what was shared to them and by
+whom, everyone's shares, sharer influence and item share rates; and the per-pair reads of friends' rows.
+
+Friends' activity is read per candidate pair from the rows of the people a user sees (never as a full
+users x users x items product), so the cost follows the candidates, not the catalog or the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from features.attribution import attribute
+from features.schema import EventType
+from features.social import build_social_graph
+from features.vocab import Vocabulary
+
+COMMUNITY_CAP = 400  # people in a user's community (those they see, then whom those see), at most
+
+
+@dataclass(frozen=True, slots=True)
+class SocialView:
+    """Everyone's rows, read for a user's friends; a one-user view of the state keeps these whole."""
+
+    touched: sp.csr_matrix  # users x items: epoch seconds of the last positive event (the state's pair_last)
+    bought: sp.csr_matrix  # users x items: epoch seconds of the last purchase (the state's pair_last_purchase)
+    shared: sp.csr_matrix  # users x items: epoch seconds of the last share of the item BY the user
+    influence: np.ndarray  # per user idx: sharer influence from attribution as of the cut (0: none)
+    sees: sp.csr_matrix  # users x users (the state's user_sees): for whom the user's friends see
+
+
+@dataclass(frozen=True, slots=True)
+class SocialFields:
+    user_sees: sp.csr_matrix  # users x users: 1 where the row user sees the column user's activity
+    pair_shared_last: sp.csr_matrix  # users x items: epoch seconds of the last share of the item TO the user
+    pair_shared_by: sp.csr_matrix  # users x items: 1 + user idx of that last sharer
+    item_share_rate: np.ndarray  # shares per view of the item; NaN when neither
+    item_referral_rate: np.ndarray  # referred purchases per referred view; NaN when never referred
+    shared: sp.csr_matrix
+    influence: np.ndarray
+
+
+def _last_by(rows: np.ndarray, cols: np.ndarray, ts: np.ndarray, by: np.ndarray,
+             shape: tuple[int, int]) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Per (row, col): the latest ts and the `by` of that latest event."""
+    order = np.lexsort((ts, cols, rows))
+    rows, cols, ts, by = rows[order], cols[order], ts[order], by[order]
+    last = np.ones(len(rows), dtype=bool)
+    if len(rows) > 1:
+        last[:-1] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
+    rows, cols = rows[last], cols[last]
+    return (sp.csr_matrix((ts[last], (rows, cols)), shape=shape),
+            sp.csr_matrix((by[last].astype(np.float64), (rows, cols)), shape=shape))
+
+
+def build_social_fields(past: pd.DataFrame, u: np.ndarray, i: np.ndarray, ts: np.ndarray, users: Vocabulary,
+                        items: Vocabulary, social: pd.DataFrame | None, cutoff: pd.Timestamp) -> SocialFields:
+    """`past` holds only events before `cutoff` whose user and item are known (`u`, `i`, `ts` per row)."""
+    n_users, n_items = len(users), len(items)
+    graph = build_social_graph(social, past, cutoff, users=users)
+    src = np.repeat(np.arange(graph.n_users, dtype=np.int64), np.diff(graph.indptr))
+    dst = graph.indices.astype(np.int64)
+    keep = (src < n_users) & (dst < n_users)  # ties to people without events carry nothing to read
+    sees = sp.csr_matrix((np.ones(int(keep.sum()), dtype=np.float32), (dst[keep], src[keep])),
+                         shape=(n_users, n_users))
+    sees.sum_duplicates()
+    sees.data[:] = 1.0
+
+    kinds = past["event_type"].to_numpy()
+    is_share = kinds == EventType.SHARE
+    shared = sp.csr_matrix((n_users, n_items))
+    if is_share.any():
+        shared = _last_by(u[is_share], i[is_share], ts[is_share], np.zeros(int(is_share.sum())), (n_users, n_items))[0]
+    to_last = sp.csr_matrix((n_users, n_items))
+    to_by = sp.csr_matrix((n_users, n_items))
+    if "target_user_id" in past.columns and is_share.any():
+        recipient = users.indexes(past["target_user_id"].where(pd.Series(is_share, index=past.index)).fillna(""))
+        ok = is_share & (recipient >= 0) & (recipient != u)
+        if ok.any():
+            to_last, to_by = _last_by(recipient[ok], i[ok], ts[ok], u[ok] + 1.0, (n_users, n_items))
+
+    attribution = attribute(past, cutoff)
+    influence = np.zeros(n_users)
+    if len(attribution.users):
+        idx = users.indexes(pd.Series(attribution.users.index, dtype="str"))
+        influence[idx[idx >= 0]] = attribution.users["influence"].to_numpy(np.float64)[idx >= 0]
+    share_rate = np.full(n_items, np.nan)
+    referral_rate = np.full(n_items, np.nan)
+    if len(attribution.items):
+        stats = attribution.items
+        idx = items.indexes(pd.Series(stats.index, dtype="str"))
+        ok = idx >= 0
+        share_rate[idx[ok]] = stats["share_rate"].to_numpy(np.float64)[ok]
+        referred = stats["referred_views"].to_numpy() > 0
+        referral_rate[idx[ok & referred]] = stats["referral_conversion_rate"].to_numpy(np.float64)[ok & referred]
+    return SocialFields(sees, to_last, to_by, share_rate, referral_rate, shared, influence)
+
+
+def row_cells(matrix: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stored cells of `rows` of a CSR matrix: (position in `rows`, column, value), without copying rows."""
+    starts, ends = matrix.indptr[rows], matrix.indptr[rows + 1]
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if not total:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, np.empty(0)
+    owner = np.repeat(np.arange(len(rows)), lengths)
+    offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    at = offsets + np.arange(total)
+    return owner, matrix.indices[at].astype(np.int64), matrix.data[at]
+
+
+def friends_of(sees: sp.csr_matrix, user: int) -> np.ndarray:
+    if user < 0:
+        return np.empty(0, dtype=np.int64)
+    return np.asarray(sees.indices[sees.indptr[user] : sees.indptr[user + 1]], dtype=np.int64)
+
+
+def community_of(sees_row: np.ndarray, sees_all: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """The people a user sees (weight 1) and, up to COMMUNITY_CAP, whom they see (weight 0.5)."""
+    first = sees_row[:COMMUNITY_CAP]
+    _, second, _ = row_cells(sees_all, first)
+    second = np.setdiff1d(np.unique(second), first)[: max(COMMUNITY_CAP - len(first), 0)]
+    people = np.concatenate([first, second])
+    return people, np.concatenate([np.ones(len(first)), np.full(len(second), 0.5)])
+
+
+def friend_window_counts(sees: sp.csr_matrix, matrix: sp.csr_matrix, rows: np.ndarray, item_idx: np.ndarray,
+                         since: tuple[float, ...]) -> np.ndarray:
+    """Per pair and threshold: how many people the pair's user sees have a cell of `matrix` (epoch seconds)
+    on the item at or after the threshold. `rows` index `sees`; `matrix` is everyone's (columns: items)."""
+    out = np.zeros((len(rows), len(since)))
+    if not len(rows):
+        return out
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    bounds = np.flatnonzero(np.concatenate([[True], sorted_rows[1:] != sorted_rows[:-1], [True]]))
+    thresholds = np.asarray(since)
+    for start, end in pairwise(bounds.tolist()):
+        user = int(sorted_rows[start])
+        friends = friends_of(sees, user)
+        if not len(friends):
+            continue
+        positions = order[start:end]
+        _, cols, values = row_cells(matrix, friends)
+        if not len(cols):
+            continue
+        wanted = item_idx[positions]
+        rank = np.argsort(wanted, kind="stable")
+        at = np.searchsorted(wanted[rank], cols)
+        hit = at < len(wanted)
+        hit[hit] = wanted[rank][at[hit]] == cols[hit]
+        if not hit.any():
+            continue
+        target = rank[at[hit]]
+        counts = (values[hit][:, None] >= thresholds[None, :]).astype(np.float64)
+        per_item = np.zeros((len(wanted), len(since)))
+        np.add.at(per_item, target, counts)
+        # A candidate item listed twice for one user gets the same counts on both rows.
+        first_of = rank[np.searchsorted(wanted[rank], wanted)]
+        out[positions] = per_item[first_of]
+    return out
