@@ -117,8 +117,7 @@ def main() -> None:
         for fmt in ("csv", "parquet"):
             with PeakRSS() as rss:
                 t = time.perf_counter()
-                stream = segments.export_csv(meta.segment_id) if fmt == "csv" else segments.export_parquet(
-                    meta.segment_id)
+                stream = segments.export(meta.segment_id, fmt, lambda *_: None)
                 size = sum(len(chunk) for chunk in stream)
                 seconds = time.perf_counter() - t
             print(f"export {fmt}: {args.users:,} rows in {seconds:.2f}s = {args.users / seconds:,.0f} rows/s, "

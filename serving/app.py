@@ -149,6 +149,7 @@ def _authorize(request: Request) -> None:
                             headers={"WWW-Authenticate": "Bearer"})
     if needed not in entry.scopes and KeyScope.ADMIN not in entry.scopes:
         raise HTTPException(status_code=403, detail=f"this key lacks the {needed.value} scope")
+    request.state.key_id = entry.id  # who, for the audit log
     limit = request.app.state.rate_limit
     if limit:
         try:

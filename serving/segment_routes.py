@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import StreamingResponse
 
 from features.store import OnlineStore
+from serving import audit
 from serving.deps import RequestId
 from serving.segment_schemas import (
     MAX_PAGE,
@@ -24,7 +25,7 @@ from serving.segment_schemas import (
     SnapshotOut,
 )
 from serving.segment_service import BadCursorError, Page, Segments, definition_json, engine_for, parse_definition
-from serving.segment_snapshots import SnapshotStore, UnknownSegmentError
+from serving.segment_snapshots import SnapshotMeta, SnapshotStore, UnknownSegmentError
 from serving.segments import SegmentError
 from serving.settings import ServingSettings
 
@@ -99,11 +100,16 @@ def segments_router(settings: ServingSettings) -> APIRouter:
                        next_cursor=result.next_cursor)
 
     @router.get("/{segment_id}/export")
-    def export(segment_id: SegmentIdPath, service: SegmentsDep,
+    def export(segment_id: SegmentIdPath, service: SegmentsDep, request: Request,
                format: Literal["csv", "parquet"] = "csv") -> StreamingResponse:
+        who = getattr(request.state, "key_id", None) or "open-mode"
+
+        def audited(meta: SnapshotMeta, rows: int, complete: bool) -> None:
+            audit.record(settings.audit_log, {"who": who, "segment_id": meta.segment_id, "format": format,
+                                              "definition": meta.definition, "rows": rows, "complete": complete})
+
         try:
-            body: Iterator[bytes] = (service.export_csv(segment_id) if format == "csv"
-                                     else service.export_parquet(segment_id))
+            body: Iterator[bytes] = service.export(segment_id, format, audited)
         except UnknownSegmentError as exc:
             raise HTTPException(status_code=404, detail=f"segment {segment_id!r} not found or expired") from exc
         media = "text/csv" if format == "csv" else "application/vnd.apache.parquet"

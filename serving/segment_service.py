@@ -10,7 +10,7 @@ else about a person, and are produced one row group at a time: memory stays flat
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +25,7 @@ from pydantic import TypeAdapter
 from features.eventlog import replay
 from features.online import MemoryStore, open_store
 from features.store import OnlineStore
+from serving.audit import counted
 from serving.segment_schemas import SegmentDefinition
 from serving.segment_snapshots import ROW_GROUP, SnapshotMeta, SnapshotStore
 from serving.segments import SegmentEngine, allowed_users
@@ -105,13 +106,12 @@ class Segments:
                 yield batch.filter(pa.array(keep))
         return meta, batches()
 
-    def export_csv(self, segment_id: str) -> Iterator[bytes]:
+    def export(self, segment_id: str, format: str, done: Callable[[SnapshotMeta, int, bool], None]
+               ) -> Iterator[bytes]:
+        """The segment as CSV or Parquet bytes; `done(meta, rows, complete)` when the stream ends (the audit)."""
         meta, batches = self._allowed_batches(segment_id)
-        return csv_stream(_info(meta), batches)
-
-    def export_parquet(self, segment_id: str) -> Iterator[bytes]:
-        meta, batches = self._allowed_batches(segment_id)
-        return parquet_stream(_info(meta), batches)
+        audited = counted(batches, lambda rows, complete: done(meta, rows, complete))
+        return csv_stream(_info(meta), audited) if format == "csv" else parquet_stream(_info(meta), audited)
 
 
 def _info(meta: SnapshotMeta) -> dict[str, object]:

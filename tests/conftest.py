@@ -40,4 +40,5 @@ def _private_event_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     the home."""
     monkeypatch.setenv("SHAREFEED_EVENT_LOG", str(tmp_path / "eventlog"))
     monkeypatch.setenv("SHAREFEED_SEGMENTS_DIR", str(tmp_path / "segments"))
-    monkeypatch.setenv("SHAREFEED_KEYS_FILE", str(tmp_path / "keys.json"))  # none: open unless a test adds keys
+    monkeypatch.setenv("SHAREFEED_KEYS_FILE", str(tmp_path / "keys.json"))
+    monkeypatch.setenv("SHAREFEED_AUDIT_LOG", str(tmp_path / "audit.jsonl"))  # none: open unless a test adds keys

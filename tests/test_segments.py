@@ -336,3 +336,24 @@ def test_cli_segment_honours_the_event_logs_erasures(bundle: Bundle, trained: Tr
     bad = CliRunner().invoke(main, ["segment", "--bundle", str(trained.bundle_path), "--kind", "social",
                                     "--out", str(tmp_path / "c.csv")])
     assert bad.exit_code == 2
+
+
+def test_every_export_is_in_the_audit_log_without_a_row_of_it(client: TestClient, tmp_path: Path) -> None:
+    from serving import audit
+    from serving.settings import ServingSettings
+
+    settings = ServingSettings()
+    made = client.post("/v1/segments/query", json={"definition": {"kind": "lifecycle"}, "page_size": 5})
+    assert made.status_code == 200, made.text
+    segment_id = made.json()["segment_id"]
+    exported = client.get(f"/v1/segments/{segment_id}/export", params={"format": "csv"})
+    assert exported.status_code == 200
+    rows = len(exported.text.strip().splitlines()) - 2  # the definition line and the header
+    entries = audit.read(settings.audit_log)
+    assert entries[-1]["segment_id"] == segment_id
+    assert entries[-1]["rows"] == rows
+    assert entries[-1]["complete"] is True
+    assert entries[-1]["who"] == "open-mode"
+    assert entries[-1]["definition"]["kind"] == "lifecycle"
+    first_member = exported.text.strip().splitlines()[2].split(",")[0].strip('"')
+    assert first_member not in settings.audit_log.read_text()
