@@ -7,24 +7,15 @@ import pandas as pd
 import pytest
 
 from features.attribution import ITEM_COLUMNS, USER_COLUMNS, AttributionParams, attribute
-
-T0 = pd.Timestamp("2026-03-01T00:00:00Z")
+from tests.event_frames import T0, social_events
 
 
 def _events(rows: list[tuple[str, str, str, float, str | None, str | None, float | None]]) -> pd.DataFrame:
-    """(user, item, type, day, target, referrer, price) rows in the validated event frame's shape."""
-    return pd.DataFrame(
-        {
-            "user_id": pd.Series([r[0] for r in rows], dtype="str"),
-            "item_id": pd.Series([r[1] for r in rows], dtype="str"),
-            "event_type": pd.Series([r[2] for r in rows], dtype="str"),
-            "ts": pd.Series([T0 + pd.Timedelta(days=r[3]) for r in rows], dtype="datetime64[ns, UTC]"),
-            "target_user_id": pd.Series([r[4] for r in rows], dtype="str"),
-            "referrer_id": pd.Series([r[5] for r in rows], dtype="str"),
-            "quantity": pd.Series([2.0 if r[0] == "rita" else np.nan for r in rows], dtype="float64"),
-            "price": pd.Series([r[6] for r in rows], dtype="float64"),
-        }
-    )
+    """(user, item, type, day, target, referrer, price) rows; rita buys two at a time."""
+    frame = social_events([r[:6] for r in rows])
+    frame["quantity"] = pd.Series([2.0 if r[0] == "rita" else np.nan for r in rows], dtype="float64")
+    frame["price"] = pd.Series([r[6] for r in rows], dtype="float64")
+    return frame
 
 
 EVENTS = _events(

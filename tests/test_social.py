@@ -10,22 +10,9 @@ import pytest
 
 from features.social import EdgeKind, GraphWeights, SocialGraph, build_social_graph
 from features.vocab import Vocabulary
+from tests.event_frames import T0, social_events
 
-T0 = pd.Timestamp("2026-03-01T00:00:00Z")
-
-
-def _events(rows: list[tuple[str, str, str, int, str | None, str | None]]) -> pd.DataFrame:
-    """(user, item, type, day, target, referrer) rows in the validated event frame's shape."""
-    return pd.DataFrame(
-        {
-            "user_id": pd.Series([r[0] for r in rows], dtype="str"),
-            "item_id": pd.Series([r[1] for r in rows], dtype="str"),
-            "event_type": pd.Series([r[2] for r in rows], dtype="str"),
-            "ts": pd.Series([T0 + pd.Timedelta(days=r[3]) for r in rows], dtype="datetime64[ns, UTC]"),
-            "target_user_id": pd.Series([r[4] for r in rows], dtype="str"),
-            "referrer_id": pd.Series([r[5] for r in rows], dtype="str"),
-        }
-    )
+_events = social_events
 
 
 SOCIAL = pd.DataFrame(
