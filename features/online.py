@@ -32,6 +32,7 @@ from features.store import (
     TRENDING_BUCKETS_KEPT,
     OnlineEvent,
     OnlineStore,
+    UserSnapshot,
 )
 from features.weights import DEFAULT_EVENT_WEIGHTS
 
@@ -179,6 +180,10 @@ class MemoryStore:
     def purchased(self, user_id: str) -> dict[str, float]:
         with self._lock:
             return {item: float(ts) for item, ts in self._purchases.get(user_id, {}).items()}
+
+    def snapshot(self, user_id: str) -> UserSnapshot:
+        with self._lock:
+            return UserSnapshot(self.recent(user_id), self.purchased(user_id), self.consent(user_id))
 
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:
         with self._lock:
@@ -463,6 +468,17 @@ class RedisStore:
     def purchased(self, user_id: str) -> dict[str, float]:
         stored = cast(dict[bytes, bytes], self._redis.hgetall(self.keys.purchases(user_id)))
         return {item.decode(): float(ts) for item, ts in stored.items()}
+
+    def snapshot(self, user_id: str) -> UserSnapshot:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.lrange(self.keys.recent(user_id), 0, RECENT_CAP - 1)
+        pipe.hgetall(self.keys.purchases(user_id))
+        pipe.hgetall(self.keys.consent(user_id))
+        records, bought, given = cast(tuple[list[bytes], dict[bytes, bytes], dict[bytes, bytes]], pipe.execute())
+        stated = {purpose.decode(): value == b"1" for purpose, value in given.items()}
+        return UserSnapshot([unpack_event(user_id, record) for record in records],
+                            {item.decode(): float(ts) for item, ts in bought.items()},
+                            {purpose: stated.get(purpose, True) for purpose in CONSENT_PURPOSES})
 
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:
         window = _window(hours)

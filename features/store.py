@@ -30,6 +30,13 @@ class OnlineEvent:
     category: str | None = None  # the item's category when known, for per-category trending
 
 
+@dataclass(frozen=True, slots=True)
+class UserSnapshot:
+    recent: list[OnlineEvent]  # newest first
+    purchased: dict[str, float]
+    consent: dict[str, bool]
+
+
 class OnlineStore(Protocol):
     """Operations the service needs; each is one round trip (or one pipeline) on Redis."""
 
@@ -53,6 +60,10 @@ class OnlineStore(Protocol):
 
     def purchased(self, user_id: str) -> dict[str, float]:
         """Items the user bought since the bundle's data (item id -> time of the last purchase)."""
+        ...
+
+    def snapshot(self, user_id: str) -> UserSnapshot:
+        """`recent`, `purchased` and `consent` of one user in one round trip (what a feed reads)."""
         ...
 
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:

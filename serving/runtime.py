@@ -174,11 +174,10 @@ class Service:
     def user_view(self, user_id: str) -> UserView:
         """The user's online context and consent; degraded (bundle only) when the store fails."""
         try:
-            consent = self.store.consent(user_id)
-            if not consent.get("personalization", True):
-                return UserView(None, consent, False)
-            context = UserContext(self.store.recent(user_id), self.store.purchased(user_id))
-            return UserView(context, consent, False)
+            snapshot = self.store.snapshot(user_id)  # one round trip
+            if not snapshot.consent.get("personalization", True):
+                return UserView(None, snapshot.consent, False)
+            return UserView(UserContext(snapshot.recent, snapshot.purchased), snapshot.consent, False)
         except Exception:
             log.warning("online store unavailable, answering from the bundle", exc_info=True)
             return UserView(None, {}, True)

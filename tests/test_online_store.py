@@ -158,6 +158,11 @@ def test_consent_defaults_to_given_and_keeps_what_was_said(store: OnlineStore) -
     assert store.consent("u1") == {"personalization": False, "marketing": True, "social_proof": True}
     assert store.consent("u2") == dict.fromkeys(CONSENT_PURPOSES, True)
     assert store.consents(["u2", "u1", "u2"]) == [store.consent("u2"), store.consent("u1"), store.consent("u2")]
+    store.record([ev("u1", "p1", "purchase", T0), ev("u1", "p2", "view", T0 + 5)])
+    snapshot = store.snapshot("u1")
+    assert snapshot.recent == store.recent("u1")
+    assert snapshot.purchased == store.purchased("u1")
+    assert snapshot.consent == store.consent("u1")
     with pytest.raises(ValueError, match="unknown consent purposes"):
         store.set_consent("u1", {"telemarketing": False})
 
