@@ -132,7 +132,7 @@ async def _too_large(send: Callable[[Message], Awaitable[None]], limit: int) -> 
     await send({"type": "http.response.body", "body": body})
 
 
-def _authorize(request: Request) -> None:
+async def _authorize(request: Request) -> None:
     """Every route's gate: the scope it needs (serving.auth.ROUTE_SCOPES) against the caller's key."""
     keyring: KeyRing = request.app.state.keys.current()
     if not keyring.configured:
@@ -162,13 +162,13 @@ def _authorize(request: Request) -> None:
                                 headers={"Retry-After": "1"})
 
 
-def _service(request: Request) -> Service:
+async def _service(request: Request) -> Service:
     service: Service = request.app.state.service
     return service
 
 
-def _recommender(request: Request) -> Recommender:
-    recommender = _service(request).recommender
+async def _recommender(request: Request) -> Recommender:
+    recommender = (await _service(request)).recommender
     if recommender is None:
         raise HTTPException(status_code=503, detail="no model bundle is loaded")
     return recommender
@@ -248,8 +248,10 @@ def app_from_environment() -> FastAPI:
 
 
 def _routes(app: FastAPI, settings: ServingSettings) -> None:
+    # The feed runs on the event loop, not in the thread pool: it is CPU work under the GIL, and threads
+    # taking turns at it only add switching (a worker process answers one feed at a time either way).
     @app.get("/v1/users/{user_id}/feed", response_model=FeedOut, response_model_exclude_none=True)
-    def feed(
+    async def feed(
         user_id: str,
         service: ServiceDep,
         recommender: RecommenderDep,
