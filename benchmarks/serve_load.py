@@ -547,20 +547,9 @@ def redis_bytes(client: redis.Redis, groups: dict[str, list[str]]) -> Json:
 
 def store_user_bytes(redis_url: str, users: list[str]) -> Json | None:
     """The product's own measure (features.online.RedisStore.user_bytes), when it can be built here."""
-    try:
-        from features import online  # type: ignore[attr-defined]
-    except ImportError as exc:
-        return {"error": f"features.online not importable: {exc}"}
-    store_cls = getattr(online, "RedisStore", None)
-    if store_cls is None:
-        return {"error": "features.online has no RedisStore"}
-    store = None
-    for build in (lambda: store_cls(redis_url), lambda: store_cls.from_url(redis_url)):
-        with contextlib.suppress(Exception):
-            store = build()
-            break
-    if store is None:
-        return {"error": "could not construct features.online.RedisStore"}
+    from features.online import RedisStore
+
+    store = RedisStore(redis_url)
     values = np.asarray([store.user_bytes(u) for u in users], dtype=np.float64)
     return {"users": len(users), "bytes_mean": float(values.mean()), "bytes_p50": float(np.median(values)),
             "bytes_max": float(values.max())}

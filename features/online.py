@@ -592,6 +592,11 @@ class RedisStore:
         return bool(self._redis.ping())
 
 
+# What an unavailable online store raises (a Redis server down, restarting or unreachable). Callers that can
+# answer without the store catch these, log them and mark the answer degraded; anything else is a bug.
+STORE_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OSError)
+
+
 def open_store(url: str | None, prefix: str = "sf:") -> OnlineStore:
     """A Redis store for a URL, the in-process store for None (the embedded default)."""
     if url is None:

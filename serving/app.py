@@ -19,7 +19,7 @@ from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Respo
 from threadpoolctl import threadpool_limits
 
 from features.eventlog import EventLog, EventLogError, consent_row, erase_row
-from features.online import open_store
+from features.online import STORE_ERRORS, open_store
 from features.store import CONSENT_PURPOSES, OnlineStore
 from features.weights import DEFAULT_EVENT_WEIGHTS
 from serving import metrics
@@ -154,7 +154,7 @@ async def _authorize(request: Request) -> None:
     if limit:
         try:
             count = request.app.state.store.hit(f"key:{entry.id}", 1)
-        except Exception:  # the limiter's store is down: let the request through rather than fail it
+        except STORE_ERRORS:  # the limiter's store is down: let the request through rather than fail it
             log.warning("rate limiter unavailable", exc_info=True)
             return
         if count > limit:

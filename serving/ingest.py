@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from features.eventlog import EventLog
+from features.online import STORE_ERRORS
 from features.store import OnlineEvent, OnlineStore
 from features.tables import records_table
 from features.validation import check_events
@@ -95,7 +96,7 @@ def ingest(
     ]
     try:
         store.record(online)
-    except Exception:  # the log holds them: a replay brings the store back in line
+    except STORE_ERRORS:  # the log holds them: a replay brings the store back in line
         log.exception("online store update failed for %d logged events", len(online))
         return IngestResult(len(new), duplicates, rejected, False)
     return IngestResult(len(new), duplicates, rejected, True)

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from features.eventlog import EventLog
+from features.online import STORE_ERRORS
 from features.store import OnlineStore
 from serving import metrics
 from serving.merchandising import Rule, RuleBook
@@ -153,7 +154,7 @@ class Service:
             try:
                 recommender.catalog.refresh(self.store)
                 self._rules.refresh(self.store)
-            except Exception:
+            except STORE_ERRORS:
                 log.warning("online store unavailable: catalog changes and rules as last read", exc_info=True)
         return self._rules.active(datetime.now(UTC))
 
@@ -167,7 +168,7 @@ class Service:
             consents = self.store.consents(user_ids)
             return [not gone and given.get("social_proof", True)
                     for given, gone in zip(consents, erased, strict=True)]
-        except Exception:
+        except STORE_ERRORS:
             log.warning("online store unavailable: social proof left out", exc_info=True)
             return [False] * len(user_ids)
 
@@ -178,6 +179,6 @@ class Service:
             if not snapshot.consent.get("personalization", True):
                 return UserView(None, snapshot.consent, False)
             return UserView(UserContext(snapshot.recent, snapshot.purchased), snapshot.consent, False)
-        except Exception:
+        except STORE_ERRORS:
             log.warning("online store unavailable, answering from the bundle", exc_info=True)
             return UserView(None, {}, True)
