@@ -25,6 +25,7 @@ from features.weights import DEFAULT_EVENT_WEIGHTS
 from serving import metrics
 from serving.auth import KeyRing, Keys, required_scope
 from serving.auth import Scope as KeyScope
+from serving.bodies import StrictJSONRoute
 from serving.deps import RequestId
 from serving.ingest import ingest
 from serving.items import items_router
@@ -228,6 +229,7 @@ def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: O
 
     app = FastAPI(title="sharefeed", version="1", lifespan=lifespan, dependencies=[Depends(_authorize)],
                   description="Recommendations and audience segments for social e-commerce.")
+    app.router.route_class = StrictJSONRoute  # bodies are strict JSON (serving.bodies), on the routers too
     app.state.keys = Keys(settings.keys_file, settings.api_keys)
     app.state.rate_limit = settings.rate_limit_per_second
     if not app.state.keys.ring.configured:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import ValidationError
 
 from features.store import OnlineStore
+from serving.bodies import StrictJSONRoute
 from serving.catalog import Catalog
 from serving.deps import RequestId
 from serving.item_schemas import (
@@ -83,7 +84,7 @@ def _unknown(exc: UnknownItemError) -> HTTPException:
 
 def items_router(settings: ServingSettings) -> APIRouter:
     """The item routes; `settings.max_n` bounds every list."""
-    router = APIRouter(tags=["items"])
+    router = APIRouter(tags=["items"], route_class=StrictJSONRoute)
     N = Annotated[int, Query(ge=1, le=settings.max_n)]
 
     @router.get("/v1/items/{item_id}/similar", response_model=ItemListOut, response_model_exclude_none=True)

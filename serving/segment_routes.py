@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from features.store import OnlineStore
 from serving import audit
+from serving.bodies import StrictJSONRoute
 from serving.deps import RequestId
 from serving.segment_schemas import (
     MAX_PAGE,
@@ -37,7 +38,7 @@ def segments_router(settings: ServingSettings) -> APIRouter:
     """The segment routes; `settings.segments_dir` and `settings.segment_ttl_seconds` say where snapshots
     live and for how long."""
     snapshots = SnapshotStore(settings.segments_dir, settings.segment_ttl_seconds)
-    router = APIRouter(prefix="/v1/segments", tags=["segments"])
+    router = APIRouter(prefix="/v1/segments", tags=["segments"], route_class=StrictJSONRoute)
 
     def segments(request: Request) -> Segments:
         recommender = getattr(request.app.state, "recommender", None)

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from features.social import SocialGraph
 from features.vocab import Vocabulary
+from serving.bodies import StrictJSONRoute
 from serving.deps import RequestId
 from serving.settings import ServingSettings
 from training.bundle import Bundle
@@ -219,7 +220,7 @@ UserIdPath = Annotated[str, Path(min_length=1, max_length=256)]
 
 def share_router(settings: ServingSettings) -> APIRouter:
     """GET /v1/users/{user_id}/share-suggestions; `settings.max_n` bounds the list."""
-    router = APIRouter(tags=["social"])
+    router = APIRouter(tags=["social"], route_class=StrictJSONRoute)
     N = Annotated[int, Query(ge=1, le=settings.max_n)]
     PerItem = Annotated[int, Query(ge=1, le=50)]
 
