@@ -180,7 +180,7 @@ class Catalog:
         same_category = (category == anchor.category) & (anchor.category != NO_CATEGORY)
         same_brand = (brand == anchor.brand) & (anchor.brand is not None)
         if anchor.price is not None and anchor.price > 0:
-            with np.errstate(invalid="ignore", divide="ignore"):
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # 1e308 / 0.5: inf, no warning
                 distance = np.abs(np.log(price / anchor.price))
             distance = np.where(np.isfinite(distance), distance, np.inf)
         else:

@@ -66,3 +66,14 @@ def test_numbers_json_does_not_allow_or_a_double_cannot_hold_are_a_422(client: T
                           f'{{"events": [{GOOD[:-1]}, "price": {value}}}]}}')
     assert status == 422, answer
     assert answer["detail"][0]["type"] == "json_invalid"  # type: ignore[index]
+
+
+def test_similar_items_of_an_extreme_price_do_not_overflow(client: TestClient) -> None:
+    # content neighbours compare prices as log(price / anchor): 1e308 / 5e-324 overflowed (a warning, so a
+    # 500 wherever warnings are errors)
+    assert client.put("/v1/items/tiny", json={"category": "fuzz", "price": 5e-324}).status_code == 200
+    assert client.put("/v1/items/huge", json={"category": "fuzz", "price": 1e308}).status_code == 200
+    for item in ("tiny", "huge"):
+        answer = client.get(f"/v1/items/{item}/similar", params={"n": 5})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["items"]
