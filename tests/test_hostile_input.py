@@ -77,3 +77,12 @@ def test_similar_items_of_an_extreme_price_do_not_overflow(client: TestClient) -
         answer = client.get(f"/v1/items/{item}/similar", params={"n": 5})
         assert answer.status_code == 200, answer.text
         assert answer.json()["items"]
+
+
+def test_reload_of_a_path_the_file_system_refuses_keeps_the_bundle(client: TestClient, bundle: Bundle) -> None:
+    for path in ("x" * 5000, "a/" + "b" * 300):  # ENAMETOOLONG, for the whole path and for one part
+        answer = client.post("/v1/admin/reload", json={"bundle": path})
+        assert answer.status_code == 422, answer.text
+        assert "still serving the previous one" in answer.json()["detail"]
+        assert len(answer.json()["detail"]) < 600  # the path is not echoed whole
+    assert client.get("/readyz").json()["bundle_version"] == bundle.version

@@ -229,10 +229,14 @@ def write_bundle(out: Path, contents: BundleContents, manifest: Manifest) -> Man
 
 def read_manifest(path: Path) -> Manifest:
     manifest_path = Path(path) / MANIFEST
-    if not manifest_path.is_file():
-        raise BundleError(f"{path} is not a bundle: no {MANIFEST}")
+    try:  # a path the file system refuses (name too long, no permission) is no bundle either
+        if not manifest_path.is_file():
+            raise BundleError(f"{str(path)[:200]} is not a bundle: no {MANIFEST}")
+        raw = manifest_path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{str(path)[:200]} cannot be read as a bundle: {exc.strerror or exc}") from exc
     try:
-        manifest = Manifest.model_validate_json(manifest_path.read_text())
+        manifest = Manifest.model_validate_json(raw)
     except ValidationError as exc:
         raise BundleError(f"{manifest_path} is not a valid manifest: {exc.error_count()} error(s)") from exc
     if manifest.schema_version != SCHEMA_VERSION:
@@ -248,9 +252,13 @@ def verify_bundle(path: Path) -> Manifest:
     manifest = read_manifest(path)
     for name, expected in manifest.files.items():
         file = path / name
-        if not file.is_file():
-            raise BundleError(f"bundle {path} lacks {name}")
-        if _sha256(file) != expected:
+        try:
+            if not file.is_file():
+                raise BundleError(f"bundle {path} lacks {name}")
+            digest = _sha256(file)
+        except OSError as exc:
+            raise BundleError(f"bundle {path}: cannot read {name}: {exc.strerror or exc}") from exc
+        if digest != expected:
             raise BundleError(f"bundle {path}: checksum mismatch for {name}")
     return manifest
 
