@@ -14,11 +14,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.schema import Table
+from features.schema import EVENT_COLUMNS, ITEM_COLUMNS, SOCIAL_COLUMNS, Table
 
 SUFFIXES = (".csv", ".csv.gz", ".parquet", ".jsonl", ".jsonl.gz", ".ndjson", ".json")
 SOURCE_FILE = "_file"
 SOURCE_ROW = "_row"
+PARSE_ERROR = "_parse_error"  # why a record could not be read as a row; validation rejects it with that reason
+CONTRACT_COLUMNS = frozenset(EVENT_COLUMNS + ITEM_COLUMNS + SOCIAL_COLUMNS)
 
 
 class DataDirectoryError(ValueError):
@@ -87,15 +89,42 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
             try:
                 value = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
-                value = {"_parse_error": f"line {line_no} is not JSON: {exc}"}
+                value = {PARSE_ERROR: f"line {line_no} is not JSON: {exc}"}
             if not isinstance(value, dict):
-                value = {"_parse_error": f"line {line_no} is not a JSON object"}
+                value = {PARSE_ERROR: f"line {line_no} is not a JSON object"}
             records.append(value)
             line_numbers.append(line_no)
     return _records_frame(records, line_numbers)
 
 
+def _is_unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _as_row(record: dict[str, object]) -> dict[str, object]:
+    """The record, or what validation must reject it for (PARSE_ERROR): text that is not valid Unicode (a
+    lone surrogate, which only a lenient JSON parser lets through), a contract column holding an object or
+    an array."""
+    for key, value in record.items():
+        if not _is_unicode(key) or (isinstance(value, str) and not _is_unicode(value)):
+            # such text cannot be written anywhere, not even to the rejects file: keep only the reason
+            return {PARSE_ERROR: f"field {key!r:.40} is not valid Unicode text (a lone surrogate)"}
+    for key in CONTRACT_COLUMNS.intersection(record):
+        value = record[key]
+        if isinstance(value, dict | list):
+            kind = "an object" if isinstance(value, dict) else "an array"
+            return {**record, PARSE_ERROR: f"{key} is {kind}, not a single value"}
+    return record
+
+
 def _records_frame(records: list[dict[str, object]], row_numbers: list[int]) -> pd.DataFrame:
+    records = [_as_row(record) for record in records]
     # object dtype: a column of JSON integers with a gap must not turn into floats ("42" -> "42.0")
     columns = dict.fromkeys(key for record in records for key in record)
     frame = pd.DataFrame({c: pd.Series([r.get(c) for r in records], dtype=object) for c in columns})

@@ -19,7 +19,7 @@ from features.schema import (
     MAX_EPOCH_SECONDS,
     SOCIAL_KINDS,
 )
-from features.tables import SOURCE_FILE, SOURCE_ROW
+from features.tables import PARSE_ERROR, SOURCE_FILE, SOURCE_ROW
 
 MAX_ID_LENGTH = 256
 # A zone counts only after a time of day: "2024-03-01" ends in "-01", which is a day, not an offset.
@@ -98,8 +98,8 @@ def _begin(raw: pd.DataFrame) -> tuple[pd.DataFrame, int, _Verdict]:
     """Collapse exact duplicates and open a verdict; lines a JSON reader could not parse fail first."""
     frame, duplicates = _collapse_duplicates(raw)
     verdict = _Verdict(frame.index)
-    if "_parse_error" in frame.columns:
-        verdict.flag(frame["_parse_error"].notna(), frame["_parse_error"].astype(object))
+    if PARSE_ERROR in frame.columns:
+        verdict.flag(frame[PARSE_ERROR].notna(), frame[PARSE_ERROR].astype(object))
     return frame, duplicates, verdict
 
 
@@ -366,7 +366,7 @@ def check_users(raw: pd.DataFrame) -> TableCheck:
     frame, duplicates, verdict = _begin(raw)
     _check_id(verdict, frame, "user_id", required=True)
     _check_unique(verdict, frame, "user_id")
-    columns = [c for c in _data_columns(frame) if c != "_parse_error"]
+    columns = [c for c in _data_columns(frame) if c != PARSE_ERROR]
     accepted = frame.loc[~verdict.bad, columns].reset_index(drop=True)
     return TableCheck("users", len(raw), accepted, _rejects("users", frame, verdict), duplicates)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from features.tables import read_file, records_table
+from features.validation import check_events
 from features.weights import DEFAULT_EVENT_WEIGHTS
 from serving.app import create_app
 from serving.settings import ServingSettings
@@ -86,3 +88,36 @@ def test_reload_of_a_path_the_file_system_refuses_keeps_the_bundle(client: TestC
         assert "still serving the previous one" in answer.json()["detail"]
         assert len(answer.json()["detail"]) < 600  # the path is not echoed whole
     assert client.get("/readyz").json()["bundle_version"] == bundle.version
+
+
+# -- the loaders: a JSON object or array where the contract wants one value was accepted as its Python repr
+
+def test_an_object_or_array_id_in_a_batch_is_rejected_and_the_rest_kept(client: TestClient) -> None:
+    good = {"user_id": "u1", "item_id": "p1", "event_type": "view", "timestamp": "2026-11-25T10:00:00Z"}
+    batch = [good | {"user_id": {"a": 1}}, good | {"item_id": [1, 2]}, good | {"price": {"amount": 3}}, good]
+    answer = client.post("/v1/events", json={"events": batch}).json()
+    assert answer["accepted"] == 1
+    assert answer["rejected"] == [
+        {"index": 0, "reason": "user_id is an object, not a single value"},
+        {"index": 1, "reason": "item_id is an array, not a single value"},
+        {"index": 2, "reason": "price is an object, not a single value"},
+    ]
+
+
+def test_an_object_id_in_a_jsonl_file_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text(GOOD + "\n" + GOOD.replace('"u1"', '{"nested": "u1"}') + "\n")
+    check = check_events(read_file(path), EVENT_TYPES)
+    assert len(check.accepted) == 1
+    assert check.rejects[["row", "reason"]].to_dict("records") == [
+        {"row": 2, "reason": "user_id is an object, not a single value"}]
+
+
+def test_a_record_with_a_lone_surrogate_is_rejected_not_a_crash() -> None:
+    # what a Python caller (or a lenient parser) can hand to the ingest path: it used to raise UnicodeEncodeError
+    good = {"user_id": "u1", "item_id": "p1", "event_type": "view", "timestamp": "2026-11-25T10:00:00Z"}
+    frame = records_table([good | {"user_id": "\ud800"}, good | {"\udfff": "x"}, good], "request")
+    check = check_events(frame, EVENT_TYPES)
+    assert check.accepted["user_id"].tolist() == ["u1"]
+    assert check.rejects["row"].tolist() == [0, 1]
+    assert check.rejects["reason"].str.contains("not valid Unicode text").all()
