@@ -68,7 +68,10 @@ def _as_text(column: pd.Series) -> pd.Series:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], compression="infer")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], compression="infer")
+    except pd.errors.EmptyDataError:  # not even a header: no rows, as an empty JSON Lines file
+        return pd.DataFrame()
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:

@@ -329,6 +329,8 @@ def _parse_bool(verdict: _Verdict, frame: pd.DataFrame, column: str) -> pd.Serie
 
 
 def _check_unique(verdict: _Verdict, frame: pd.DataFrame, key: str) -> None:
+    if key not in frame.columns:  # every row is already refused for the missing column
+        return
     repeated = frame[key].notna() & frame[key].duplicated(keep="first")
     if repeated.any():
         first = _first_row_of(frame, key)
