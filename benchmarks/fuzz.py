@@ -101,6 +101,7 @@ class FuzzReport:
     by_mode: dict[str, Counter[int]] = field(default_factory=dict)
     errors: dict[tuple[str, str], ServerError] = field(default_factory=dict)
     not_sent: Counter[str] = field(default_factory=Counter)  # cases the HTTP client refused to send, by reason
+    negative_accepted: dict[str, tuple[int, str]] = field(default_factory=dict)  # operation -> (count, first case)
     seconds: float = 0.0
 
     @property
@@ -142,6 +143,8 @@ class FuzzReport:
             "server_errors": self.server_errors,
             "errors": [vars(e) for e in self.errors.values()],
             "not_sent": dict(self.not_sent),
+            "negative_accepted": {op: {"count": n, "first": case} for op, (n, case) in
+                                  sorted(self.negative_accepted.items())},
             "by_operation": {op: codes(counter) for op, counter in sorted(self.by_operation.items())},
         }
 
@@ -389,6 +392,9 @@ class Fuzzer:
             return
         status = response.status_code
         self.report.count(operation, label, status)
+        if mode is GenerationMode.NEGATIVE and 200 <= status < 300:  # schema-invalid input that was taken
+            count, first = self.report.negative_accepted.get(operation, (0, _reproduction(case)))
+            self.report.negative_accepted[operation] = (count + 1, first)
         error = self.app.error
         if status >= 500 or error is not None:
             detail = _where(error) if error is not None else response.text[:200]
