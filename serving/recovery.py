@@ -12,6 +12,7 @@ log's control rows (`ControlView`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -19,13 +20,13 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
-from features.eventlog import apply_control, read_control, read_events, replay
+from features.eventlog import ReplayStats, apply_control, read_control, read_events, replay
 from features.online import STORE_ERRORS, MemoryStore
 from features.store import CONSENT_PURPOSES, OnlineEvent, OnlineStore
 from serving import metrics
@@ -294,7 +295,7 @@ class Recovery:
                 if generation is None:
                     return
             rebuilt = emptied or (self._generation is not None and generation != self._generation)
-            if rebuilt:
+            if rebuilt and self._generation is not None:
                 log.warning("the online store was rebuilt from the event log (generation %s)", _token(generation))
             if self._ready and not rebuilt:
                 return
@@ -313,38 +314,15 @@ class Recovery:
 
     def _rebuild(self) -> bool:
         """Replay the log of the online window into the emptied store, when this worker holds the lock."""
-        if not self.store.acquire_lock(REBUILD_LOCK, self._owner, LOCK_TTL_SECONDS):
+        began = time.perf_counter()
+        stats = rebuild(self.store, self.log_dir, self._clock() - self.window_seconds, owner=self._owner,
+                        category_of=self._category_of, pointer=self._pointer)
+        if stats is None:
             return False
-        stop = threading.Event()
-        keeper = threading.Thread(target=self._keep_lock, args=(stop,), name="rebuild-lock", daemon=True)
-        keeper.start()
-        try:
-            if self.store.generation() is not None:  # rebuilt by another worker before this one got the lock
-                return True
-            started = self._clock()
-            began = time.perf_counter()
-            stats = replay(self.log_dir, self.store, started - self.window_seconds, category_of=self._category_of)
-            pointer = self._pointer() if self._pointer is not None else None
-            if pointer is not None and self.store.bundle_pointer() is None:
-                self.store.set_bundle_pointer(pointer)
-            self.store.set_generation(orjson.dumps({"token": uuid.uuid4().hex, "built_at": started,
-                                                    "events": stats.events, "control": stats.control}).decode())
-            metrics.REBUILDS.inc()
-            metrics.RECOVERED.labels(how="rebuild").inc(stats.events)
+        if stats.events or stats.control:
             log.warning("online store rebuilt from the event log: %d events, %d consent/erasure rows in %.1f s",
                         stats.events, stats.control, time.perf_counter() - began)
-            return True
-        finally:
-            stop.set()
-            keeper.join(timeout=5)
-            self.store.release_lock(REBUILD_LOCK, self._owner)
-
-    def _keep_lock(self, stop: threading.Event) -> None:
-        while not stop.wait(LOCK_TTL_SECONDS / 3):
-            try:
-                self.store.acquire_lock(REBUILD_LOCK, self._owner, LOCK_TTL_SECONDS)
-            except STORE_ERRORS:
-                log.warning("could not extend the rebuild lock", exc_info=True)
+        return True
 
     def _catch_up(self, rebuilt: bool) -> None:
         """Record the backlog (and give back failed claims), then declare the store ready.
@@ -384,7 +362,7 @@ class Recovery:
 
     def _set_ready(self) -> None:
         # Called with self._lock held, the backlog empty: from here on requests write to the store again.
-        if self._down_since is not None:
+        if self._down_since is not None and self._generation is not None:  # (not at the first check)
             log.warning("online store back in line after %.1f s", self._clock() - self._down_since)
         self._ready = True
         self._down_since = None
@@ -426,6 +404,57 @@ class Recovery:
         """Every consent and erasure row again, in log order: the final state whatever order workers sent."""
         for row in read_control(self.log_dir):
             apply_control(self.store, row)
+
+
+@contextlib.contextmanager
+def _held(store: OnlineStore, owner: str) -> Iterator[bool]:
+    """The rebuild lock, extended every third of its time to live while held; yields whether it is held."""
+    if not store.acquire_lock(REBUILD_LOCK, owner, LOCK_TTL_SECONDS):
+        yield False
+        return
+    stop = threading.Event()
+
+    def keep() -> None:
+        while not stop.wait(LOCK_TTL_SECONDS / 3):
+            try:
+                store.acquire_lock(REBUILD_LOCK, owner, LOCK_TTL_SECONDS)
+            except STORE_ERRORS:
+                log.warning("could not extend the rebuild lock", exc_info=True)
+
+    keeper = threading.Thread(target=keep, name="rebuild-lock", daemon=True)
+    keeper.start()
+    try:
+        yield True
+    finally:
+        stop.set()
+        keeper.join(timeout=5)
+        store.release_lock(REBUILD_LOCK, owner)
+
+
+def rebuild(store: OnlineStore, log_dir: Path, since: float | None, *, owner: str,
+            category_of: Callable[[str], str | None] | None = None, pointer: Callable[[], str | None] | None = None,
+            force: bool = False) -> ReplayStats | None:
+    """Replay the event log (events at or after `since`, every control row) into a store that lost its data,
+    under the rebuild lock, then write a new generation so no other worker replays it again.
+
+    None when another process holds the lock. A store that has a generation already is left alone (another
+    worker rebuilt it first) unless `force` (an operator's replay into a store that lost only part of its
+    data). `pointer` names the bundle to write as the bundle pointer when the store has none."""
+    with _held(store, owner) as held:
+        if not held:
+            return None
+        if store.generation() is not None and not force:
+            return ReplayStats(0, 0, 0)
+        started = time.time()
+        stats = replay(log_dir, store, since, category_of=category_of)
+        named = pointer() if pointer is not None else None
+        if named is not None and store.bundle_pointer() is None:
+            store.set_bundle_pointer(named)
+        store.set_generation(orjson.dumps({"token": uuid.uuid4().hex, "built_at": started, "events": stats.events,
+                                           "control": stats.control}).decode())
+        metrics.REBUILDS.inc()
+        metrics.RECOVERED.labels(how="rebuild").inc(stats.events)
+        return stats
 
 
 def _token(generation: str) -> str:

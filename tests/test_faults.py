@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,7 @@ from typing import Any
 import httpx2 as httpx
 import orjson
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from features.eventlog import CONTROL, EVENTS, EventLog
@@ -38,11 +40,17 @@ from serving import metrics
 from serving.app import create_app
 from serving.recovery import Recovery
 from serving.settings import ServingSettings
-from tests.redis_fixture import REDIS_SERVER, _free_port, _wait_until_up
 from training.bundle import Bundle, load_bundle
 from training.pipeline import TrainResult
 
 ROOT = Path(__file__).resolve().parents[1]
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 # -- a Redis server the test may kill -------------------------------------------------------------------------
@@ -63,7 +71,14 @@ class RedisProcess:
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir), "--save", "",
              "--appendonly", "no", "--dbfilename", "dump.rdb", "--logfile", str(log)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_until_up(self.url, self.process, log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, log.read_text()[-2000:]
+            with contextlib.suppress(redis.ConnectionError), redis.Redis.from_url(self.url) as client:
+                if client.ping():
+                    return
+            time.sleep(0.02)
+        pytest.fail(f"redis-server did not answer: {log.read_text()[-2000:]}")
 
     def kill(self) -> None:
         assert self.process is not None
@@ -212,8 +227,13 @@ def test_redis_back_with_its_data_gets_the_backlog_once(bundle: Bundle, redis_se
         during = [_event(u, hot, "purchase") for u in users[3:]]
         assert _post(client, during[:2])["online_updated"] is False
         assert _post(client, during[2:])["online_updated"] is False
+        reloaded = client.post("/v1/admin/reload", json={"bundle": str(bundle.path)})
+        assert reloaded.status_code == 200, reloaded.text  # this worker reloads; the others learn it later
         redis_server.start()
         _wait_ready(client)
+        pointer = store.bundle_pointer()
+        assert pointer is not None
+        assert str(bundle.path) in pointer  # written once the store was back
         assert dict(store.trending(1, 5))[hot] == pytest.approx(weight * len(users))
         assert {e.item_id for e in store.recent(users[-1])} == {hot}
         assert not any(store.claim_event_ids([str(e["event_id"]) for e in during]))
