@@ -300,7 +300,7 @@ def replay(directory: Path, store: OnlineStore, since: float | None = None, *,
     Event ids of the last EVENT_ID_TTL_SECONDS are claimed again so client retries stay no-ops.
     """
     directory = Path(directory)
-    events, skipped = _replay_events(directory, since, category_of)
+    events, skipped = read_events(directory, since, category_of)
     if events:
         newest = events[-1][1].ts
         recent_ids = [key for key, event in events if key is not None and event.ts >= newest - EVENT_ID_TTL_SECONDS]
@@ -320,11 +320,12 @@ def replay(directory: Path, store: OnlineStore, since: float | None = None, *,
         if pending:
             store.record(pending)
             pending = []
-        applied += _apply_control(store, row)
+        applied += apply_control(store, row)
     return ReplayStats(events=len(events), control=applied, skipped=skipped)
 
 
-def _apply_control(store: OnlineStore, row: Mapping[str, object]) -> int:
+def apply_control(store: OnlineStore, row: Mapping[str, object]) -> int:
+    """Apply one consent or erasure row to the store; 1 when it was one, else 0."""
     user_id = row.get("user_id")
     if not isinstance(user_id, str):
         return 0
@@ -338,9 +339,10 @@ def _apply_control(store: OnlineStore, row: Mapping[str, object]) -> int:
     return 0
 
 
-def _replay_events(directory: Path, since: float | None,
-                   category_of: Callable[[str], str | None] | None) -> tuple[list[tuple[str | None, OnlineEvent]], int]:
-    """The log's events at or after `since`, oldest first, each with its event id; and the rows left out."""
+def read_events(directory: Path, since: float | None,
+                category_of: Callable[[str], str | None] | None) -> tuple[list[tuple[str | None, OnlineEvent]], int]:
+    """The log's events at or after `since`, oldest first, each with its event id (the first row of an id
+    only); and the rows left out."""
     skipped = 0
     seen: set[str] = set()
     events: list[tuple[str | None, OnlineEvent]] = []

@@ -113,3 +113,13 @@ class Keys:
     @property
     def bundle_pointer(self) -> str:
         return f"{self.prefix}bundle"
+
+    @property
+    def generation(self) -> str:
+        """String: the token of the last complete build of this store from the event log. Its absence means
+        the store lost its data (a Redis restarted without persistence) or was never built."""
+        return f"{self.prefix}generation"
+
+    def lock(self, name: str) -> str:
+        """String with a time to live: who holds the named lock (e.g. the rebuild from the event log)."""
+        return f"{self.prefix}lock:{name}"

@@ -128,6 +128,8 @@ class MemoryStore:
         self._rules: dict[str, dict[str, object]] = {}
         self._rules_version = 0
         self._pointer: str | None = None
+        self._generation: str | None = None
+        self._locks: dict[str, tuple[str, float]] = {}  # name -> (owner, monotonic expiry)
 
     def claim_event_ids(self, event_ids: Sequence[str]) -> list[bool]:
         now = time.monotonic()
@@ -283,6 +285,29 @@ class MemoryStore:
     def ping(self) -> bool:
         return True
 
+    def generation(self) -> str | None:
+        with self._lock:
+            return self._generation
+
+    def set_generation(self, value: str) -> None:
+        with self._lock:
+            self._generation = value
+
+    def acquire_lock(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            held = self._locks.get(name)
+            if held is not None and held[1] > now and held[0] != owner:
+                return False
+            self._locks[name] = (owner, now + ttl_seconds)
+            return True
+
+    def release_lock(self, name: str, owner: str) -> None:
+        with self._lock:
+            held = self._locks.get(name)
+            if held is not None and held[0] == owner:
+                del self._locks[name]
+
 
 def _catalog_row(item: Mapping[str, object]) -> tuple[str, dict[str, object]]:
     item_id = item.get("item_id")
@@ -399,6 +424,19 @@ redis.call('INCR', KEYS[2])
 return 1
 """
 
+# KEYS: lock. ARGV: owner, ttl in ms. The holder taking its own lock again extends it.
+_EXTEND_LOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: lock. ARGV: owner. Only the holder releases it (a lapsed lock may have a new holder).
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 class RedisStore:
     """The online store on a Redis server (>= 6.2), shared by every worker process.
@@ -418,6 +456,8 @@ class RedisStore:
         self._put_items = self._redis.register_script(_PUT_ITEMS)
         self._items_since = self._redis.register_script(_ITEMS_SINCE)
         self._delete_rule = self._redis.register_script(_DELETE_RULE)
+        self._extend_lock = self._redis.register_script(_EXTEND_LOCK)
+        self._release_lock = self._redis.register_script(_RELEASE_LOCK)
 
     @property
     def client(self) -> redis.Redis:
@@ -591,10 +631,29 @@ class RedisStore:
     def ping(self) -> bool:
         return bool(self._redis.ping())
 
+    def generation(self) -> str | None:
+        value = cast(bytes | None, self._redis.get(self.keys.generation))
+        return None if value is None else value.decode()
+
+    def set_generation(self, value: str) -> None:
+        self._redis.set(self.keys.generation, value.encode())
+
+    def acquire_lock(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        key = self.keys.lock(name)
+        if self._redis.set(key, owner.encode(), nx=True, px=max(1, int(ttl_seconds * 1000))):
+            return True
+        return bool(self._extend_lock(keys=[key], args=[owner, max(1, int(ttl_seconds * 1000))]))
+
+    def release_lock(self, name: str, owner: str) -> None:
+        self._release_lock(keys=[self.keys.lock(name)], args=[owner])
+
 
 # What an unavailable online store raises (a Redis server down, restarting or unreachable). Callers that can
 # answer without the store catch these, log them and mark the answer degraded; anything else is a bug.
 STORE_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OSError)
+# The errors of a Redis server that did not answer (down, restarting, unreachable, too slow): an endpoint that
+# cannot do without the store lets them through, and the service answers 503 for them.
+STORE_UNAVAILABLE: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 
 
 def open_store(url: str | None, prefix: str = "sf:") -> OnlineStore:

@@ -123,3 +123,19 @@ class OnlineStore(Protocol):
         ...
 
     def ping(self) -> bool: ...
+
+    # -- rebuilding from the event log ------------------------------------------------------------------
+    def generation(self) -> str | None:
+        """What the last complete build of this store from the event log wrote; None when the store lost its
+        data (a Redis server restarted without persistence) or was never built."""
+        ...
+
+    def set_generation(self, value: str) -> None: ...
+
+    def acquire_lock(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        """Take the named lock for `owner` unless someone else holds it; it lapses after `ttl_seconds`."""
+        ...
+
+    def release_lock(self, name: str, owner: str) -> None:
+        """Give the lock back, only when `owner` still holds it."""
+        ...

@@ -16,10 +16,11 @@ from typing import Annotated, Any
 import faiss
 import orjson
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
 from threadpoolctl import threadpool_limits
 
 from features.eventlog import EventLog, EventLogError, consent_row, erase_row
-from features.online import STORE_ERRORS, open_store
+from features.online import STORE_ERRORS, STORE_UNAVAILABLE, open_store
 from features.store import CONSENT_PURPOSES, OnlineStore
 from features.weights import DEFAULT_EVENT_WEIGHTS
 from serving import metrics
@@ -55,6 +56,7 @@ from serving.social_proof import reason as social_reason
 from training.bundle import Bundle, BundleError
 
 log = logging.getLogger(__name__)
+RETRY_AFTER_SECONDS = 5  # what a 503 asks a client to wait: the event log refused a write, or the store is away
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
@@ -152,7 +154,7 @@ async def _authorize(request: Request) -> None:
         raise HTTPException(status_code=403, detail=f"this key lacks the {needed.value} scope")
     request.state.key_id = entry.id  # who, for the audit log
     limit = request.app.state.rate_limit
-    if limit:
+    if limit and request.app.state.service.recovery.ready:  # the limiter's store is away: let requests through
         try:
             count = request.app.state.store.hit(f"key:{entry.id}", 1)
         except STORE_ERRORS:  # the limiter's store is down: let the request through rather than fail it
@@ -220,7 +222,10 @@ def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: O
         if bundle is not None:
             service.install(Recommender(bundle), bundle.path)
         elif settings.bundle is not None and settings.workers > 1:
-            service.follow_pointer()  # `serve` named the bundle; a sibling may have reloaded another since
+            try:
+                service.follow_pointer()  # `serve` named the bundle; a sibling may have reloaded another since
+            except STORE_ERRORS:
+                log.warning("online store unavailable at start: serving the bundle given", exc_info=True)
         if service.recommender is None and settings.bundle is not None:
             service.reload(settings.bundle)
         service.start()
@@ -235,6 +240,8 @@ def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: O
     if not app.state.keys.ring.configured:
         log.warning("no API key configured (%s): the service answers anyone; create one with "
                     "`sharefeed keys create`", settings.keys_file)
+    for error in STORE_UNAVAILABLE:
+        app.add_exception_handler(error, _store_unavailable)
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(_Timing)
     _routes(app, settings)
@@ -244,9 +251,26 @@ def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: O
     return app
 
 
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    """What an endpoint that cannot answer without the online store (catalog and rule writes, segments, which
+    must leave out erased and opted-out users) says while it is away: a 503 with the reason, never a 500."""
+    service: Service | None = getattr(request.app.state, "service", None)
+    if service is not None:
+        service.recovery.note_failure()
+    log.warning("online store unavailable for %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": f"the online store is unavailable, retry later: {exc}"}, status_code=503,
+                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
 def app_from_environment() -> FastAPI:
     """The factory `serve` hands to uvicorn: each worker process builds its app from SHAREFEED_* settings."""
     return create_app(ServingSettings())
+
+
+def _log_unavailable(what: str, exc: EventLogError) -> HTTPException:
+    """The event log refused a write (a full disk, say): nothing was acknowledged nor left in the log."""
+    return HTTPException(status_code=503, detail=f"{what} not stored, retry later: {exc}",
+                         headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def _routes(app: FastAPI, settings: ServingSettings) -> None:
@@ -306,11 +330,11 @@ def _routes(app: FastAPI, settings: ServingSettings) -> None:
         weights = recommender.bundle.manifest.event_weights if recommender else None
         types = sorted(weights or DEFAULT_EVENT_WEIGHTS)
         try:
-            result = ingest(body.events, event_types=types, store=service.store, event_log=service.event_log,
+            result = ingest(body.events, event_types=types, online=service.recovery, event_log=service.event_log,
                             category_of=recommender.category_of if recommender else (lambda _: None))
         except EventLogError as exc:
             metrics.EVENTS.labels(outcome="unavailable").inc(len(body.events))
-            raise HTTPException(status_code=503, detail=f"events not stored, retry: {exc}") from exc
+            raise _log_unavailable("events", exc) from exc
         metrics.EVENTS.labels(outcome="accepted").inc(result.accepted)
         metrics.EVENTS.labels(outcome="duplicate").inc(result.duplicates)
         metrics.EVENTS.labels(outcome="rejected").inc(len(result.rejected))
@@ -325,20 +349,22 @@ def _routes(app: FastAPI, settings: ServingSettings) -> None:
         purposes = {k: v for k, v in body.model_dump().items() if v is not None}
         if not purposes:
             raise HTTPException(status_code=422, detail=f"give at least one of {', '.join(CONSENT_PURPOSES)}")
+        row = consent_row(user_id, purposes, time.time())
         try:
-            service.event_log.append([consent_row(user_id, purposes, time.time())])
+            service.event_log.append([row])
         except EventLogError as exc:
-            raise HTTPException(status_code=503, detail=f"consent not stored, retry: {exc}") from exc
-        service.store.set_consent(user_id, purposes)
-        return ConsentOut(request_id=request_id, user_id=user_id, **service.store.consent(user_id))
+            raise _log_unavailable("consent", exc) from exc
+        service.recovery.apply_control(row)  # now, or when the store is back: the log has it either way
+        return ConsentOut(request_id=request_id, user_id=user_id, **service.recovery.consent(user_id))
 
     @app.delete("/v1/users/{user_id}", response_model=ErasedOut, status_code=202)
     def erase(user_id: str, service: ServiceDep, request_id: RequestId) -> ErasedOut:
+        row = erase_row(user_id, time.time())
         try:
-            service.event_log.append([erase_row(user_id, time.time())])
+            service.event_log.append([row])
         except EventLogError as exc:
-            raise HTTPException(status_code=503, detail=f"erasure not stored, retry: {exc}") from exc
-        service.store.erase_user(user_id)
+            raise _log_unavailable("erasure", exc) from exc
+        service.recovery.apply_control(row)
         return ErasedOut(request_id=request_id, user_id=user_id, erased=True)
 
     @app.post("/v1/admin/reload", response_model=ReloadOut)

@@ -204,6 +204,8 @@ class Catalog:
         with self._lock:
             self._checked = now
             version, rows = store.items_since(self.version)
+            if version < self.version:  # the store lost its data and counts again from 0: read all it has
+                version, rows = store.items_since(0)
             for row in rows:
                 self._apply(row)
             self.version = version

@@ -3,24 +3,23 @@
 Order matters. A row is acknowledged only once the log file holding it is fsync'ed (the log is what
 training reads and what the online store is rebuilt from); the store is updated after, and a failure
 there does not un-acknowledge anything. Ingestion is idempotent on `event_id`: a retried batch finds its
-ids already claimed and is counted as duplicates, not applied twice.
+ids already claimed and is counted as duplicates, not applied twice. The store is reached through an
+`OnlineWriter` (`serving.recovery.Recovery`), which keeps events flowing while the store is away.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import pandas as pd
 
 from features.eventlog import EventLog
-from features.online import STORE_ERRORS
-from features.store import OnlineEvent, OnlineStore
+from features.store import OnlineEvent
 from features.tables import records_table
 from features.validation import check_events
-
-log = logging.getLogger(__name__)
+from serving.recovery import Claim
 
 _OPTIONAL = ("target_user_id", "referrer_id", "session_id", "request_id", "quantity", "price")
 
@@ -31,12 +30,24 @@ class Rejected:
     reason: str
 
 
+class OnlineWriter(Protocol):
+    """The online store as ingestion sees it: claims that make a retry a no-op, and the projection."""
+
+    def claim(self, event_ids: Sequence[str]) -> Claim: ...
+
+    def release(self, event_ids: Sequence[str], claim: Claim) -> None: ...
+
+    def record(self, events: Sequence[OnlineEvent], event_ids: Sequence[str], claim: Claim) -> bool:
+        """Apply logged events; False when they could not be applied now (they will be)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class IngestResult:
     accepted: int  # new events written to the log and acknowledged
     duplicates: int  # rows already ingested (same event_id) or repeated inside the batch
     rejected: tuple[Rejected, ...]
-    store_updated: bool  # False when the online store could not be updated (the log has the events)
+    store_updated: bool  # False when the online store could not be updated now (the log has the events)
 
 
 def _log_rows(accepted: pd.DataFrame) -> list[dict[str, object]]:
@@ -60,12 +71,12 @@ def ingest(
     records: Sequence[Mapping[str, object]],
     *,
     event_types: Sequence[str],
-    store: OnlineStore,
+    online: OnlineWriter,
     event_log: EventLog,
     category_of: Callable[[str], str | None],
 ) -> IngestResult:
     """Validate, deduplicate, log (fsync), then project into the store. Raises `EventLogError` when the
-    log cannot take the batch; then nothing was acknowledged and a retry is safe."""
+    log cannot take the batch; then nothing was acknowledged (nor written) and a retry is safe."""
     raw = records_table([dict(r) for r in records], "request")
     check = check_events(raw, event_types)
     rejected = tuple(
@@ -76,27 +87,23 @@ def ingest(
     if accepted.empty:
         return IngestResult(0, check.duplicates, rejected, True)
     event_ids = accepted["event_id"].astype(str).tolist()
-    fresh = store.claim_event_ids(event_ids)
-    new = accepted.loc[fresh].reset_index(drop=True)
+    claim = online.claim(event_ids)
+    new = accepted.loc[claim.fresh].reset_index(drop=True)
     duplicates = check.duplicates + (len(accepted) - len(new))
     if new.empty:
         return IngestResult(0, duplicates, rejected, True)
-    new_ids = [i for i, keep in zip(event_ids, fresh, strict=True) if keep]
+    new_ids = [i for i, keep in zip(event_ids, claim.fresh, strict=True) if keep]
     try:
         event_log.append(_log_rows(new))
     except Exception:
-        store.release_event_ids(new_ids)  # nothing acknowledged: a retry must count
+        online.release(new_ids, claim)  # nothing acknowledged: a retry must count
         raise
-    online = [
+    online_events = [
         OnlineEvent(user, item, kind, ts, category_of(item))
         for user, item, kind, ts in zip(
             new["user_id"].tolist(), new["item_id"].tolist(), new["event_type"].tolist(),
             (new["ts"].astype("datetime64[ns, UTC]").astype("int64") / 1e9).tolist(), strict=True,
         )
     ]
-    try:
-        store.record(online)
-    except STORE_ERRORS:  # the log holds them: a replay brings the store back in line
-        log.exception("online store update failed for %d logged events", len(online))
-        return IngestResult(len(new), duplicates, rejected, False)
-    return IngestResult(len(new), duplicates, rejected, True)
+    recorded = online.record(online_events, new_ids, claim)
+    return IngestResult(len(new), duplicates, rejected, recorded)

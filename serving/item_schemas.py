@@ -26,6 +26,7 @@ class ItemListOut(_Body):
     item_id: str | None = None  # the item the list is about (similar, bought together)
     category: str | None = None
     items: list[ItemOut]
+    degraded: bool | None = None  # true: the online store did not answer, the list comes from the bundle alone
 
 
 class CatalogFields(_Body):

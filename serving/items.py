@@ -5,13 +5,16 @@ They read `app.state.recommender` (its `.bundle`) and `app.state.store` (the onl
 lists for a bundle are built on first use and kept on `app.state.item_lists`.
 """
 
+import logging
 from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import ValidationError
 
+from features.online import STORE_ERRORS
 from features.store import OnlineStore
+from serving import metrics
 from serving.bodies import StrictJSONRoute
 from serving.catalog import Catalog
 from serving.deps import RequestId
@@ -33,6 +36,7 @@ from serving.settings import ServingSettings
 from training.bundle import Bundle
 
 CATALOG_MAX_AGE_S = 1.0  # how stale the catalog overlay may be on a read (writes refresh it at once)
+log = logging.getLogger(__name__)
 
 
 def _bundle(request: Request) -> Bundle:
@@ -67,7 +71,10 @@ def _lists(request: Request, bundle: BundleDep, store: StoreDep) -> ItemLists:
     catalog = shared if isinstance(shared, Catalog) and shared.bundle is bundle else None
     lists = item_lists_for(request.app.state, bundle, catalog)
     if store is not None:
-        lists.catalog.refresh(store, max_age_s=CATALOG_MAX_AGE_S)
+        try:
+            lists.catalog.refresh(store, max_age_s=CATALOG_MAX_AGE_S)
+        except STORE_ERRORS:  # lists from the catalog as last read
+            log.warning("online store unavailable: catalog changes as last read", exc_info=True)
     return lists
 
 
@@ -107,8 +114,15 @@ def items_router(settings: ServingSettings) -> APIRouter:
     @router.get("/v1/trending", response_model=ItemListOut, response_model_exclude_none=True)
     def trending(lists: ListsDep, store: StoreDep, request_id: RequestId, n: N = 20,
                  category: Annotated[str | None, Query(max_length=256)] = None) -> ItemListOut:
-        items = lists.trending(store, n, category)
-        return ItemListOut(request_id=request_id, bundle_version=lists.version, category=category, items=_out(items))
+        degraded = None
+        try:
+            items = lists.trending(store, n, category)
+        except STORE_ERRORS:  # the last hours' events are in the store: the bundle's trending alone
+            log.warning("online store unavailable: trending from the bundle", exc_info=True)
+            metrics.DEGRADED.labels(endpoint="trending").inc()
+            items, degraded = lists.trending(None, n, category), True
+        return ItemListOut(request_id=request_id, bundle_version=lists.version, category=category, items=_out(items),
+                           degraded=degraded)
 
     @router.put("/v1/items/{item_id}", response_model=CatalogWriteOut)
     def put_item(item_id: ItemIdPath, body: CatalogFields, lists: ListsDep, store: WritableStore,

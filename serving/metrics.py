@@ -34,6 +34,15 @@ BUNDLE = Gauge("sharefeed_bundle_info", "The bundle a worker serves (value 1, ve
 CANDIDATES = Histogram("sharefeed_candidates_ranked", "Candidates the ranker scored per personalized feed",
                        buckets=(0, 50, 100, 150, 200, 250, 300, 500, 1000))
 RELOADS = Counter("sharefeed_reloads_total", "Bundle reloads by outcome", ["outcome"])
+# The online store through outages (serving.recovery). With several workers the store counts as up only when
+# every live worker finds it in line.
+ONLINE_STORE_UP = Gauge("sharefeed_online_store_up", "1 when the online store answers and is in line with the "
+                        "event log, 0 while events wait for it", multiprocess_mode="livemin")
+BACKLOG = Gauge("sharefeed_online_backlog_events", "Logged events waiting for the online store",
+                multiprocess_mode="livesum")
+RECOVERED = Counter("sharefeed_online_recovered_events_total", "Logged events recorded into the online store "
+                    "after an outage, by how (backlog, rebuild, overflow)", ["how"])
+REBUILDS = Counter("sharefeed_online_rebuilds_total", "Rebuilds of an emptied online store from the event log")
 
 
 def set_bundle(version: str, previous: str | None) -> None:

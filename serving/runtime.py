@@ -24,6 +24,7 @@ from features.store import OnlineStore
 from serving import metrics
 from serving.merchandising import Rule, RuleBook
 from serving.recommender import Recommender, UserContext
+from serving.recovery import Recovery
 from serving.related import ItemLists
 from serving.settings import ServingSettings
 from training.bundle import BundleError, load_bundle
@@ -74,6 +75,10 @@ class Service:
         self._poller: threading.Thread | None = None
         self._rules = RuleBook()
         self._overlay_checked = -float("inf")
+        self.recovery = Recovery(store, event_log.directory, window_seconds=settings.recovery_window_seconds,
+                                 backlog_limit=settings.recovery_backlog_events,
+                                 poll_seconds=settings.recovery_poll_seconds, category_of=self._category_of,
+                                 pointer=self._pointer)
         app_state.store = store
         app_state.recommender = None
 
@@ -86,8 +91,19 @@ class Service:
         current = self._current
         return current.recommender if current is not None else None
 
+    def _category_of(self, item_id: str) -> str | None:
+        recommender = self.recommender
+        return recommender.category_of(item_id) if recommender is not None else None
+
+    def _pointer(self) -> str | None:
+        current = self._current
+        return pointer_for(current.path, current.recommender.version) if current is not None else None
+
     def install(self, recommender: Recommender, path: Path) -> None:
-        recommender.catalog.refresh(self.store)  # catalog changes made through the API since training
+        try:
+            recommender.catalog.refresh(self.store)  # catalog changes made through the API since training
+        except STORE_ERRORS:
+            log.warning("online store unavailable: catalog changes are applied when it answers", exc_info=True)
         lists = ItemLists(recommender.bundle, recommender.catalog)  # similar-item index built before the swap
         with self._swap_lock:
             previous = self._current
@@ -109,12 +125,14 @@ class Service:
             metrics.RELOADS.labels(outcome="refused").inc()
             raise
         self.install(recommender, path)
-        self.store.set_bundle_pointer(pointer_for(path, recommender.version))
+        self.recovery.publish_pointer(pointer_for(path, recommender.version))  # kept for later if the store is away
         metrics.RELOADS.labels(outcome="loaded").inc()
         return recommender.version, previous
 
     def follow_pointer(self) -> None:
         """Serve the bundle the store names, when it differs from this worker's."""
+        if self.recovery.pointer_pending:
+            return  # this worker reloaded while the store was away: the store's pointer is the stale one
         pointer = self.store.bundle_pointer()
         if pointer is None:
             return
@@ -129,11 +147,13 @@ class Service:
             log.error("bundle named by the pointer is refused, still serving the old one: %s", exc)
 
     def start(self) -> None:
+        self.recovery.start()
         self._poller = threading.Thread(target=self._poll, name="bundle-pointer", daemon=True)
         self._poller.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self.recovery.stop()
         if self._poller is not None:
             self._poller.join(timeout=5)
         self.event_log.close()
@@ -163,6 +183,8 @@ class Service:
         When the store cannot tell, nobody does (privacy first)."""
         if not user_ids:
             return []
+        if not self.recovery.ready:
+            return [False] * len(user_ids)
         try:
             erased = self.store.erased(user_ids)
             consents = self.store.consents(user_ids)
@@ -170,15 +192,19 @@ class Service:
                     for given, gone in zip(consents, erased, strict=True)]
         except STORE_ERRORS:
             log.warning("online store unavailable: social proof left out", exc_info=True)
+            self.recovery.note_failure()
             return [False] * len(user_ids)
 
     def user_view(self, user_id: str) -> UserView:
-        """The user's online context and consent; degraded (bundle only) when the store fails."""
-        try:
-            snapshot = self.store.snapshot(user_id)  # one round trip
-            if not snapshot.consent.get("personalization", True):
-                return UserView(None, snapshot.consent, False)
-            return UserView(UserContext(snapshot.recent, snapshot.purchased), snapshot.consent, False)
-        except STORE_ERRORS:
-            log.warning("online store unavailable, answering from the bundle", exc_info=True)
-            return UserView(None, {}, True)
+        """The user's online context and consent; degraded (bundle only, consent from the event log) when
+        the store fails or is not in line with the log yet."""
+        if self.recovery.ready:
+            try:
+                snapshot = self.store.snapshot(user_id)  # one round trip
+                if not snapshot.consent.get("personalization", True):
+                    return UserView(None, snapshot.consent, False)
+                return UserView(UserContext(snapshot.recent, snapshot.purchased), snapshot.consent, False)
+            except STORE_ERRORS:
+                log.warning("online store unavailable, answering from the bundle", exc_info=True)
+                self.recovery.note_failure()
+        return UserView(None, self.recovery.consent(user_id), True)

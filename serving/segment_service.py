@@ -110,6 +110,8 @@ class Segments:
                ) -> Iterator[bytes]:
         """The segment as CSV or Parquet bytes; `done(meta, rows, complete)` when the stream ends (the audit)."""
         meta, batches = self._allowed_batches(segment_id)
+        if self.store is not None:
+            self.store.ping()  # every row is checked against the store: fail before the first byte, not midway
         audited = counted(batches, lambda rows, complete: done(meta, rows, complete))
         return csv_stream(_info(meta), audited) if format == "csv" else parquet_stream(_info(meta), audited)
 

@@ -43,3 +43,9 @@ class ServingSettings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # larger request bodies get 413
     max_per_category: int | None = Field(None, ge=1)  # diversity: at most this many items of a category ...
     diversity_window: int = Field(10, ge=1)  # ... among the first this many of a feed
+    # The online store through outages (serving.recovery): how often a worker checks it, how far back an
+    # emptied store is rebuilt from the event log (the 90 days a quiet user's online state lives), and how
+    # many events a worker keeps for it before it falls back to reading the outage back from the log.
+    recovery_poll_seconds: float = Field(1.0, gt=0)
+    recovery_window_seconds: float = Field(90 * 86_400.0, gt=0)
+    recovery_backlog_events: int = Field(100_000, ge=0)

@@ -260,9 +260,14 @@ def serve(bundle: Path | None, model_alias: str | None, host: str | None, port: 
 @click.option("--since", type=click.DateTime(formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"]),
               help="Replay events from this time on (control rows are always replayed).")
 def replay(log_dir: Path | None, bundle: Path | None, since: datetime | None) -> None:
-    """Rebuild the online store (SHAREFEED_REDIS_URL) from the durable event log, after Redis lost its data."""
-    from features.eventlog import replay as replay_log
+    """Rebuild the online store (SHAREFEED_REDIS_URL) from the durable event log, after Redis lost its data.
+
+    Running services do this by themselves when Redis comes back empty; this takes the same lock."""
+    import os
+    import socket
+
     from features.online import open_store
+    from serving.recovery import rebuild
     from serving.settings import ServingSettings
     from training.bundle import load_bundle
 
@@ -279,8 +284,10 @@ def replay(log_dir: Path | None, bundle: Path | None, since: datetime | None) ->
             value = categories.get(item_id)
             return value if isinstance(value, str) else None
     start = since.replace(tzinfo=since.tzinfo or UTC).timestamp() if since is not None else None
-    stats = replay_log(directory, open_store(settings.redis_url, settings.redis_prefix), start,
-                       category_of=category_of)
+    stats = rebuild(open_store(settings.redis_url, settings.redis_prefix), directory, start, force=True,
+                    owner=f"replay:{socket.gethostname()}:{os.getpid()}", category_of=category_of)
+    if stats is None:
+        raise click.ClickException("a service is rebuilding the online store from the log now: nothing done")
     _echo(f"replayed {stats.events:,} events and {stats.control:,} consent/erasure rows from {directory} "
           f"({stats.skipped:,} rows left out)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -222,6 +223,21 @@ def test_bundle_pointer_and_ping(store: OnlineStore) -> None:
     store.set_bundle_pointer("/bundles/2025-11-25")
     assert store.bundle_pointer() == "/bundles/2025-11-25"
     assert store.ping() is True
+
+
+def test_generation_and_lock(store: OnlineStore) -> None:
+    assert store.generation() is None  # never built
+    store.set_generation("g1")
+    assert store.generation() == "g1"
+    assert store.acquire_lock("rebuild", "a", 30) is True
+    assert store.acquire_lock("rebuild", "b", 30) is False  # held by another
+    assert store.acquire_lock("rebuild", "a", 30) is True  # the holder extends it
+    store.release_lock("rebuild", "b")  # not the holder: nothing happens
+    assert store.acquire_lock("rebuild", "b", 30) is False
+    store.release_lock("rebuild", "a")
+    assert store.acquire_lock("rebuild", "b", 0.05) is True
+    time.sleep(0.1)  # lapsed: anyone may take it
+    assert store.acquire_lock("rebuild", "a", 30) is True
 
 
 def test_concurrent_records_lose_nothing(store: OnlineStore) -> None:
