@@ -42,6 +42,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     f"target_trend_{TREND_DAYS}d",  # share of the target's positive events in the last TREND_DAYS
 )
 
+USER_FEATURES = ("user_purchases_log", "user_events_log", *(f"user_recency_{int(h)}d" for h in HALF_LIVES_DAYS))
+
 
 class PropensityModel(BaseModel):
     """A fitted logistic regression on FEATURE_NAMES: p = sigmoid(intercept + coef . (x - mean) / scale).
@@ -66,8 +68,13 @@ class PropensityModel(BaseModel):
         """Fitted on the features this code computes (else the caller falls back to `fixed_score`)."""
         return self.version == PROPENSITY_VERSION and tuple(self.features) == FEATURE_NAMES
 
+    def weights(self) -> np.ndarray:
+        """Coefficients on the raw features (the standardisation folded in)."""
+        out: np.ndarray = np.asarray(self.coef) / np.asarray(self.scale)
+        return out
+
     def logit(self, x: np.ndarray) -> np.ndarray:
-        weights = np.asarray(self.coef) / np.asarray(self.scale)  # folded: no standardised copy of x
+        weights = self.weights()  # folded: no standardised copy of x
         out: np.ndarray = x @ weights + (self.intercept - float(np.asarray(self.mean) @ weights))
         return out
 
@@ -208,12 +215,27 @@ class PropensityContext:
         als = np.vstack([target.query, target.vectors]) @ np.take(self.user_factors, rows, axis=0).T
         yield (als[0] - target.mean_scale[0]) / target.mean_scale[1]
         yield (als[1:].max(axis=0) - target.max_scale[0]) / target.max_scale[1]
-        yield np.log1p(user_purchases)
+        yield from self._user_columns(rows)
+        yield target.buyers_log
+        yield target.trend
+
+
+    def _user_columns(self, rows: np.ndarray) -> Iterator[np.ndarray]:
+        """USER_FEATURES: the part of FEATURE_NAMES that does not depend on the target."""
+        yield np.log1p(self.user_purchases[rows])
         yield np.log1p(self.user_events[rows])
         user_days = self.user_days[rows]
         yield from (decay(user_days, h) for h in HALF_LIVES_DAYS)
-        yield target.buyers_log
-        yield target.trend
+
+    def user_logit(self, model: PropensityModel) -> np.ndarray:
+        """Every user's logit contribution from USER_FEATURES under `model`: for a user who never touched
+        the target, this and the ALS terms are all that vary, so retrieval takes the top of both."""
+        weights = model.weights()
+        out = np.zeros(self.n_users)
+        rows = np.arange(self.n_users)
+        for name, column in zip(USER_FEATURES, self._user_columns(rows), strict=True):
+            out += weights[FEATURE_NAMES.index(name)] * column
+        return out
 
 
 def fixed_score(als: np.ndarray, als_mean: float, als_std: float, past_purchases: np.ndarray,

@@ -3,8 +3,8 @@
 Propensity and lookalike retrieve from FAISS inner-product indexes over the user vectors (raw for
 propensity, normalized for lookalike's cosine); filters that the bundle can answer are a bitmap inside
 the search, so a filtered top-N is exact without over-fetching. Propensity adds everyone who bought or
-touched the target to what FAISS finds and scores them all with the bundle's propensity model
-(features.propensity, fitted at training time). What only the online store knows (erasure,
+touched the target, and the most active users, to what FAISS finds and scores them all with the bundle's
+propensity model (features.propensity, fitted at training time). What only the online store knows (erasure,
 consent) is checked on the ordered candidates, fetching more until the size is reached: an erased user or
 one who refused marketing is never a member.
 """
@@ -215,9 +215,10 @@ class SegmentEngine:
 
     def _propensity(self, items: np.ndarray, mask: np.ndarray | None, min_score: float | None,
                     kind: TargetKind) -> Fetch:
-        """Retrieve by ALS from FAISS plus everyone who bought or touched the target, then score all of them
-        with the bundle's propensity model (the probability of buying the target within the model's label
-        window); bundles without a model use the fixed formula."""
+        """Everyone who bought or touched the target, plus for the others (whose history terms are zero) the
+        top by ALS from FAISS and the top by the model's user terms; all scored with the bundle's propensity
+        model (the probability of buying the target within the model's label window). Bundles without a
+        model use the fixed formula."""
         model = self.propensity_model(kind)
         if model is None:
             return self._fixed_propensity(items, mask, min_score)
@@ -225,14 +226,18 @@ class SegmentEngine:
         target = context.target(items)
         retrieve = self._faiss_fetch(self.user_index(), target.query[None, :], mask, None)
         known = target.interactors()
+        active: np.ndarray = self._cached(f"propensity_active_{kind}",
+                                          lambda: np.argsort(-context.user_logit(model), kind="stable"))
         if mask is not None:
-            known = known[mask[known]]
+            known, active = known[mask[known]], active[mask[active]]
         is_known = np.zeros(self.n_users, dtype=bool)
         is_known[known] = True
 
         def fetch(n: int) -> tuple[np.ndarray, np.ndarray]:
+            # the others: the best n by ALS (FAISS) and the best n by the model's user terms (activity)
             found, _ = retrieve(n)
-            cand = np.concatenate([known, found[~is_known[found]]])
+            others = np.unique(np.concatenate([found, active[:n]]))
+            cand = np.concatenate([known, others[~is_known[others]]])
             return best_unique(cand, model.probability(context.features(target, cand)), n, min_score)
         return fetch
 

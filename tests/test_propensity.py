@@ -141,7 +141,12 @@ def test_serving_scores_with_the_features_training_computes(demo_dir: Path, bund
     features = training.features(training.target(items), members.user_idx)
     np.testing.assert_allclose(served.features(served.target(items), members.user_idx), features, rtol=1e-6)
     assert np.isfinite(features).all()
-    assert features[:, 0].max() > 0
+    # the columns are what their names say, and take real values
+    bought = np.asarray(bundle.state.pair_purchases.tocsc()[:, items].sum(axis=1)).ravel()[members.user_idx]
+    np.testing.assert_allclose(features[:, FEATURE_NAMES.index("user_target_purchases_log")], np.log1p(bought))
+    assert bought.max() > 0
+    events = np.asarray(bundle.state.user_type_counts).sum(axis=1)[members.user_idx]
+    np.testing.assert_allclose(features[:, FEATURE_NAMES.index("user_events_log")], np.log1p(events))
     model = bundle.manifest.propensity["category"]
     np.testing.assert_allclose(members.scores, model.probability(features), rtol=1e-5)
     # and the segment is the model's best 60 of all users (retrieval reaches them)
