@@ -1,7 +1,10 @@
 """Segment speed at 1M users: a top-10k propensity query, and a 1M-row export streamed with flat memory.
 
 The user and item factors are synthesised (1M x 64 users, 100k x 64 items in 20 categories, low-rank with
-noise, the shape of the serving benchmark's bundle); the engine is the service's (serving.segments) with
+noise, the shape of the serving benchmark's bundle), with purchases and other positive events drawn from each
+user's category taste (3 and 6 per user by default, so a category has about a quarter of the users as past
+buyers or interactors, all of whom a propensity query scores), and a propensity model over the features
+the training fits (`--fixed`: none, the formula of older bundles). The engine is the service's (serving.segments) with
 an in-process online store checking erasure and consent of every member. FAISS runs on one thread, as in
 the service. RSS is sampled every 10 ms while the export streams.
 
@@ -25,6 +28,8 @@ import psutil
 import scipy.sparse as sp
 
 from features.online import MemoryStore
+from features.propensity import FEATURE_NAMES, PROPENSITY_VERSION, PropensityModel
+from features.state import ITEM_WINDOWS_DAYS, USER_EVENT_TYPES
 from features.vocab import Vocabulary
 from serving.segment_schemas import PropensityQuery
 from serving.segment_service import Segments
@@ -32,7 +37,38 @@ from serving.segment_snapshots import SnapshotStore
 from serving.segments import SegmentEngine
 
 
-def synthetic_bundle(n_users: int, n_items: int, factors: int, categories: int, seed: int = 0) -> Any:
+def _pairs(rng: np.random.Generator, taste: np.ndarray, by_category: list[np.ndarray], per_user: float,
+           now: float, days: float, shape: tuple[int, int]) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """users x items: Poisson(per_user) events per user, each in a category drawn from the user's taste;
+    the count per pair and the epoch seconds of the last one."""
+    n_users = shape[0]
+    counts = rng.poisson(per_user, n_users)
+    users = np.repeat(np.arange(n_users), counts)
+    cumulative = np.cumsum(taste[users], axis=1)
+    category = (cumulative < rng.random(len(users))[:, None] * cumulative[:, -1:]).sum(axis=1)
+    category = np.minimum(category, len(by_category) - 1)
+    sizes = np.asarray([len(items) for items in by_category])
+    offsets = (rng.random(len(users)) ** 2 * sizes[category]).astype(np.int64)  # popular items first
+    items = np.concatenate(by_category)[np.concatenate([[0], np.cumsum(sizes)[:-1]])[category] + offsets]
+    ts = now - rng.exponential(days * 86_400, len(users))
+    count = sp.csr_matrix((np.ones(len(users)), (users, items)), shape=shape)
+    count.sum_duplicates()
+    frame = pd.DataFrame({"u": users, "i": items, "t": ts}).groupby(["u", "i"])["t"].max()
+    last = sp.csr_matrix((frame.to_numpy(), (frame.index.get_level_values(0), frame.index.get_level_values(1))),
+                         shape=shape)
+    return count, last
+
+
+def synthetic_model() -> PropensityModel:
+    """A model over the features the service computes; its coefficients are arbitrary (they cost nothing)."""
+    k = len(FEATURE_NAMES)
+    return PropensityModel(version=PROPENSITY_VERSION, kind="category", features=list(FEATURE_NAMES),
+                           mean=[0.0] * k, scale=[1.0] * k, coef=list(np.linspace(0.5, -0.2, k)), intercept=-5.0,
+                           label_days=30.0, rows=0, positives=0, targets=0)
+
+
+def synthetic_bundle(n_users: int, n_items: int, factors: int, categories: int, purchases: float, touches: float,
+                     fitted: bool, seed: int = 0) -> Any:
     rng = np.random.default_rng(seed)
     now = time.time()
     topics = rng.normal(size=(categories, factors)).astype(np.float32)
@@ -40,11 +76,24 @@ def synthetic_bundle(n_users: int, n_items: int, factors: int, categories: int, 
     items = (topics[item_cat] + 0.5 * rng.normal(size=(n_items, factors))).astype(np.float32) / 4
     taste = rng.dirichlet(np.full(categories, 0.3), n_users).astype(np.float32)
     users = (taste @ topics + 0.3 * rng.normal(size=(n_users, factors)).astype(np.float32)) / 4
-    state = SimpleNamespace(item_category=item_cat, item_buyers=rng.poisson(5, n_items).astype(np.float32),
-                            pair_purchases=sp.csr_matrix((n_users, n_items)), cutoff_seconds=now,
-                            pair_last_purchase=sp.csr_matrix((n_users, n_items)),
-                            user_last_seen=now - rng.exponential(30 * 86_400, n_users))
-    manifest = SimpleNamespace(categories=[f"c{k}" for k in range(categories)], brands=[])
+    by_category = [np.flatnonzero(item_cat == c) for c in range(categories)]
+    shape = (n_users, n_items)
+    bought, last_bought = _pairs(rng, taste, by_category, purchases, now, 90.0, shape)
+    _, last_touch = _pairs(rng, taste, by_category, touches, now, 60.0, shape)
+    last_touch = last_touch.maximum(last_bought).tocsr()
+    last_seen = np.asarray(last_touch.max(axis=1).todense()).ravel()
+    buyers = np.asarray(bought.getnnz(axis=0), dtype=np.float32)
+    type_counts = np.zeros((n_users, len(USER_EVENT_TYPES)), dtype=np.float32)
+    type_counts[:, USER_EVENT_TYPES.index("view")] = last_touch.getnnz(axis=1)
+    type_counts[:, USER_EVENT_TYPES.index("purchase")] = np.asarray(bought.sum(axis=1)).ravel()
+    window_counts = np.repeat(buyers[:, None], len(ITEM_WINDOWS_DAYS) + 1, axis=1)
+    state = SimpleNamespace(item_category=item_cat, item_buyers=buyers, item_window_counts=window_counts,
+                            pair_purchases=bought, cutoff_seconds=now, pair_last_purchase=last_bought,
+                            pair_last=last_touch, user_type_counts=type_counts,
+                            user_last_seen=np.where(last_seen > 0, last_seen, np.nan))
+    manifest = SimpleNamespace(categories=[f"c{k}" for k in range(categories)], brands=[],
+                               propensity={"category": synthetic_model(), "item": synthetic_model().model_copy(
+                                   update={"kind": "item"})} if fitted else {})
     return SimpleNamespace(user_factors=users.astype(np.float32), item_factors=items, state=state, manifest=manifest,
                            users=Vocabulary.from_ids(pd.Series([f"u{k}" for k in range(n_users)])),
                            items=Vocabulary.from_ids(pd.Series([f"i{k}" for k in range(n_items)])),
@@ -78,9 +127,16 @@ def main() -> None:
     parser.add_argument("--factors", type=int, default=64)
     parser.add_argument("--top", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--purchases", type=float, default=3.0, help="purchases per user (Poisson mean)")
+    parser.add_argument("--touches", type=float, default=6.0, help="other positive events per user (Poisson mean)")
+    parser.add_argument("--fixed", action="store_true", help="no fitted model: the fixed formula of older bundles")
     args = parser.parse_args()
     faiss.omp_set_num_threads(1)
-    bundle = synthetic_bundle(args.users, args.items, args.factors, 20)
+    started = time.perf_counter()
+    bundle = synthetic_bundle(args.users, args.items, args.factors, 20, args.purchases, args.touches, not args.fixed)
+    print(f"synthetic bundle built in {time.perf_counter() - started:.0f}s: {bundle.state.pair_purchases.nnz:,} "
+          f"bought and {bundle.state.pair_last.nnz:,} touched user-item pairs, "
+          f"{'fixed formula' if args.fixed else 'fitted model'}")
     engine = SegmentEngine(bundle)
     store = MemoryStore()
     for k in range(0, args.users, 1000):  # a few erased and opted-out users, as in production
@@ -89,6 +145,18 @@ def main() -> None:
     started = time.perf_counter()
     engine.user_index()
     print(f"user index ({args.users:,} x {args.factors}, flat IP) built in {time.perf_counter() - started:.2f}s")
+    started = time.perf_counter()
+    if not args.fixed:
+        context = engine.propensity_context()
+        print(f"propensity context (column-ordered pair matrices) built in {time.perf_counter() - started:.2f}s")
+        codes = np.asarray(bundle.state.item_category)
+        reached = [len(context.target(np.flatnonzero(codes == c)).interactors()) for c in range(3)]
+        print(f"interactors (past buyers or touchers) per category: {', '.join(f'{r:,}' for r in reached)}, ...")
+    for target in ({"category": "c19"}, {"item_id": f"i{args.items - 1}"}):  # per-bundle caches built on first use
+        started = time.perf_counter()
+        engine.evaluate(PropensityQuery.model_validate({"kind": "propensity", "size": args.top, **target}), store)
+        print(f"first {next(iter(target))} query (builds the per-bundle caches): "
+              f"{(time.perf_counter() - started) * 1000:.0f} ms")
     times = {"category": [], "item": [], "category, active filter": []}
     for r in range(args.repeats):
         for label, query in (

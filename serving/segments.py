@@ -2,7 +2,9 @@
 
 Propensity and lookalike retrieve from FAISS inner-product indexes over the user vectors (raw for
 propensity, normalized for lookalike's cosine); filters that the bundle can answer are a bitmap inside
-the search, so a filtered top-N is exact without over-fetching. What only the online store knows (erasure,
+the search, so a filtered top-N is exact without over-fetching. Propensity adds everyone who bought or
+touched the target, and the most active users, to what FAISS finds and scores them all with the bundle's
+propensity model (features.propensity, fitted at training time). What only the online store knows (erasure,
 consent) is checked on the ordered candidates, fetching more until the size is reached: an erased user or
 one who refused marketing is never a member.
 """
@@ -18,6 +20,7 @@ import faiss
 import numpy as np
 import scipy.sparse as sp
 
+from features.propensity import PropensityContext, PropensityModel, TargetKind, fixed_score, mean_query, target_vectors
 from features.rfm import GROUP_CODES, RFM, compute_rfm
 from features.state import DAY, USER_EVENT_TYPES
 from features.store import OnlineStore
@@ -34,7 +37,6 @@ from serving.segment_social import ReachGraph, reach_graph
 from training.bundle import Bundle
 
 F32 = np.float32
-TOP_TARGET_ITEMS = 50  # a category or brand is represented by its this-many most bought items
 CONSENT_CHUNK = 2048  # candidates checked against the store at a time
 
 
@@ -53,25 +55,6 @@ class Members:
 Fetch = Callable[[int], tuple[np.ndarray, np.ndarray]]  # n -> the best n candidates (fewer: exhausted)
 
 
-def target_vectors(item_factors: np.ndarray, items: np.ndarray,
-                   popularity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The query vectors of a set of items and their weights: the TOP_TARGET_ITEMS most bought ones,
-    weighted by buyers (+1 so an unsold item still counts)."""
-    order = items[np.argsort(-popularity[items], kind="stable")][:TOP_TARGET_ITEMS]
-    weight = popularity[order].astype(np.float64) + 1.0
-    return np.ascontiguousarray(item_factors[order], dtype=F32), weight / weight.sum()
-
-
-def propensity_query(vectors: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """One retrieval vector for a set of items: the buyer-weighted mean of their vectors.
-
-    The mean scores a user by the weighted sum of their predicted preference for each item (u.mean = sum
-    w_i u.v_i), one FAISS query whatever the set's size. Once re-scored it matches the max over the items on
-    demo-data; on epinions' very large categories the max did better (docs/benchmarks.md, issue #6)."""
-    query: np.ndarray = (weights[:, None] * vectors).sum(axis=0, keepdims=True).astype(F32)
-    return query
-
-
 def score_moments(user_factors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the user vectors: the mean and spread of u.q over all users for any q."""
     n = max(len(user_factors), 1)
@@ -81,15 +64,8 @@ def score_moments(user_factors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, covariance
 
 
-def rescore(als: np.ndarray, als_mean: float, als_std: float, past_purchases: np.ndarray,
-            days_since: np.ndarray) -> np.ndarray:
-    """The final propensity: the ALS score standardised over all users, plus the user's own history with
-    the target: 2 log(1 + purchases) and 2 x a 30-day half-life on the last one. Past buyers of a category
-    are its strongest single predictor (the baseline of benchmarks/segment_eval.py); ALS orders them and
-    ranks everyone else."""
-    recency = np.where(np.isfinite(days_since), np.power(0.5, np.clip(days_since, 0, None) / 30.0), 0.0)
-    out: np.ndarray = (als - als_mean) / (als_std or 1.0) + 2.0 * np.log1p(past_purchases) + 2.0 * recency
-    return out
+def target_kind(query: PropensityQuery) -> TargetKind:
+    return "item" if query.item_id is not None else "category" if query.category is not None else "brand"
 
 
 class SegmentEngine:
@@ -215,7 +191,7 @@ class SegmentEngine:
         if isinstance(definition, PropensityQuery):
             items = self.target_items(definition)
             mask = self.filter_mask(definition.filters, items)
-            fetch = self._propensity(items, mask, definition.min_score)
+            fetch = self._propensity(items, mask, definition.min_score, target_kind(definition))
         elif isinstance(definition, LookalikeQuery):
             fetch = self._lookalike(definition, seeds)
         elif isinstance(definition, LifecycleQuery):
@@ -226,10 +202,50 @@ class SegmentEngine:
                                       definition.min_score)
         return take_allowed(fetch, definition.size, self.bundle.users.ids, store, purposes)
 
-    def _propensity(self, items: np.ndarray, mask: np.ndarray | None, min_score: float | None) -> Fetch:
-        """Retrieve by ALS from FAISS, add the target's past buyers, re-score both with `rescore`."""
+    def propensity_context(self) -> PropensityContext:
+        value: PropensityContext = self._cached("propensity_context", lambda: PropensityContext(
+            self.bundle.state, self.bundle.user_factors, self.bundle.item_factors))
+        return value
+
+    def propensity_model(self, kind: TargetKind) -> PropensityModel | None:
+        """The bundle's fitted model for this kind of target; None (the fixed formula) when it has none or one
+        fitted on other features."""
+        model = self.bundle.manifest.propensity.get(kind)
+        return model if model is not None and model.usable() else None
+
+    def _propensity(self, items: np.ndarray, mask: np.ndarray | None, min_score: float | None,
+                    kind: TargetKind) -> Fetch:
+        """Everyone who bought or touched the target, plus for the others (whose history terms are zero) the
+        top by ALS from FAISS and the top by the model's user terms; all scored with the bundle's propensity
+        model (the probability of buying the target within the model's label window). Bundles without a
+        model use the fixed formula."""
+        model = self.propensity_model(kind)
+        if model is None:
+            return self._fixed_propensity(items, mask, min_score)
+        context = self.propensity_context()
+        target = context.target(items)
+        retrieve = self._faiss_fetch(self.user_index(), target.query[None, :], mask, None)
+        known = target.interactors()
+        active: np.ndarray = self._cached(f"propensity_active_{kind}",
+                                          lambda: np.argsort(-context.user_logit(model), kind="stable"))
+        if mask is not None:
+            known, active = known[mask[known]], active[mask[active]]
+        is_known = np.zeros(self.n_users, dtype=bool)
+        is_known[known] = True
+
+        def fetch(n: int) -> tuple[np.ndarray, np.ndarray]:
+            # the others: the best n by ALS (FAISS) and the best n by the model's user terms (activity)
+            found, _ = retrieve(n)
+            others = np.unique(np.concatenate([found, active[:n]]))
+            cand = np.concatenate([known, others[~is_known[others]]])
+            return best_unique(cand, model.probability(context.features(target, cand)), n, min_score)
+        return fetch
+
+    def _fixed_propensity(self, items: np.ndarray, mask: np.ndarray | None, min_score: float | None) -> Fetch:
+        """The scoring of bundles without a model: FAISS by ALS plus the target's past buyers, re-scored with
+        `fixed_score`."""
         vectors, weights = target_vectors(self.bundle.item_factors, items, self.item_buyers)
-        query = propensity_query(vectors, weights)
+        query = mean_query(vectors, weights)[None, :]
         retrieve = self._faiss_fetch(self.user_index(), query, mask, None)
         purchases = self.purchases_csc()[:, items]
         past = np.asarray(purchases.sum(axis=1)).ravel()
@@ -250,7 +266,7 @@ class SegmentEngine:
             cand = np.union1d(found, buyers)
             als = (factors[cand] @ query[0]).astype(np.float64)
             days = np.where(past[cand] > 0, (now - last[cand]) / DAY, np.inf)
-            scores = rescore(als, als_mean, als_std, past[cand], days).astype(F32)
+            scores = fixed_score(als, als_mean, als_std, past[cand], days).astype(F32)
             return merge_max(cand, scores, n, min_score)
         return fetch
 
@@ -363,6 +379,18 @@ def merge_max(ids: np.ndarray, scores: np.ndarray, n: int, min_score: float | No
     _, first = np.unique(ids, return_index=True)
     first.sort()
     return ids[first][:n], scores[first][:n].astype(F32)
+
+
+def best_unique(ids: np.ndarray, scores: np.ndarray, n: int, min_score: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The n best of distinct candidates, best first (ties by id); `merge_max` without the de-duplication."""
+    if min_score is not None:
+        keep = scores >= min_score
+        ids, scores = ids[keep], scores[keep]
+    if len(ids) > n:
+        top = np.argpartition(-scores, n - 1)[:n] if n > 0 else np.zeros(0, np.int64)
+        ids, scores = ids[top], scores[top]
+    order = np.lexsort((ids, -scores))
+    return ids[order].astype(np.int64), scores[order].astype(F32)
 
 
 def allowed_users(user_ids: Sequence[str], store: OnlineStore | None, purposes: Sequence[str]) -> np.ndarray:

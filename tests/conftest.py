@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 from features.synthetic import DemoDataConfig, generate_demo_data
-from training.params import ALSParams, TrainParams
+from training.params import ALSParams, PropensityParams, TrainParams
 from training.pipeline import TrainResult, train
 from training.settings import TrainingSettings
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_ALS = ALSParams(factors=16, iterations=6, regularization=0.1, alpha=10.0)
+TINY_PROPENSITY = PropensityParams(min_positives=2)  # the tiny validation window has few buyers per target
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +32,8 @@ def training_settings(tmp_path_factory: pytest.TempPathFactory) -> TrainingSetti
 def trained(demo_dir: Path, training_settings: TrainingSettings,
             tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     out = tmp_path_factory.mktemp("bundles") / "demo"
-    return train(demo_dir, out, TrainParams(als=TINY_ALS), training_settings, say=lambda _: None)
+    return train(demo_dir, out, TrainParams(als=TINY_ALS, propensity=TINY_PROPENSITY), training_settings,
+                 say=lambda _: None)
 
 
 @pytest.fixture(autouse=True)

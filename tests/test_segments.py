@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from features.online import MemoryStore
+from features.propensity import PropensityContext
 from features.rfm import GROUP_CODES, LifecycleGroup, compute_rfm
 from serving.recommender import Recommender
 from serving.segment_routes import segments_router
@@ -80,19 +81,12 @@ def test_propensity_category_ranks_by_score_and_keeps_it(client: TestClient, bun
     assert len(body["items"]) == 50
     scores = [m["score"] for m in body["items"]]
     assert scores == sorted(scores, reverse=True)
-    # the score is the re-scored propensity: standardised ALS (buyer-weighted mean of the category's items)
-    # plus the user's purchases of the category and their recency; the best 50 of all users, exactly
+    # the score is the bundle's propensity model (tests/test_propensity.py): its probability for each member
     items = np.flatnonzero(np.asarray(bundle.state.item_category) == bundle.manifest.categories.index(category))
-    w = np.asarray(bundle.state.item_buyers)[items].astype(np.float64) + 1.0
-    order = np.argsort(-w, kind="stable")[:50]
-    query = (w[order, None] / w[order].sum() * bundle.item_factors[items[order]]).sum(axis=0)
-    als = bundle.user_factors.astype(np.float64) @ query
-    past = np.asarray(bundle.state.pair_purchases.tocsc()[:, items].sum(axis=1)).ravel()
-    last = bundle.state.pair_last_purchase.tocsc()[:, items].max(axis=1).toarray().ravel()
-    days = np.where(past > 0, (bundle.state.cutoff_seconds - last) / 86_400, np.inf)
-    recency = np.where(np.isfinite(days), 0.5 ** (np.clip(days, 0, None) / 30), 0.0)
-    full = (als - als.mean()) / als.std() + 2 * np.log1p(past) + 2 * recency
-    assert scores[0] == pytest.approx(float(full.max()), rel=1e-3)
+    context = PropensityContext(bundle.state, bundle.user_factors, bundle.item_factors)
+    model = bundle.manifest.propensity["category"]
+    full = model.probability(context.features(context.target(items), np.arange(len(bundle.users))))
+    assert scores[0] == pytest.approx(float(full.max()), rel=1e-5)
     expected = {bundle.users.id_of(int(u)) for u in np.argsort(-full)[:45]}
     assert expected <= {m["user_id"] for m in body["items"]}
 

@@ -27,6 +27,7 @@ from features.attribution import ITEM_COLUMNS as ITEM_SHARE_COLUMNS
 from features.attribution import USER_COLUMNS as USER_INFLUENCE_COLUMNS
 from features.candidates import CandidateModels
 from features.popularity import ItemPopularity
+from features.propensity import PropensityModel
 from features.ranking import FEATURE_NAMES
 from features.repurchase import RepurchasePolicy
 from features.social import SocialGraph
@@ -89,6 +90,9 @@ class Manifest(BaseModel):
     mlflow_run_id: str | None
     files: dict[str, str]  # file name -> sha256
     social: dict[str, float] = {}  # attribution window and global share rates (the priors of features.attribution)
+    # segments' propensity model per target kind (item, category, brand); a kind without one, and every bundle
+    # written before it existed, is scored with the fixed formula (features.propensity.fixed_score)
+    propensity: dict[str, PropensityModel] = {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,6 +76,17 @@ class RankerParams(_Strict):
     seed: int = 23
 
 
+class PropensityParams(_Strict):
+    """The propensity model of segments: a logistic regression per target kind on the validation window."""
+
+    kinds: tuple[Literal["category", "brand", "item"], ...] = ("category", "brand", "item")
+    min_positives: int = Field(10, ge=1)  # a target takes part when this many users bought it in the label window
+    max_rows: int = Field(200_000, ge=1_000)  # per kind: every positive plus negatives sampled at one rate
+    max_item_targets: int = Field(200, ge=1)  # item kind: the items most bought in the label window
+    c: float = Field(1.0, gt=0.0)  # inverse strength of the L2 penalty
+    seed: int = 29
+
+
 class SplitParams(_Strict):
     """The time holdout: a cut on the data's own time resolution."""
 
@@ -119,6 +130,7 @@ class TrainParams(_Strict):
     neighbours: NeighbourParams = NeighbourParams()
     candidates: CandidateParams = CandidateParams()
     ranker: RankerParams = RankerParams()
+    propensity: PropensityParams = PropensityParams()
     split: SplitParams = SplitParams()
     index: IndexParams = IndexParams()
     popularity: PopularityParams = PopularityParams()

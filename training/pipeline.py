@@ -24,6 +24,7 @@ from features.copurchase import bought_together
 from features.dataset import Dataset, load_dataset
 from features.interactions import user_items_matrix
 from features.popularity import item_popularity
+from features.propensity import PropensityModel
 from features.ranking import FEATURE_NAMES
 from features.social import build_social_graph
 from features.vocab import Vocabulary
@@ -163,6 +164,7 @@ class Evaluation:
     report: EvalReport
     ranker_text: str | None  # the ranker refit for serving; None without time order
     windows: dict[str, str]
+    propensity: dict[str, PropensityModel]  # segments' model per target kind; empty without time order
 
 
 def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callable[[str], None]) -> Evaluation:
@@ -172,11 +174,13 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
     say(f"holdout: {holdout.note}; train {len(holdout.train):,} / test {len(holdout.test):,} events")
     ranker_text: str | None = None
     windows: dict[str, str] = {}
+    propensity: dict[str, PropensityModel] = {}
     if holdout.cut is not None:
         with clock.stage("two-stage evaluation"):
             two_stage = evaluate_two_stage(events, data.items, holdout, params, ITEM_META_COLUMNS, say,
                                            social=data.social)
         report, ranker_text, windows = two_stage.report, two_stage.ranker.to_string(), two_stage.windows
+        propensity = two_stage.propensity
     else:
         say("no time order: the ranker needs one, so only ALS and popularity are evaluated and served")
         report = evaluate_on_holdout(data, holdout, params, clock)
@@ -191,7 +195,7 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
         a = report.ablation
         say(f"ranker / ranker_no_social NDCG@{a['k']}: {float(a['ratio']):.3f} "
             f"(95% interval {float(a['ci_low']):.3f} - {float(a['ci_high']):.3f})")
-    return Evaluation(holdout, report, ranker_text, windows)
+    return Evaluation(holdout, report, ranker_text, windows, propensity)
 
 
 def evaluate(data_dir: Path, params: TrainParams, settings: TrainingSettings, *, rejects_path: Path,
@@ -268,6 +272,7 @@ def train(
                 mlflow_run_id=run_id,
                 files={},
                 social=attribution.rates,
+                propensity=evaluation.propensity,
             )
             als_items = window.models.als_items
             bundle = BundleContents(

@@ -77,3 +77,12 @@ def time_holdout(events: pd.DataFrame, params: SplitParams) -> Holdout:
     # Most events share the first time (a backfill): the test part starts at the next distinct time.
     following = pd.Timestamp(times[1]).tz_convert("UTC")
     return _cut_at(events, following, "day", f"cut at {following.isoformat()}, the first time after a backfill")
+
+
+def validation_cut(holdout: Holdout, params: SplitParams) -> pd.Timestamp:
+    """The cut inside the train part, made the way the holdout was made: [it, holdout.cut) is the validation
+    window that model choices are fitted on, never the reported test."""
+    inner = time_holdout(holdout.train, SplitParams(**{**params.model_dump(), "cut": None}))
+    if inner.cut is None:
+        raise SplitError("the training part carries no time order: a validation window needs one")
+    return inner.cut

@@ -19,6 +19,7 @@ import pandas as pd
 from features.attribution import attribute
 from features.candidates import factor_scores, top_scores
 from features.feed import Candidates, Source, compose_feed
+from features.propensity import PropensityModel
 from features.ranking import FEATURE_NAMES, SOCIAL_COLUMNS
 from features.social_state import friends_of
 from features.state import ITEM_WINDOWS_DAYS
@@ -31,9 +32,10 @@ from training.evaluate import (
     per_user_metrics,
     score_lists,
 )
-from training.params import SplitParams, TrainParams
+from training.params import TrainParams
+from training.propensity import fit_propensity
 from training.ranker import Ranker, RankerData, fit_ranker, sample_negatives, with_positive_groups
-from training.split import Holdout, time_holdout
+from training.split import Holdout, validation_cut
 from training.window import CandidateRows, Window, attach_labels, candidate_rows, fit_window, labels_between
 
 UNION_SIZE = 250
@@ -46,6 +48,7 @@ class TwoStageResult:
     ranker: Ranker  # refit on window B, for the bundle
     windows: dict[str, str]  # T0..T3 as ISO text, for the manifest
     popularity_window: str
+    propensity: dict[str, PropensityModel]  # segments' model per target kind, fitted on window A
 
 
 def _popularity_scores(window: Window, name: str) -> np.ndarray:
@@ -212,10 +215,7 @@ def evaluate_two_stage(
     """Train the ranker on window A, report every model on window B, refit the ranker on B."""
     assert holdout.cut is not None
     t2 = holdout.cut
-    inner = time_holdout(holdout.train, SplitParams(**{**params.split.model_dump(), "cut": None}))
-    if inner.cut is None:
-        raise ValueError("the training part carries no time order: the two-stage split needs one")
-    t1 = inner.cut
+    t1 = validation_cut(holdout, params.split)
     rng = np.random.default_rng(params.ranker.seed)
     n, ks = max(params.evaluation.k), params.evaluation.k
 
@@ -242,6 +242,7 @@ def evaluate_two_stage(
         events.loc[(events["ts"] >= t1) & (events["ts"] < t2)], window_a.users, window_a.items, params.weights
     )
     popularity_window = _best_popularity_window(window_a, targets_a, n, ks)
+    propensity = fit_propensity(window_a, events, t1, t2, params.propensity, say)
 
     window_b = fit_window(events, catalog, params, t2, meta_columns, social)
     test = holdout.test
@@ -340,4 +341,4 @@ def evaluate_two_stage(
         "T2": t2.isoformat(),
         "T3": events["ts"].max().isoformat(),
     }
-    return TwoStageResult(report, ranker, windows, popularity_window)
+    return TwoStageResult(report, ranker, windows, popularity_window, propensity)

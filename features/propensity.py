@@ -1,0 +1,247 @@
+"""Propensity features: how likely a user is to buy a target (one item, or any item of a category or brand),
+read from a feature state and the ALS factors fitted on the same window.
+
+Defined once and used twice: training computes them for the validation window's users to fit the
+propensity model (training.propensity), serving for a segment's candidates (serving.segments); both go
+through `PropensityContext`. The model is a logistic regression over `FEATURE_NAMES`, carried in the bundle
+manifest as plain numbers (`PropensityModel`), so serving scores it with numpy alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+from pydantic import BaseModel, ConfigDict
+
+from features.state import DAY, ITEM_WINDOWS_DAYS, FeatureState
+
+PROPENSITY_VERSION = 1  # bump when FEATURE_NAMES or their definitions change: older models then fall back
+TOP_TARGET_ITEMS = 50  # a category or brand is represented by its this-many most bought items
+SCALE_SAMPLE = 4096  # users (evenly spaced over the vocabulary) that ALS scores are standardised over
+HALF_LIVES_DAYS = (30.0, 365.0)
+TREND_DAYS = 180  # one of features.state.ITEM_WINDOWS_DAYS
+TargetKind = Literal["item", "category", "brand"]
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "user_target_purchases_log",  # log(1 + purchases of the target's items)
+    *(f"user_target_purchase_recency_{int(h)}d" for h in HALF_LIVES_DAYS),  # 0.5 ** (days since the last / h)
+    "user_target_items_log",  # log(1 + distinct target items with a positive event: views, carts, purchases)
+    *(f"user_target_touch_recency_{int(h)}d" for h in HALF_LIVES_DAYS),
+    "user_target_purchase_share",  # purchases of the target / all the user's purchases
+    "user_target_als_mean",  # u . (buyer-weighted mean of the target's top items), standardised over users
+    "user_target_als_max",  # max over those items of u . v, standardised over users
+    "user_purchases_log",
+    "user_events_log",
+    *(f"user_recency_{int(h)}d" for h in HALF_LIVES_DAYS),
+    # constant within one query, so they order nobody; they let one model's probability follow the target
+    "target_buyers_log",  # log of the share of users who bought the target
+    f"target_trend_{TREND_DAYS}d",  # share of the target's positive events in the last TREND_DAYS
+)
+
+USER_FEATURES = ("user_purchases_log", "user_events_log", *(f"user_recency_{int(h)}d" for h in HALF_LIVES_DAYS))
+
+
+class PropensityModel(BaseModel):
+    """A fitted logistic regression on FEATURE_NAMES: p = sigmoid(intercept + coef . (x - mean) / scale).
+
+    `intercept` is corrected for the negative sampling of training, so p estimates the chance of buying the
+    target within `label_days` of the state's time."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    version: int
+    kind: TargetKind
+    features: list[str]
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    label_days: float  # length of the label window it was fitted on
+    rows: int  # training rows (all positives plus sampled negatives)
+    positives: int
+    targets: int  # categories / brands / items it was fitted over
+
+    def usable(self) -> bool:
+        """Fitted on the features this code computes (else the caller falls back to `fixed_score`)."""
+        return self.version == PROPENSITY_VERSION and tuple(self.features) == FEATURE_NAMES
+
+    def weights(self) -> np.ndarray:
+        """Coefficients on the raw features (the standardisation folded in)."""
+        out: np.ndarray = np.asarray(self.coef) / np.asarray(self.scale)
+        return out
+
+    def logit(self, x: np.ndarray) -> np.ndarray:
+        weights = self.weights()  # folded: no standardised copy of x
+        out: np.ndarray = x @ weights + (self.intercept - float(np.asarray(self.mean) @ weights))
+        return out
+
+    def probability(self, x: np.ndarray) -> np.ndarray:
+        out: np.ndarray = 1.0 / (1.0 + np.exp(-self.logit(x)))
+        return out
+
+
+def target_vectors(item_factors: np.ndarray, items: np.ndarray,
+                   item_buyers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors of a target's TOP_TARGET_ITEMS most bought items and their weights (buyers + 1, so an
+    unsold item still counts, summing to 1)."""
+    order = items[np.argsort(-item_buyers[items], kind="stable")][:TOP_TARGET_ITEMS]
+    weight = item_buyers[order].astype(np.float64) + 1.0
+    return np.ascontiguousarray(item_factors[order], dtype=np.float32), weight / weight.sum()
+
+
+def mean_query(vectors: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """One retrieval vector for a set of items, the buyer-weighted mean of their vectors: u . mean is the
+    weighted sum of the user's predicted preference for each item, one inner product whatever the size."""
+    query: np.ndarray = (weights[:, None] * vectors).sum(axis=0).astype(np.float32)
+    return query
+
+
+def decay(days: np.ndarray, half_life: float) -> np.ndarray:
+    """0.5 ** (days / half_life); 0 where there was no event (NaN days)."""
+    out: np.ndarray = np.exp2(-np.maximum(days, 0.0) / half_life)  # NaN stays NaN, +inf gives 0
+    out[np.isnan(out)] = 0.0
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One target's history over all users, its ALS query and the spread of its ALS scores."""
+
+    items: np.ndarray
+    purchases: np.ndarray  # per user
+    last_purchase: np.ndarray  # per user, epoch seconds; NaN if never
+    touched: np.ndarray  # per user, distinct items with a positive event
+    last_touch: np.ndarray  # per user, epoch seconds; NaN if never
+    vectors: np.ndarray  # top items x factors
+    query: np.ndarray  # the buyer-weighted mean of `vectors`
+    mean_scale: tuple[float, float]  # mean and standard deviation of u . query over the sample users
+    max_scale: tuple[float, float]  # the same for max over `vectors`
+    buyers_log: float
+    trend: float
+
+    def interactors(self) -> np.ndarray:
+        """Users who bought or touched any of the target's items: the candidates retrieval must not miss."""
+        return np.flatnonzero((self.purchases > 0) | (self.touched > 0))
+
+
+def _spread(scores: np.ndarray) -> tuple[float, float]:
+    std = float(scores.std()) if len(scores) else 0.0
+    return (float(scores.mean()) if len(scores) else 0.0), (std if std > 0 else 1.0)
+
+
+def _column_max(matrix: sp.csc_matrix, n_rows: int) -> np.ndarray:
+    """Per row, the largest stored value (all positive here); NaN for rows with none."""
+    out = np.full(n_rows, -np.inf)
+    np.maximum.at(out, matrix.indices.astype(np.intp), matrix.data)  # intp indexes take numpy's fast path
+    out[np.isneginf(out)] = np.nan
+    return out
+
+
+class PropensityContext:
+    """A state and its ALS factors, arranged to read targets (item columns) fast; one per bundle or window.
+
+    Recency is measured back from the newest event the state holds rather than its cut-off: on bucketed
+    data (epinions) a window's cut-off is the start of the next bucket, while a bundle's "now" is its
+    newest event, and only the newest event is the same reference in both."""
+
+    def __init__(self, state: FeatureState, user_factors: np.ndarray, item_factors: np.ndarray) -> None:
+        self.state = state
+        self.user_factors = user_factors
+        self.item_factors = item_factors
+        self.n_users = len(user_factors)
+        self.purchases = state.pair_purchases.tocsc()
+        self.last_purchase = state.pair_last_purchase.tocsc()
+        self.last_touch = state.pair_last.tocsc()
+        self.item_buyers = np.asarray(state.item_buyers, dtype=np.float64)
+        self.user_purchases = np.asarray(state.pair_purchases.sum(axis=1), dtype=np.float64).ravel()
+        self.user_events = np.asarray(state.user_type_counts, dtype=np.float64).sum(axis=1)
+        seen = np.asarray(state.user_last_seen, dtype=np.float64)
+        self.reference = float(np.nanmax(seen)) if np.isfinite(seen).any() else state.cutoff_seconds
+        self.user_days = (self.reference - seen) / DAY
+        self.sample = np.unique(np.linspace(0, max(self.n_users - 1, 0), min(self.n_users, SCALE_SAMPLE)).astype(
+            np.int64)) if self.n_users else np.zeros(0, np.int64)
+        self.trend_column = ITEM_WINDOWS_DAYS.index(TREND_DAYS)
+
+    def target(self, items: np.ndarray) -> Target:
+        n = self.n_users
+        bought = self.purchases[:, items]
+        touched = self.last_touch[:, items]
+        purchases = np.bincount(bought.indices, weights=bought.data, minlength=n)
+        vectors, weights = target_vectors(self.item_factors, items, self.item_buyers)
+        query = mean_query(vectors, weights)
+        users = self.user_factors[self.sample]
+        window_counts = np.asarray(self.state.item_window_counts, dtype=np.float64)[items]
+        total = float(window_counts[:, -1].sum())
+        return Target(
+            items=items,
+            purchases=purchases,
+            last_purchase=_column_max(self.last_purchase[:, items], n),
+            touched=np.bincount(touched.indices, minlength=n).astype(np.float64),
+            last_touch=_column_max(touched, n),
+            vectors=vectors,
+            query=query,
+            mean_scale=_spread((users @ query).astype(np.float64)),
+            max_scale=_spread((users @ vectors.T).max(axis=1).astype(np.float64) if len(users) else users[:, 0]),
+            buyers_log=float(np.log((np.count_nonzero(purchases) + 1.0) / (n + 1.0))),
+            trend=float(window_counts[:, self.trend_column].sum() / total) if total > 0 else 0.0,
+        )
+
+    def features(self, target: Target, rows: np.ndarray) -> np.ndarray:
+        """len(rows) x FEATURE_NAMES for the users `rows` (indexes into the state's users)."""
+        out = np.empty((len(rows), len(FEATURE_NAMES)), order="F")  # filled column by column
+        if len(rows):
+            filled = 0
+            for filled, column in enumerate(self._columns(target, rows), start=1):
+                out[:, filled - 1] = column
+            if filled != len(FEATURE_NAMES):
+                raise RuntimeError(f"{filled} propensity columns computed, {len(FEATURE_NAMES)} named")
+        return out
+
+    def _columns(self, target: Target, rows: np.ndarray) -> Iterator[np.ndarray | float]:
+        """FEATURE_NAMES in order, one column at a time."""
+        purchases = target.purchases[rows]
+        purchase_days = (self.reference - target.last_purchase[rows]) / DAY
+        yield np.log1p(purchases)
+        yield from (decay(purchase_days, h) for h in HALF_LIVES_DAYS)
+        yield np.log1p(target.touched[rows])
+        touch_days = (self.reference - target.last_touch[rows]) / DAY
+        yield from (decay(touch_days, h) for h in HALF_LIVES_DAYS)
+        user_purchases = self.user_purchases[rows]
+        yield np.divide(purchases, user_purchases, out=np.zeros(len(rows)), where=user_purchases > 0)
+        # one product for both ALS columns, items x users, so the max runs over contiguous rows
+        als = np.vstack([target.query, target.vectors]) @ np.take(self.user_factors, rows, axis=0).T
+        yield (als[0] - target.mean_scale[0]) / target.mean_scale[1]
+        yield (als[1:].max(axis=0) - target.max_scale[0]) / target.max_scale[1]
+        yield from self._user_columns(rows)
+        yield target.buyers_log
+        yield target.trend
+
+
+    def _user_columns(self, rows: np.ndarray) -> Iterator[np.ndarray]:
+        """USER_FEATURES: the part of FEATURE_NAMES that does not depend on the target."""
+        yield np.log1p(self.user_purchases[rows])
+        yield np.log1p(self.user_events[rows])
+        user_days = self.user_days[rows]
+        yield from (decay(user_days, h) for h in HALF_LIVES_DAYS)
+
+    def user_logit(self, model: PropensityModel) -> np.ndarray:
+        """Every user's logit contribution from USER_FEATURES under `model`: for a user who never touched
+        the target, this and the ALS terms are all that vary, so retrieval takes the top of both."""
+        weights = model.weights()
+        out = np.zeros(self.n_users)
+        rows = np.arange(self.n_users)
+        for name, column in zip(USER_FEATURES, self._user_columns(rows), strict=True):
+            out += weights[FEATURE_NAMES.index(name)] * column
+        return out
+
+
+def fixed_score(als: np.ndarray, als_mean: float, als_std: float, past_purchases: np.ndarray,
+                days_since: np.ndarray) -> np.ndarray:
+    """The propensity of bundles without a fitted model: the ALS score standardised over all users, plus
+    2 log(1 + purchases of the target) and 2 x a 30-day half-life on the last one."""
+    out: np.ndarray = ((als - als_mean) / (als_std or 1.0) + 2.0 * np.log1p(past_purchases)
+                       + 2.0 * decay(days_since, 30.0))
+    return out

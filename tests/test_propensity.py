@@ -1,0 +1,192 @@
+"""The propensity model of segments: fitted from data (a known answer both ways round), carried by the bundle,
+computed alike by training and serving, and optional: a bundle written before it answers with the fixed
+formula."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.dataset import load_dataset
+from features.propensity import FEATURE_NAMES, PropensityContext, PropensityModel
+from serving.segment_schemas import PropensityQuery
+from serving.segments import SegmentEngine
+from training.bundle import ITEM_META_COLUMNS, MANIFEST, Bundle, load_bundle
+from training.params import ALSParams, BPRParams, PropensityParams, TrainParams
+from training.pipeline import TrainResult
+from training.propensity import fit_logistic, fit_propensity
+from training.window import Window, fit_window
+
+DAY0 = pd.Timestamp("2026-01-01", tz="UTC")
+CUT = DAY0 + pd.Timedelta(days=30)
+END = DAY0 + pd.Timedelta(days=41)
+PARAMS = TrainParams(als=ALSParams(factors=8, iterations=4), bpr=BPRParams(factors=8, iterations=5),
+                     propensity=PropensityParams(min_positives=3, kinds=("category",)))
+USERS = [f"u{k:02d}" for k in range(80)]
+TEA_HISTORY = set(USERS[:40])  # bought tea before the cut; the others bought soap
+
+
+def _shop(rebuy: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """80 users, 40 with a tea history and 40 with a soap history (and views of both). In the label window
+    25 users of one group and 2 of the other buy each category: with `rebuy` the group with its history,
+    else the other one."""
+    rng = np.random.default_rng(5)
+    catalog = pd.DataFrame({"item_id": [f"t{k}" for k in range(8)] + [f"s{k}" for k in range(8)],
+                            "category": ["tea"] * 8 + ["soap"] * 8})
+    rows: list[tuple[str, str, str, pd.Timestamp]] = []
+
+    def add(user: str, kind: str, event: str, start: float, end: float) -> None:
+        day = DAY0 + pd.Timedelta(days=float(rng.uniform(start, end)))
+        rows.append((user, f"{kind}{rng.integers(8)}", event, day))
+
+    for k, user in enumerate(USERS):
+        own, other = ("t", "s") if user in TEA_HISTORY else ("s", "t")
+        for _ in range(1 + k % 3):
+            add(user, own, "purchase", 0, 29)
+        add(user, own, "view", 0, 29)
+        add(user, other, "view", 0, 29)
+    for kind, own_group, other_group in (("t", USERS[:40], USERS[40:]), ("s", USERS[40:], USERS[:40])):
+        buyers = (own_group[:25] + other_group[-2:]) if rebuy else (other_group[:25] + own_group[-2:])
+        for user in buyers:
+            add(user, kind, "purchase", 30, 40)
+    events = pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "ts"])
+    events["ts"] = events["ts"].astype("datetime64[ns, UTC]")
+    return events.sort_values("ts", kind="stable").reset_index(drop=True), catalog
+
+
+def _fit(rebuy: bool) -> tuple[Window, PropensityModel]:
+    events, catalog = _shop(rebuy)
+    window = fit_window(events, catalog, PARAMS, CUT, ITEM_META_COLUMNS)
+    models = fit_propensity(window, events, CUT, END, PARAMS.propensity, say=lambda _: None)
+    return window, models["category"]
+
+
+def _tea_scores(window: Window, model: PropensityModel) -> pd.Series:
+    context = PropensityContext(window.state, window.models.als_users, window.models.als_items)
+    tea = np.flatnonzero(np.asarray(window.state.item_category) == window.categories.index("tea"))
+    everyone = np.arange(len(window.users))
+    return pd.Series(model.probability(context.features(context.target(tea), everyone)), index=window.users.ids)
+
+
+@pytest.mark.parametrize("rebuy", [True, False])
+def test_the_weights_are_learnt_from_the_validation_window(rebuy: bool) -> None:
+    window, model = _fit(rebuy)
+    assert model.usable()
+    assert model.targets == 2
+    assert model.positives == 2 * 27
+    scores = _tea_scores(window, model)
+    # tea drinkers who buy tea again: they come first; soap buyers who switch to tea: then they do (fixed
+    # weights could pass one of the two cases, not both)
+    expected_group = TEA_HISTORY if rebuy else set(USERS) - TEA_HISTORY
+    assert set(scores.nlargest(25).index) <= expected_group
+    inside = scores.index.isin(sorted(expected_group))
+    assert scores[inside].mean() > 3 * scores[~inside].mean()
+
+
+def test_negative_sampling_is_corrected_in_the_intercept() -> None:
+    """Keeping a tenth of the negatives multiplies the odds by ten; the stored model undoes it."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200_000, len(FEATURE_NAMES)))
+    y = rng.random(len(x)) < 1.0 / (1.0 + np.exp(-(-4.0 + x[:, 0])))
+    kept = y | (rng.random(len(x)) < 0.1)
+    model = fit_logistic(x[kept], y[kept], 0.1, 1.0, "category", 7.0, 1)
+    weights = np.asarray(model.coef) / np.asarray(model.scale)
+    intercept = model.intercept - float(np.asarray(model.mean) @ weights)  # on the raw features
+    assert intercept == pytest.approx(-4.0, abs=0.15)
+    assert weights[0] == pytest.approx(1.0, abs=0.1)
+    assert model.probability(np.zeros((1, len(FEATURE_NAMES))))[0] == pytest.approx(1 / (1 + np.exp(4.0)), rel=0.15)
+
+
+@pytest.fixture(scope="module")
+def bundle(trained: TrainResult) -> Bundle:
+    return load_bundle(trained.bundle_path)
+
+
+def _top_category(bundle: Bundle) -> tuple[str, np.ndarray]:
+    codes = np.asarray(bundle.state.item_category)
+    buyers = pd.Series(np.asarray(bundle.state.item_buyers)).groupby(codes).sum().drop(-1, errors="ignore")
+    code = int(buyers.idxmax())
+    return bundle.manifest.categories[code], np.flatnonzero(codes == code)
+
+
+def test_the_bundle_carries_the_model(trained: TrainResult, bundle: Bundle) -> None:
+    written = trained.manifest.propensity
+    assert "category" in written
+    assert written["category"].usable()
+    assert bundle.manifest.propensity == written
+    on_disk = json.loads((trained.bundle_path / MANIFEST).read_text())["propensity"]["category"]
+    assert on_disk["features"] == list(FEATURE_NAMES)
+    assert on_disk["coef"] == written["category"].coef
+
+
+def test_serving_scores_with_the_features_training_computes(demo_dir: Path, bundle: Bundle) -> None:
+    """The engine (bundle loaded from disk, its own caches) and a training window built from the same events
+    as of the same cut-off compute the same features, and the served score is the model's probability."""
+    data = load_dataset(demo_dir, PARAMS.weights.keys())
+    window = fit_window(data.events, data.items, PARAMS, bundle.state.cutoff, ITEM_META_COLUMNS, data.social)
+    assert np.array_equal(window.users.ids, bundle.users.ids)
+    assert np.array_equal(window.items.ids, bundle.items.ids)
+    training = PropensityContext(window.state, bundle.user_factors, bundle.item_factors)  # the bundle's ALS
+    engine = SegmentEngine(bundle)
+    category, items = _top_category(bundle)
+    members = engine.evaluate(PropensityQuery(kind="propensity", category=category, size=60), None)
+    assert len(members.user_idx) == 60
+
+    served = engine.propensity_context()
+    features = training.features(training.target(items), members.user_idx)
+    np.testing.assert_allclose(served.features(served.target(items), members.user_idx), features, rtol=1e-6)
+    assert np.isfinite(features).all()
+    # the columns are what their names say, and take real values
+    bought = np.asarray(bundle.state.pair_purchases.tocsc()[:, items].sum(axis=1)).ravel()[members.user_idx]
+    np.testing.assert_allclose(features[:, FEATURE_NAMES.index("user_target_purchases_log")], np.log1p(bought))
+    assert bought.max() > 0
+    events = np.asarray(bundle.state.user_type_counts).sum(axis=1)[members.user_idx]
+    np.testing.assert_allclose(features[:, FEATURE_NAMES.index("user_events_log")], np.log1p(events))
+    model = bundle.manifest.propensity["category"]
+    np.testing.assert_allclose(members.scores, model.probability(features), rtol=1e-5)
+    # and the segment is the model's best 60 of all users (retrieval reaches them)
+    everyone = model.probability(training.features(training.target(items), np.arange(len(bundle.users))))
+    assert len(set(np.argsort(-everyone)[:60].tolist()) & set(members.user_idx.tolist())) >= 57
+
+
+def test_a_bundle_without_the_model_answers_with_the_fixed_formula(bundle: Bundle, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(bundle.path, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    del manifest["propensity"]  # written before the model existed
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    loaded = load_bundle(old)
+    assert loaded.manifest.propensity == {}
+    category, items = _top_category(loaded)
+    members = SegmentEngine(loaded).evaluate(PropensityQuery(kind="propensity", category=category, size=50), None)
+    assert len(members.user_idx) == 50
+    # standardised ALS (buyer-weighted mean of the category's top 50 items) + 2 log(1 + purchases) + 2 x a
+    # 30-day half-life on the last one, the best 50 of all users
+    w = np.asarray(loaded.state.item_buyers)[items].astype(np.float64) + 1.0
+    order = np.argsort(-w, kind="stable")[:50]
+    query = (w[order, None] / w[order].sum() * loaded.item_factors[items[order]]).sum(axis=0)
+    als = loaded.user_factors.astype(np.float64) @ query
+    past = np.asarray(loaded.state.pair_purchases.tocsc()[:, items].sum(axis=1)).ravel()
+    last = loaded.state.pair_last_purchase.tocsc()[:, items].max(axis=1).toarray().ravel()
+    days = np.where(past > 0, (loaded.state.cutoff_seconds - last) / 86_400, np.inf)
+    recency = np.where(np.isfinite(days), 0.5 ** (np.clip(days, 0, None) / 30), 0.0)
+    full = (als - als.mean()) / als.std() + 2 * np.log1p(past) + 2 * recency
+    assert members.scores[0] == pytest.approx(float(full.max()), rel=1e-3)
+    assert set(np.argsort(-full)[:45].tolist()) <= set(members.user_idx.tolist())
+
+
+def test_a_model_fitted_on_other_features_is_not_used(bundle: Bundle) -> None:
+    model = bundle.manifest.propensity["category"]
+    stale = model.model_copy(update={"version": model.version + 1})
+    other = model.model_copy(update={"features": [*model.features[:-1], "something_else"]})
+    assert not stale.usable()
+    assert not other.usable()
+    manifest = bundle.manifest.model_copy(update={"propensity": {"category": stale}})
+    engine = SegmentEngine(Bundle(**{**{f: getattr(bundle, f) for f in Bundle.__slots__}, "manifest": manifest}))
+    assert engine.propensity_model("category") is None
+    assert SegmentEngine(bundle).propensity_model("category") is not None
