@@ -75,11 +75,12 @@ def epoch_seconds(value: object) -> float | None:
 
 
 def _check_control(row: Mapping[str, object]) -> None:
+    # The messages name the problem, never the row: it came from a request, and exceptions end up in logs.
     user_id = row.get("user_id")
     if not isinstance(user_id, str) or not user_id:
-        raise ValueError(f"{row.get('event_type')} row without a user_id: {dict(row)!r:.80}")
+        raise ValueError(f"{row.get('event_type')} row without a user_id")
     if row.get("event_type") == CONSENT and not isinstance(row.get("purposes"), Mapping):
-        raise ValueError(f"consent row without a purposes object: {dict(row)!r:.80}")
+        raise ValueError("consent row without a purposes object")
 
 
 def _safe_host() -> str:
@@ -123,7 +124,7 @@ def _cut_torn_tail(fd: int) -> int:
 def repair(directory: Path) -> int:
     """Cut torn last lines of every log file no live writer holds (a writer keeps an exclusive lock)."""
     dropped = 0
-    for path in _log_files(Path(directory)):
+    for path in log_files(Path(directory)):
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             try:
@@ -139,7 +140,8 @@ def repair(directory: Path) -> int:
     return dropped
 
 
-def _log_files(directory: Path, families: Sequence[str] = (EVENTS, CONTROL)) -> list[Path]:
+def log_files(directory: Path, families: Sequence[str] = (EVENTS, CONTROL)) -> list[Path]:
+    """The log's files of these families, by name."""
     return [p for family in families if (directory / family).is_dir()
             for p in sorted((directory / family).glob(f"{family}-*{SUFFIX}")) if p.is_file()]
 
@@ -269,7 +271,7 @@ def _rows(path: Path) -> Iterator[dict[str, object]]:
 
 def read_control(directory: Path) -> list[dict[str, object]]:
     """Every consent and erasure row of the log, oldest first (rows without a readable time last)."""
-    rows = [row for path in _log_files(Path(directory), (CONTROL,)) for row in _rows(path)]
+    rows = [row for path in log_files(Path(directory), (CONTROL,)) for row in _rows(path)]
     return sorted(rows, key=lambda r: _sort_time(r.get("timestamp")))
 
 
@@ -344,7 +346,7 @@ def _replay_events(directory: Path, since: float | None,
     skipped = 0
     seen: set[str] = set()
     events: list[tuple[str | None, OnlineEvent]] = []
-    for path in _log_files(directory, (EVENTS,)):
+    for path in log_files(directory, (EVENTS,)):
         for row in _rows(path):
             ts = epoch_seconds(row.get("timestamp"))
             user_id, item_id, kind = row.get("user_id"), row.get("item_id"), row.get("event_type")

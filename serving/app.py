@@ -150,6 +150,7 @@ async def _authorize(request: Request) -> None:
     if needed not in entry.scopes and KeyScope.ADMIN not in entry.scopes:
         raise HTTPException(status_code=403, detail=f"this key lacks the {needed.value} scope")
     request.state.key_id = entry.id  # who, for the audit log
+    request.state.key_name = entry.name
     limit = request.app.state.rate_limit
     if limit:
         try:
@@ -318,25 +319,37 @@ def _routes(app: FastAPI, settings: ServingSettings) -> None:
                          rejected=[RowRejected(index=r.index, reason=r.reason) for r in result.rejected],
                          online_updated=result.store_updated)
 
+    # Consent and erasure are in force once the log holds them (this worker's ledger notes the row at once,
+    # the others read it within CONTROL_REFRESH_SECONDS); the store is a projection a replay can catch up.
     @app.put("/v1/users/{user_id}/consent", response_model=ConsentOut)
     def consent(user_id: str, body: ConsentIn, service: ServiceDep, request_id: RequestId) -> ConsentOut:
         purposes = {k: v for k, v in body.model_dump().items() if v is not None}
         if not purposes:
             raise HTTPException(status_code=422, detail=f"give at least one of {', '.join(CONSENT_PURPOSES)}")
+        row = consent_row(user_id, purposes, time.time())
         try:
-            service.event_log.append([consent_row(user_id, purposes, time.time())])
+            service.event_log.append([row])
         except EventLogError as exc:
             raise HTTPException(status_code=503, detail=f"consent not stored, retry: {exc}") from exc
-        service.store.set_consent(user_id, purposes)
-        return ConsentOut(request_id=request_id, user_id=user_id, **service.store.consent(user_id))
+        service.privacy.ledger.note(row)
+        try:
+            service.store.set_consent(user_id, purposes)
+        except STORE_ERRORS:
+            log.warning("online store unavailable: the consent change holds from the event log", exc_info=True)
+        return ConsentOut(request_id=request_id, user_id=user_id, **service.privacy.standing(user_id).consent)
 
     @app.delete("/v1/users/{user_id}", response_model=ErasedOut, status_code=202)
     def erase(user_id: str, service: ServiceDep, request_id: RequestId) -> ErasedOut:
+        row = erase_row(user_id, time.time())
         try:
-            service.event_log.append([erase_row(user_id, time.time())])
+            service.event_log.append([row])
         except EventLogError as exc:
             raise HTTPException(status_code=503, detail=f"erasure not stored, retry: {exc}") from exc
-        service.store.erase_user(user_id)
+        service.privacy.ledger.note(row)
+        try:
+            service.store.erase_user(user_id)
+        except STORE_ERRORS:
+            log.warning("online store unavailable: the erasure holds from the event log", exc_info=True)
         return ErasedOut(request_id=request_id, user_id=user_id, erased=True)
 
     @app.post("/v1/admin/reload", response_model=ReloadOut)

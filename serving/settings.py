@@ -35,6 +35,8 @@ class ServingSettings(BaseSettings):
     segments_dir: Path = Field(default_factory=lambda: Path.home() / ".sharefeed" / "segments")  # snapshots and
     # saved segment definitions, shared by every worker
     audit_log: Path = Field(default_factory=lambda: Path.home() / ".sharefeed" / "audit.jsonl")  # every export
+    control_refresh_seconds: float = Field(1.0, ge=0)  # how soon another worker's consent change or erasure is
+    # read from the event log (this worker's own count at once)
     segment_ttl_seconds: float = Field(7 * 86_400.0, gt=0)  # how long a segment snapshot is kept
     social_proof_names: bool = False  # name the friends behind "friends bought this" (else counts only)
     keys_file: Path = Field(default_factory=default_keys_file)  # API keys (hashes and scopes); none: open

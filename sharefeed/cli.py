@@ -171,7 +171,8 @@ def segment(bundle: Path, kind: str, item_id: str | None, category: str | None, 
     from pydantic import ValidationError
 
     from serving.batch import read_user_ids
-    from serving.segment_service import DEFINITION, offline_store, write_segment
+    from serving.privacy import batch_privacy
+    from serving.segment_service import DEFINITION, write_segment
     from serving.segments import SegmentEngine, SegmentError
     from serving.settings import ServingSettings
     from training.bundle import load_bundle
@@ -190,9 +191,9 @@ def segment(bundle: Path, kind: str, item_id: str | None, category: str | None, 
     except ValidationError as exc:
         raise click.UsageError("; ".join(str(e["msg"]) for e in exc.errors())) from exc
     settings = ServingSettings()
-    store = offline_store(settings.redis_url, settings.redis_prefix, settings.event_log)
+    privacy = batch_privacy(settings.redis_url, settings.redis_prefix, settings.event_log)
     try:
-        written = write_segment(SegmentEngine(load_bundle(bundle)), definition, store, out)
+        written = write_segment(SegmentEngine(load_bundle(bundle)), definition, privacy, out)
     except SegmentError as exc:
         raise click.ClickException(str(exc)) from exc
     _echo(f"wrote {written:,} members to {out}")

@@ -16,8 +16,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from features.ledger import ControlLedger
 from features.online import MemoryStore
 from features.rfm import GROUP_CODES, LifecycleGroup, compute_rfm
+from serving.privacy import Privacy
 from serving.recommender import Recommender
 from serving.segment_routes import segments_router
 from serving.segment_service import PARQUET_METADATA_KEY
@@ -36,7 +38,7 @@ def _app(bundle: Bundle, store: MemoryStore, directory: Path, ttl: float = 3600.
     app = FastAPI()
     app.include_router(segments_router(ServingSettings(segments_dir=directory, segment_ttl_seconds=ttl)))
     app.state.recommender = Recommender(bundle)
-    app.state.store = store
+    app.state.privacy = Privacy(ControlLedger(directory / "log"), store)
     return app
 
 
