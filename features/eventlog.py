@@ -146,6 +146,11 @@ def log_files(directory: Path, families: Sequence[str] = (EVENTS, CONTROL)) -> l
             for p in sorted((directory / family).glob(f"{family}-*{SUFFIX}")) if p.is_file()]
 
 
+def hour_of_file(path: Path) -> str:
+    """The UTC hour (YYYYMMDDHH) a log file's name carries."""
+    return path.name[: -len(SUFFIX)].rsplit("-", 1)[-1]
+
+
 class EventLog:
     """Appends batches of rows to this process's file of the current hour (UTC, wall clock).
 
@@ -198,6 +203,17 @@ class EventLog:
         with self._lock:
             return [path for path, _ in self._files.values()]
 
+    def release_idle(self) -> int:
+        """Close the files of past hours that no append has moved on from yet (a family with nothing new since
+        the hour turned), so compaction can rewrite them; returns how many were closed."""
+        with self._lock:
+            self._after_fork()
+            hour = datetime.fromtimestamp(self._clock(), UTC).strftime("%Y%m%d%H")
+            idle = [family for family, (path, _) in self._files.items() if hour_of_file(path) != hour]
+            for family in idle:
+                os.close(self._files.pop(family)[1])
+            return len(idle)
+
     def close(self) -> None:
         with self._lock:
             for _, fd in self._files.values():
@@ -225,19 +241,24 @@ class EventLog:
         if current is not None:
             os.close(current[1])
             del self._files[family]
-        existed = path.exists()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if existed:
-                _cut_torn_tail(fd)
-            else:
-                _fsync_dir(path.parent)  # the new name must survive a crash as well as its content
-        except OSError as exc:
-            os.close(fd)
-            raise EventLogError(f"cannot open {path} for writing: {exc}") from exc
-        self._files[family] = (path, fd)
-        return path, fd
+        for _ in range(3):
+            existed = path.exists()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    os.close(fd)  # compaction renamed a new file over this name between our open and lock
+                    continue
+                if existed:
+                    _cut_torn_tail(fd)
+                else:
+                    _fsync_dir(path.parent)  # the new name must survive a crash as well as its content
+            except OSError as exc:
+                os.close(fd)
+                raise EventLogError(f"cannot open {path} for writing: {exc}") from exc
+            self._files[family] = (path, fd)
+            return path, fd
+        raise EventLogError(f"cannot open {path} for writing: it keeps being replaced")
 
     def _cut_back(self, path: Path, fd: int, size: int) -> None:
         try:

@@ -25,6 +25,7 @@ from features.weights import DEFAULT_EVENT_WEIGHTS
 from serving import metrics
 from serving.auth import KeyRing, Keys, required_scope
 from serving.auth import Scope as KeyScope
+from serving.compactor import Compactor
 from serving.deps import RequestId
 from serving.ingest import ingest
 from serving.items import items_router
@@ -217,6 +218,10 @@ def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: O
         online = store if store is not None else open_store(settings.redis_url, settings.redis_prefix)
         service = Service(settings, online, EventLog(settings.event_log), app.state)
         app.state.service = service
+        compactor = Compactor(service.event_log, service.privacy.ledger,
+                              retention_seconds=settings.erasure_retention_hours * 3600,
+                              interval_seconds=settings.compaction_interval_seconds)
+        app.state.compactor = compactor
         if bundle is not None:
             service.install(Recommender(bundle), bundle.path)
         elif settings.bundle is not None and settings.workers > 1:
@@ -224,7 +229,9 @@ def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: O
         if service.recommender is None and settings.bundle is not None:
             service.reload(settings.bundle)
         service.start()
+        compactor.start()
         yield
+        compactor.stop()
         service.stop()
 
     app = FastAPI(title="sharefeed", version="1", lifespan=lifespan, dependencies=[Depends(_authorize)],

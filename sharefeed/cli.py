@@ -286,6 +286,33 @@ def replay(log_dir: Path | None, bundle: Path | None, since: datetime | None) ->
           f"({stats.skipped:,} rows left out)")
 
 
+@main.command()
+@click.option("--log", "log_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="The event log directory (default: SHAREFEED_EVENT_LOG).")
+@click.option("--retention-days", type=click.FloatRange(min=0, min_open=True),
+              help="The promise to check: an erased user's events leave the log within this many days (default: "
+                   "SHAREFEED_ERASURE_RETENTION_HOURS). Files still held by a writer past it fail the command.")
+def compact(log_dir: Path | None, retention_days: float | None) -> None:
+    """Remove erased users' events from the event log's closed files (the service also does it on its own)."""
+    import time
+
+    from features.compaction import compact_log
+    from serving.settings import ServingSettings
+
+    settings = ServingSettings()
+    directory = log_dir or settings.event_log
+    retention = retention_days * 86_400 if retention_days is not None else settings.erasure_retention_hours * 3600
+    report = compact_log(directory, now=time.time(), retention_seconds=retention)
+    if report.skipped:
+        raise click.ClickException("another compaction is running on this log; try again later")
+    _echo(f"compacted {directory}: {report.files_rewritten:,} of {report.files_checked:,} files checked rewritten, "
+          f"{report.rows_removed:,} events of erased users removed, {report.rows_redacted:,} events redacted, "
+          f"{report.files_busy:,} files in use left for later")
+    if report.files_overdue:
+        raise click.ClickException(f"{report.files_overdue:,} files in use still hold erased users' events past "
+                                   "the retention period")
+
+
 def _fetch_bundle(alias: str) -> Path:
     from training.bundle import BundleError
     from training.registry import RegistryError, fetch_bundle
