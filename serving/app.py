@@ -106,24 +106,28 @@ class _BodyLimit:
             await _too_large(send, self.limit)
             return
         seen = 0
+        refused = False
 
+        # A streamed body over the limit is answered here, and the app is told the client left: an exception
+        # raised into the app's body reading would come back as its own 400.
         async def counting() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLargeError
+                    refused = True
+                    await _too_large(send, self.limit)
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, counting, send)
-        except _BodyTooLargeError:
-            await _too_large(send, self.limit)
+        async def sending(message: Message) -> None:
+            if not refused:
+                await send(message)
 
-
-class _BodyTooLargeError(Exception):
-    pass
+        await self.app(scope, counting, sending)
 
 
 async def _too_large(send: Callable[[Message], Awaitable[None]], limit: int) -> None:
