@@ -119,6 +119,6 @@ def _standing(erased: bool, said: dict[str, bool], otherwise: dict[str, bool]) -
 
 
 def batch_privacy(redis_url: str | None, prefix: str, event_log: Path) -> Privacy:
-    """What a batch job (the `segment` command) must honour: the event log's ledger, with the Redis store
+    """What a batch job (`segment`, `recommend`) must honour: the event log's ledger, with the Redis store
     when there is one."""
     return Privacy(ControlLedger(event_log), open_store(redis_url, prefix) if redis_url is not None else None)

@@ -133,12 +133,17 @@ def tune(data_dir: Path, out: Path, budget_seconds: float, max_trials: int | Non
 @click.option("-n", "n", default=20, show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
 def recommend(bundle: Path, users_file: Path, n: int, out: Path) -> None:
-    """Batch feeds: one JSON line per user, {"user_id": ..., "items": [...best first...]}."""
+    """Batch feeds: one JSON line per user, {"user_id": ..., "items": [...best first...]}; users who withheld
+    personalization or were erased (the event log says so) get the non-personal feed."""
     from serving.batch import read_user_ids, write_recommendations
+    from serving.privacy import batch_privacy
     from serving.recommender import Recommender
+    from serving.settings import ServingSettings
     from training.bundle import load_bundle
 
-    written = write_recommendations(Recommender(load_bundle(bundle)), read_user_ids(users_file), n, out)
+    settings = ServingSettings()
+    privacy = batch_privacy(settings.redis_url, settings.redis_prefix, settings.event_log)
+    written = write_recommendations(Recommender(load_bundle(bundle)), read_user_ids(users_file), n, out, privacy)
     _echo(f"wrote {written:,} feeds to {out}")
 
 

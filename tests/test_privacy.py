@@ -288,3 +288,29 @@ def test_another_workers_erasure_and_consent_arrive_within_the_refresh(bundle: B
                 time.sleep(0.05)
         assert _feed(b, user)["personalized"] is False
         assert _feed(b, other)["personalized"] is False
+
+
+def test_batch_feeds_honour_the_event_logs_erasures_and_consent(bundle: Bundle, trained: TrainResult, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from serving.recommender import Recommender
+    from sharefeed.cli import main
+
+    log_dir = tmp_path / "log"
+    monkeypatch.setenv("SHAREFEED_EVENT_LOG", str(log_dir))
+    monkeypatch.delenv("SHAREFEED_REDIS_URL", raising=False)
+    erased, opted_out, kept = bundle.users.ids[:3].tolist()
+    with EventLog(log_dir) as log:
+        log.append([erase_row(erased, time.time()), consent_row(opted_out, {"personalization": False}, time.time())])
+    (tmp_path / "users.txt").write_text(f"{erased}\n{opted_out}\n{kept}\n")
+    result = CliRunner().invoke(main, ["recommend", "--bundle", str(trained.bundle_path), "--users",
+                                       str(tmp_path / "users.txt"), "-n", "10", "--out", str(tmp_path / "recs.jsonl")])
+    assert result.exit_code == 0, result.output
+    rows = [orjson.loads(line) for line in (tmp_path / "recs.jsonl").read_bytes().splitlines()]
+    lines = {row["user_id"]: row["items"] for row in rows}
+    recommender = Recommender(bundle)
+    anonymous = [i.item_id for i in recommender.feed(erased, 10, personalized=False).items]
+    assert lines[erased] == lines[opted_out] == anonymous
+    assert lines[kept] == [i.item_id for i in recommender.feed(kept, 10).items]
+    assert lines[kept] != anonymous
