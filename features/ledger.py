@@ -4,7 +4,8 @@ log's `control/` files and kept current by reading only what was appended since 
 It lets a process honour erasures and consent without the online store, which keeps nothing on disk and
 forgets them after a restart until a replay. Each process keeps its own ledger: rows it appended itself count
 at once (`note`), rows of other processes at the next refresh (at most `max_age_seconds` later, or sooner
-when `refresh` is called).
+when `refresh` is called). A quick refresh stats the files of the last hours only (writers move to a new
+file every hour) and lists the folder again only when it changed; a full one reads every file.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 
-from features.eventlog import CONSENT, CONTROL, ERASE, epoch_seconds, log_files
+from features.eventlog import CONSENT, CONTROL, ERASE, epoch_seconds, hour_of_file, log_files
 from features.store import CONSENT_PURPOSES
 
 log = logging.getLogger(__name__)
+
+SETTLED_SECONDS = 2 * 3600.0  # a file whose hour is this far back is no longer written to (clock skew aside)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,18 +57,34 @@ class ControlLedger:
         self.clock = clock
         self._refreshing = threading.Lock()
         self._tails: dict[Path, _Tail] = {}
+        self._listing: tuple[int | None, list[Path]] | None = None  # (folder mtime, files still written to)
         self._erased: dict[str, float] = {}  # user -> time of the (first) erasure
         self._consent: dict[str, dict[str, Statement]] = {}  # user -> purpose -> latest statement
         self.refreshed_at = -float("inf")  # clock time the last refresh started: rows written before are in
-        self.refresh()
+        self.refresh(full=True)
 
     # -- reading the log ---------------------------------------------------------------------------------
-    def refresh(self) -> None:
-        """Read what the control files gained since the last refresh (new files whole)."""
+    def refresh(self, *, full: bool = False) -> None:
+        """Read what the control files gained since the last refresh (new files whole). A quick refresh
+        looks at the files of the last hours, and lists the folder again only when it changed; a full one
+        (at start, and from time to time in the background) looks at every file."""
         started = self.clock()
         with self._refreshing:
-            for path in log_files(self.directory, (CONTROL,)):
-                self._read_tail(path)
+            try:
+                stamp: int | None = os.stat(self.directory / CONTROL).st_mtime_ns
+            except FileNotFoundError:
+                stamp = None
+            listing = self._listing
+            if full or listing is None or listing[0] != stamp:
+                paths = log_files(self.directory, (CONTROL,))
+                unread = [p for p in paths if p not in self._tails]
+                for path in paths if full or listing is None else unread + listing[1]:
+                    self._read_tail(path)
+                settled = datetime.fromtimestamp(time.time() - SETTLED_SECONDS, UTC).strftime("%Y%m%d%H")
+                self._listing = (stamp, [p for p in paths if hour_of_file(p) >= settled])
+            else:
+                for path in listing[1]:
+                    self._read_tail(path)
             self.refreshed_at = max(self.refreshed_at, started)
 
     def maybe_refresh(self) -> None:
@@ -143,6 +163,3 @@ class ControlLedger:
     def erasures(self) -> dict[str, float]:
         """Every erased user with the time of the erasure."""
         return dict(self._erased)
-
-    def erased_ids(self) -> Iterable[str]:
-        return list(self._erased)

@@ -1,9 +1,10 @@
-"""The service's background compaction of the event log (features.compaction), so an erased user's events
-leave the log within `ERASURE_RETENTION_HOURS`.
+"""The service's background upkeep of the event log: compaction (features.compaction), so an erased user's
+events leave the log within `ERASURE_RETENTION_HOURS`, and the control ledger's full re-reads.
 
 Every worker runs one small thread. Each minute it closes its own log files of past hours (a file is
-compacted only once no writer holds it); every `COMPACTION_INTERVAL_SECONDS` it tries to compact, and the
-lock file lets one worker at a time do it. Only counts are logged, never an id.
+compacted only once no writer holds it) and re-reads every control file (requests refresh the ledger
+quickly, from the files of the last hours); every `COMPACTION_INTERVAL_SECONDS` it tries to compact, and
+the lock file lets one worker at a time do it. Only counts are logged, never an id.
 """
 
 from __future__ import annotations
@@ -36,9 +37,8 @@ class Compactor:
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> CompactionReport:
-        """Close idle files of past hours, then compact with every erasure the log holds now."""
-        self.event_log.release_idle()
-        self.ledger.refresh()
+        """Close idle files of past hours, re-read the control files, then compact with every erasure."""
+        self._upkeep()
         report = compact(self.event_log.directory, self.ledger.erasures(), now=self._clock(),
                          retention_seconds=self.retention_seconds)
         if report.skipped:
@@ -52,10 +52,12 @@ class Compactor:
                         "period", report.files_overdue)
         return report
 
+    def _upkeep(self) -> None:
+        self.event_log.release_idle()
+        self.ledger.refresh(full=True)
+
     def start(self) -> None:
-        if self.interval_seconds <= 0:
-            return  # compaction is run from cron (`sharefeed compact`)
-        self._thread = threading.Thread(target=self._run, name="eventlog-compaction", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="eventlog-upkeep", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -67,10 +69,11 @@ class Compactor:
         last = -float("inf")
         while not self._stop.wait(self.tick_seconds):
             try:
-                if time.monotonic() - last >= self.interval_seconds:
+                # interval 0: compaction runs from cron (`sharefeed compact`); the upkeep still does
+                if self.interval_seconds > 0 and time.monotonic() - last >= self.interval_seconds:
                     last = time.monotonic()
                     self.run_once()
                 else:
-                    self.event_log.release_idle()
-            except Exception:  # a full disk or a bad file must not end compaction for the life of the worker
-                log.exception("event log compaction failed")
+                    self._upkeep()
+            except Exception:  # a full disk or a bad file must not end the upkeep for the life of the worker
+                log.exception("event log upkeep failed")

@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -53,7 +54,8 @@ def test_ledger_reads_erasures_and_the_latest_consent_and_tails_what_is_appended
         assert {p: s.given for p, s in ledger.statements(["a"])[0].items()} == {"marketing": True,
                                                                                  "social_proof": False}
     # another process's file whose statement is older does not win; a half-written line waits
-    other = tmp_path / "control" / "control-otherhost-1-2026010100.jsonl"
+    this_hour = datetime.now(UTC).strftime("%Y%m%d%H")
+    other = tmp_path / "control" / f"control-otherhost-1-{this_hour}.jsonl"
     older = orjson.dumps(consent_row("a", {"marketing": False}, t0 + 1)) + b"\n"
     newest = orjson.dumps(consent_row("a", {"social_proof": True}, t0 + 3))
     other.write_bytes(older + newest[:20])
@@ -64,7 +66,16 @@ def test_ledger_reads_erasures_and_the_latest_consent_and_tails_what_is_appended
         fh.write(newest[20:] + b"\n")
     ledger.refresh()
     assert ledger.statements(["a"])[0]["social_proof"].given is True
-    assert ledger.erasures().keys() == {"gone"}
+    # a file of an hour long past: read when it appears; what it gains later, on a full refresh only
+    settled = tmp_path / "control" / "control-otherhost-1-2026010100.jsonl"
+    settled.write_bytes(orjson.dumps(erase_row("b", t0)) + b"\n")
+    ledger.refresh()
+    with settled.open("ab") as fh:
+        fh.write(orjson.dumps(erase_row("c", t0)) + b"\n")
+    ledger.refresh()
+    assert ledger.erased(["b", "c"]) == [True, False]
+    ledger.refresh(full=True)
+    assert ledger.erasures().keys() == {"gone", "b", "c"}
 
 
 def test_privacy_combines_the_ledger_and_the_store(tmp_path: Path) -> None:
