@@ -26,9 +26,10 @@ from features.online import MemoryStore, RedisStore
 from serving.app import create_app
 from serving.privacy import Privacy
 from serving.settings import ServingSettings
-from tests.redis_fixture import REDIS_SERVER, _free_port, _wait_until_up
 from training.bundle import Bundle, load_bundle
 from training.pipeline import TrainResult
+
+pytest_plugins = ["tests.redis_fixture"]  # registered (and assertion-rewritten) before the helpers below use it
 
 ALL_BUYERS = {"kind": "lifecycle", "size": 100_000}
 
@@ -213,6 +214,8 @@ def test_an_erased_user_appears_nowhere_after_a_rollback_to_a_bundle_that_holds_
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
     """A redis-server of this test alone (persistence off), so the test can kill and restart it."""
+    from tests.redis_fixture import REDIS_SERVER, _free_port
+
     if not Path(REDIS_SERVER).exists() and shutil.which("redis-server") is None:
         pytest.skip("no redis-server binary")
     port = _free_port()
@@ -224,6 +227,8 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen[b
 
 
 def _start_redis(url: str, processes: list[subprocess.Popen[bytes]], workdir: Path) -> None:
+    from tests.redis_fixture import REDIS_SERVER, _wait_until_up
+
     binary = REDIS_SERVER if Path(REDIS_SERVER).exists() else str(shutil.which("redis-server"))
     port = url.rsplit(":", 1)[1].split("/")[0]
     workdir.mkdir(parents=True, exist_ok=True)
