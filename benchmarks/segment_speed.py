@@ -27,10 +27,12 @@ import pandas as pd
 import psutil
 import scipy.sparse as sp
 
+from features.ledger import ControlLedger
 from features.online import MemoryStore
 from features.propensity import FEATURE_NAMES, PROPENSITY_VERSION, PropensityModel
 from features.state import ITEM_WINDOWS_DAYS, USER_EVENT_TYPES
 from features.vocab import Vocabulary
+from serving.privacy import Privacy
 from serving.segment_schemas import PropensityQuery
 from serving.segment_service import Segments
 from serving.segment_snapshots import SnapshotStore
@@ -142,6 +144,7 @@ def main() -> None:
     for k in range(0, args.users, 1000):  # a few erased and opted-out users, as in production
         store.erase_user(f"u{k}")
         store.set_consent(f"u{k + 1}", {"marketing": False})
+    privacy = Privacy(ControlLedger(Path(tempfile.mkdtemp(prefix="segspeed-log-"))), store)
     started = time.perf_counter()
     engine.user_index()
     print(f"user index ({args.users:,} x {args.factors}, flat IP) built in {time.perf_counter() - started:.2f}s")
@@ -166,7 +169,7 @@ def main() -> None:
                 {"kind": "propensity", "category": f"c{r % 20}", "size": args.top, "filters": {"active_days": 30}})),
         ):
             t = time.perf_counter()
-            members = engine.evaluate(query, store)
+            members = engine.evaluate(query, privacy)
             times[label].append(time.perf_counter() - t)
             assert len(members.user_idx) == args.top
     for label, values in times.items():
@@ -181,7 +184,7 @@ def main() -> None:
         t = time.perf_counter()
         meta = snapshots.create(bundle.users.ids, scores, {"kind": "lifecycle"}, "synthetic")
         print(f"snapshot of {args.users:,} rows written in {time.perf_counter() - t:.2f}s")
-        segments = Segments(engine, snapshots, store)
+        segments = Segments(engine, snapshots, privacy)
         for fmt in ("csv", "parquet"):
             with PeakRSS() as rss:
                 t = time.perf_counter()

@@ -103,6 +103,11 @@ def load_dataset(data_dir: Path, event_types: Iterable[str]) -> Dataset:
         gone = events["user_id"].isin(erased)
         dropped = int(gone.sum())
         events = events.loc[~gone].reset_index(drop=True)
+        for column in ("target_user_id", "referrer_id"):  # other users' shares to them, purchases they referred
+            if column in events.columns:
+                named = events[column].isin(erased)
+                if named.any():
+                    events[column] = events[column].where(~named, None)
         for name, columns in (("users", ("user_id",)), ("social", ("user_id", "friend_id"))):
             frame = tables[name]
             if frame is not None:

@@ -75,11 +75,12 @@ def epoch_seconds(value: object) -> float | None:
 
 
 def _check_control(row: Mapping[str, object]) -> None:
+    # The messages name the problem, never the row: it came from a request, and exceptions end up in logs.
     user_id = row.get("user_id")
     if not isinstance(user_id, str) or not user_id:
-        raise ValueError(f"{row.get('event_type')} row without a user_id: {dict(row)!r:.80}")
+        raise ValueError(f"{row.get('event_type')} row without a user_id")
     if row.get("event_type") == CONSENT and not isinstance(row.get("purposes"), Mapping):
-        raise ValueError(f"consent row without a purposes object: {dict(row)!r:.80}")
+        raise ValueError("consent row without a purposes object")
 
 
 def _safe_host() -> str:
@@ -123,7 +124,7 @@ def _cut_torn_tail(fd: int) -> int:
 def repair(directory: Path) -> int:
     """Cut torn last lines of every log file no live writer holds (a writer keeps an exclusive lock)."""
     dropped = 0
-    for path in _log_files(Path(directory)):
+    for path in log_files(Path(directory)):
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             try:
@@ -139,9 +140,15 @@ def repair(directory: Path) -> int:
     return dropped
 
 
-def _log_files(directory: Path, families: Sequence[str] = (EVENTS, CONTROL)) -> list[Path]:
+def log_files(directory: Path, families: Sequence[str] = (EVENTS, CONTROL)) -> list[Path]:
+    """The log's files of these families, by name."""
     return [p for family in families if (directory / family).is_dir()
             for p in sorted((directory / family).glob(f"{family}-*{SUFFIX}")) if p.is_file()]
+
+
+def hour_of_file(path: Path) -> str:
+    """The UTC hour (YYYYMMDDHH) a log file's name carries."""
+    return path.name[: -len(SUFFIX)].rsplit("-", 1)[-1]
 
 
 class EventLog:
@@ -196,6 +203,17 @@ class EventLog:
         with self._lock:
             return [path for path, _ in self._files.values()]
 
+    def release_idle(self) -> int:
+        """Close the files of past hours that no append has moved on from yet (a family with nothing new since
+        the hour turned), so compaction can rewrite them; returns how many were closed."""
+        with self._lock:
+            self._after_fork()
+            hour = datetime.fromtimestamp(self._clock(), UTC).strftime("%Y%m%d%H")
+            idle = [family for family, (path, _) in self._files.items() if hour_of_file(path) != hour]
+            for family in idle:
+                os.close(self._files.pop(family)[1])
+            return len(idle)
+
     def close(self) -> None:
         with self._lock:
             for _, fd in self._files.values():
@@ -223,19 +241,24 @@ class EventLog:
         if current is not None:
             os.close(current[1])
             del self._files[family]
-        existed = path.exists()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if existed:
-                _cut_torn_tail(fd)
-            else:
-                _fsync_dir(path.parent)  # the new name must survive a crash as well as its content
-        except OSError as exc:
-            os.close(fd)
-            raise EventLogError(f"cannot open {path} for writing: {exc}") from exc
-        self._files[family] = (path, fd)
-        return path, fd
+        for _ in range(3):
+            existed = path.exists()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    os.close(fd)  # compaction renamed a new file over this name between our open and lock
+                    continue
+                if existed:
+                    _cut_torn_tail(fd)
+                else:
+                    _fsync_dir(path.parent)  # the new name must survive a crash as well as its content
+            except OSError as exc:
+                os.close(fd)
+                raise EventLogError(f"cannot open {path} for writing: {exc}") from exc
+            self._files[family] = (path, fd)
+            return path, fd
+        raise EventLogError(f"cannot open {path} for writing: it keeps being replaced")
 
     def _cut_back(self, path: Path, fd: int, size: int) -> None:
         try:
@@ -269,7 +292,7 @@ def _rows(path: Path) -> Iterator[dict[str, object]]:
 
 def read_control(directory: Path) -> list[dict[str, object]]:
     """Every consent and erasure row of the log, oldest first (rows without a readable time last)."""
-    rows = [row for path in _log_files(Path(directory), (CONTROL,)) for row in _rows(path)]
+    rows = [row for path in log_files(Path(directory), (CONTROL,)) for row in _rows(path)]
     return sorted(rows, key=lambda r: _sort_time(r.get("timestamp")))
 
 
@@ -346,7 +369,7 @@ def read_events(directory: Path, since: float | None,
     skipped = 0
     seen: set[str] = set()
     events: list[tuple[str | None, OnlineEvent]] = []
-    for path in _log_files(directory, (EVENTS,)):
+    for path in log_files(directory, (EVENTS,)):
         for row in _rows(path):
             ts = epoch_seconds(row.get("timestamp"))
             user_id, item_id, kind = row.get("user_id"), row.get("item_id"), row.get("event_type")

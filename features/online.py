@@ -52,7 +52,7 @@ def pack_event(item_id: str, event_type: str, ts: float) -> bytes:
         return head + item_id.encode()
     name = event_type.encode()
     if len(name) > 255:
-        raise ValueError(f"event type longer than 255 bytes: {event_type[:40]!r}")
+        raise ValueError(f"event type longer than 255 bytes ({len(name)})")
     return head + bytes((len(name),)) + name + item_id.encode()
 
 
@@ -83,7 +83,7 @@ def _window(hours: int) -> int:
 def _check_purposes(purposes: Mapping[str, bool]) -> None:
     unknown = sorted(set(purposes) - set(CONSENT_PURPOSES))
     if unknown:
-        raise ValueError(f"unknown consent purposes {unknown}; expected some of {list(CONSENT_PURPOSES)}")
+        raise ValueError(f"{len(unknown)} unknown consent purpose(s); expected some of {list(CONSENT_PURPOSES)}")
 
 
 def _insert_recent(recent: list[bytes], record: bytes) -> None:
@@ -185,7 +185,8 @@ class MemoryStore:
 
     def snapshot(self, user_id: str) -> UserSnapshot:
         with self._lock:
-            return UserSnapshot(self.recent(user_id), self.purchased(user_id), self.consent(user_id))
+            return UserSnapshot(self.recent(user_id), self.purchased(user_id), self.consent(user_id),
+                                user_id in self._erased)
 
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:
         with self._lock:
@@ -312,7 +313,7 @@ class MemoryStore:
 def _catalog_row(item: Mapping[str, object]) -> tuple[str, dict[str, object]]:
     item_id = item.get("item_id")
     if not isinstance(item_id, str) or not item_id:
-        raise ValueError(f"catalog row without a string item_id: {dict(item)!r:.80}")
+        raise ValueError("catalog row without a string item_id")  # not the row: messages end up in logs
     return item_id, {str(k): v for k, v in item.items() if k != "item_id"}
 
 
@@ -514,11 +515,13 @@ class RedisStore:
         pipe.lrange(self.keys.recent(user_id), 0, RECENT_CAP - 1)
         pipe.hgetall(self.keys.purchases(user_id))
         pipe.hgetall(self.keys.consent(user_id))
-        records, bought, given = cast(tuple[list[bytes], dict[bytes, bytes], dict[bytes, bytes]], pipe.execute())
+        pipe.sismember(self.keys.tombstones, user_id)
+        records, bought, given, erased = cast(tuple[list[bytes], dict[bytes, bytes], dict[bytes, bytes], int],
+                                              pipe.execute())
         stated = {purpose.decode(): value == b"1" for purpose, value in given.items()}
         return UserSnapshot([unpack_event(user_id, record) for record in records],
                             {item.decode(): float(ts) for item, ts in bought.items()},
-                            {purpose: stated.get(purpose, True) for purpose in CONSENT_PURPOSES})
+                            {purpose: stated.get(purpose, True) for purpose in CONSENT_PURPOSES}, bool(erased))
 
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:
         window = _window(hours)

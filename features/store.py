@@ -35,6 +35,7 @@ class UserSnapshot:
     recent: list[OnlineEvent]  # newest first
     purchased: dict[str, float]
     consent: dict[str, bool]
+    erased: bool = False  # the store holds a tombstone for the user
 
 
 class OnlineStore(Protocol):
@@ -63,7 +64,7 @@ class OnlineStore(Protocol):
         ...
 
     def snapshot(self, user_id: str) -> UserSnapshot:
-        """`recent`, `purchased` and `consent` of one user in one round trip (what a feed reads)."""
+        """`recent`, `purchased`, `consent` and the tombstone of one user in one round trip (what a feed reads)."""
         ...
 
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:

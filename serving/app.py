@@ -27,6 +27,7 @@ from serving import metrics
 from serving.auth import KeyRing, Keys, required_scope
 from serving.auth import Scope as KeyScope
 from serving.bodies import StrictJSONRoute
+from serving.compactor import Compactor
 from serving.deps import RequestId
 from serving.ingest import ingest
 from serving.items import items_router
@@ -108,24 +109,28 @@ class _BodyLimit:
             await _too_large(send, self.limit)
             return
         seen = 0
+        refused = False
 
+        # A streamed body over the limit is answered here, and the app is told the client left: an exception
+        # raised into the app's body reading would come back as its own 400.
         async def counting() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLargeError
+                    refused = True
+                    await _too_large(send, self.limit)
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, counting, send)
-        except _BodyTooLargeError:
-            await _too_large(send, self.limit)
+        async def sending(message: Message) -> None:
+            if not refused:
+                await send(message)
 
-
-class _BodyTooLargeError(Exception):
-    pass
+        await self.app(scope, counting, sending)
 
 
 async def _too_large(send: Callable[[Message], Awaitable[None]], limit: int) -> None:
@@ -153,6 +158,7 @@ async def _authorize(request: Request) -> None:
     if needed not in entry.scopes and KeyScope.ADMIN not in entry.scopes:
         raise HTTPException(status_code=403, detail=f"this key lacks the {needed.value} scope")
     request.state.key_id = entry.id  # who, for the audit log
+    request.state.key_name = entry.name
     limit = request.app.state.rate_limit
     if limit and request.app.state.service.recovery.ready:  # the limiter's store is away: let requests through
         try:
@@ -219,6 +225,10 @@ def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: O
         online = store if store is not None else open_store(settings.redis_url, settings.redis_prefix)
         service = Service(settings, online, EventLog(settings.event_log), app.state)
         app.state.service = service
+        compactor = Compactor(service.event_log, service.privacy.ledger,
+                              retention_seconds=settings.erasure_retention_hours * 3600,
+                              interval_seconds=settings.compaction_interval_seconds)
+        app.state.compactor = compactor
         if bundle is not None:
             service.install(Recommender(bundle), bundle.path)
         elif settings.bundle is not None and settings.workers > 1:
@@ -229,7 +239,9 @@ def create_app(settings: ServingSettings, bundle: Bundle | None = None, store: O
         if service.recommender is None and settings.bundle is not None:
             service.reload(settings.bundle)
         service.start()
+        compactor.start()
         yield
+        compactor.stop()
         service.stop()
 
     app = FastAPI(title="sharefeed", version="1", lifespan=lifespan, dependencies=[Depends(_authorize)],
@@ -344,6 +356,8 @@ def _routes(app: FastAPI, settings: ServingSettings) -> None:
                          rejected=[RowRejected(index=r.index, reason=r.reason) for r in result.rejected],
                          online_updated=result.store_updated)
 
+    # Consent and erasure are in force once the log holds them (this worker's ledger notes the row at once,
+    # the others read it within CONTROL_REFRESH_SECONDS); the store is a projection a replay can catch up.
     @app.put("/v1/users/{user_id}/consent", response_model=ConsentOut)
     def consent(user_id: str, body: ConsentIn, service: ServiceDep, request_id: RequestId) -> ConsentOut:
         purposes = {k: v for k, v in body.model_dump().items() if v is not None}
@@ -354,8 +368,9 @@ def _routes(app: FastAPI, settings: ServingSettings) -> None:
             service.event_log.append([row])
         except EventLogError as exc:
             raise _log_unavailable("consent", exc) from exc
+        service.privacy.ledger.note(row)
         service.recovery.apply_control(row)  # now, or when the store is back: the log has it either way
-        return ConsentOut(request_id=request_id, user_id=user_id, **service.recovery.consent(user_id))
+        return ConsentOut(request_id=request_id, user_id=user_id, **service.privacy.standing(user_id).consent)
 
     @app.delete("/v1/users/{user_id}", response_model=ErasedOut, status_code=202)
     def erase(user_id: str, service: ServiceDep, request_id: RequestId) -> ErasedOut:
@@ -364,6 +379,7 @@ def _routes(app: FastAPI, settings: ServingSettings) -> None:
             service.event_log.append([row])
         except EventLogError as exc:
             raise _log_unavailable("erasure", exc) from exc
+        service.privacy.ledger.note(row)
         service.recovery.apply_control(row)
         return ErasedOut(request_id=request_id, user_id=user_id, erased=True)
 

@@ -2,7 +2,8 @@
 
 One JSON line per export in `SHAREFEED_AUDIT_LOG` (default `~/.sharefeed/audit.jsonl`), flushed and
 fsync'ed when the export ends — completed or cut off — so a list that left the service is always on
-record. It holds the key id, the segment id and definition, the format and the row count; never a row.
+record. It holds when (`at`), who (the key's id and name, never the key), the segment id and definition,
+the format, the rows sent and whether the export completed; never a row.
 """
 
 from __future__ import annotations

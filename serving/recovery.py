@@ -6,8 +6,8 @@ lately), logged and acknowledged; what could not be recorded waits in a bounded 
 (`run`) reads the store's generation key: when it is still there, the store only was unreachable and the
 backlog is recorded; when it is gone, the store lost its data (a restart without persistence) and one worker,
 holding a lock, replays the log of the online window (control rows included) and writes a new generation.
-Until then the store is "not ready": feeds answer from the bundle, with consent and erasures read from the
-log's control rows (`ControlView`).
+Until then the store is "not ready": feeds answer from the bundle, with consent and erasures from the event
+log's ledger (`serving.privacy`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pathlib import Path
 import orjson
 
 from features.eventlog import ReplayStats, apply_control, read_control, read_events, replay
-from features.online import STORE_ERRORS, MemoryStore
-from features.store import CONSENT_PURPOSES, OnlineEvent, OnlineStore
+from features.online import STORE_ERRORS
+from features.store import OnlineEvent, OnlineStore
 from serving import metrics
 
 log = logging.getLogger(__name__)
@@ -52,44 +52,6 @@ class _Deferred:
     claimed_in_store: bool
 
 
-class ControlView:
-    """Consent and erasures as the event log's control rows say them, in an in-process store: what the
-    service goes by while the online store cannot answer. The background check reloads it every poll (other
-    workers log control rows too); this process's own rows apply at once."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._lock = threading.Lock()
-        self._store: MemoryStore | None = None
-        self._loaded_at = -float("inf")
-
-    def current(self, fresh_after: float = -float("inf"), max_age_seconds: float = float("inf")
-                ) -> MemoryStore | None:
-        """The view, (re)loaded when loaded before `fresh_after` (monotonic) or more than `max_age_seconds`
-        ago; None when the log cannot be read."""
-        with self._lock:
-            now = time.monotonic()
-            if self._store is None or self._loaded_at < fresh_after or now - self._loaded_at > max_age_seconds:
-                try:
-                    store = MemoryStore()
-                    for row in read_control(self.directory):
-                        apply_control(store, row)
-                except (OSError, ValueError):
-                    log.exception("event log control rows unreadable: consent and erasures unknown")
-                    return None
-                self._store, self._loaded_at = store, now
-            return self._store
-
-    def note(self, row: Mapping[str, object]) -> None:
-        with self._lock:
-            if self._store is not None:
-                apply_control(self._store, row)
-
-    def drop(self) -> None:
-        with self._lock:
-            self._store, self._loaded_at = None, -float("inf")
-
-
 class Recovery:
     """One per worker process; thread-safe. `ready` says whether the online store is in line with the log
     (reachable, and rebuilt if it lost its data); the event path, the feed and the background check go
@@ -103,7 +65,6 @@ class Recovery:
         self.window_seconds = window_seconds
         self.backlog_limit = backlog_limit
         self.poll_seconds = poll_seconds
-        self.control = ControlView(self.log_dir)
         self._category_of = category_of
         self._pointer = pointer  # the bundle pointer of what this worker serves (republished after a rebuild)
         self._clock = clock
@@ -112,7 +73,6 @@ class Recovery:
         self._ready = False  # until the first check has found the store in line
         self._generation: str | None = None  # the store's generation this process last saw
         self._down_since: float | None = clock()  # wall clock
-        self._down_monotonic = time.monotonic()
         self._backlog: deque[_Deferred] = deque()
         self._backlog_events = 0
         self._overflowed = False
@@ -146,7 +106,6 @@ class Recovery:
         self._ready = False
         if self._down_since is None:
             self._down_since = self._clock()
-            self._down_monotonic = time.monotonic()
         metrics.ONLINE_STORE_UP.set(0)
 
     # -- the event path ---------------------------------------------------------------------------------
@@ -221,7 +180,6 @@ class Recovery:
 
     def apply_control(self, row: Mapping[str, object]) -> bool:
         """Apply a logged consent or erasure row to the store; False when it waits for the store."""
-        self.control.note(row)
         while True:
             if self._ready:
                 try:
@@ -234,22 +192,6 @@ class Recovery:
                 if not self._ready:
                     self._control_pending = True
                     return False
-
-    def consent(self, user_id: str) -> dict[str, bool]:
-        """The user's consent: from the store, else from the log's control rows (withheld when unreadable)."""
-        if self._ready:
-            try:
-                return self.store.consent(user_id)
-            except STORE_ERRORS:
-                log.warning("online store unavailable, consent read from the event log", exc_info=True)
-                self.note_failure()
-        view = self.fallback()
-        return view.consent(user_id) if view is not None else dict.fromkeys(CONSENT_PURPOSES, False)
-
-    def fallback(self) -> MemoryStore | None:
-        """Consent and erasures from the log, for answering while the store is not ready (loaded once per
-        outage here; the background check keeps it fresh)."""
-        return self.control.current(fresh_after=self._down_monotonic)
 
     def publish_pointer(self, pointer: str) -> bool:
         """Name the bundle every worker should serve; kept and written when the store is back if it is away."""
@@ -307,10 +249,6 @@ class Recovery:
         except STORE_ERRORS:
             self.note_failure()
             return
-        if self._ready:
-            self.control.drop()
-        else:  # keep the log's view of consent fresh while the store is away
-            self.control.current(fresh_after=self._down_monotonic, max_age_seconds=self.poll_seconds / 2)
 
     def _rebuild(self) -> bool:
         """Replay the log of the online window into the emptied store, when this worker holds the lock."""

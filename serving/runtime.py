@@ -19,10 +19,12 @@ from typing import Any
 import orjson
 
 from features.eventlog import EventLog
+from features.ledger import ControlLedger
 from features.online import STORE_ERRORS
 from features.store import OnlineStore
 from serving import metrics
 from serving.merchandising import Rule, RuleBook
+from serving.privacy import Privacy
 from serving.recommender import Recommender, UserContext
 from serving.recovery import Recovery
 from serving.related import ItemLists
@@ -79,7 +81,11 @@ class Service:
                                  backlog_limit=settings.recovery_backlog_events,
                                  poll_seconds=settings.recovery_poll_seconds, category_of=self._category_of,
                                  pointer=self._pointer)
+        # Consent and erasures from the event log, so they hold when the store forgot them (serving.privacy)
+        self.privacy = Privacy(ControlLedger(event_log.directory, max_age_seconds=settings.control_refresh_seconds),
+                               store)
         app_state.store = store
+        app_state.privacy = self.privacy
         app_state.recommender = None
 
     @property
@@ -179,32 +185,23 @@ class Service:
         return self._rules.active(datetime.now(UTC))
 
     def visible_in_social_proof(self, user_ids: list[str]) -> list[bool]:
-        """Who may appear in other shoppers' social proof: not erased, `social_proof` consent not withheld.
-        When the store cannot tell, nobody does (privacy first)."""
-        if not user_ids:
-            return []
-        if not self.recovery.ready:
-            return [False] * len(user_ids)
-        try:
-            erased = self.store.erased(user_ids)
-            consents = self.store.consents(user_ids)
-            return [not gone and given.get("social_proof", True)
-                    for given, gone in zip(consents, erased, strict=True)]
-        except STORE_ERRORS:
-            log.warning("online store unavailable: social proof left out", exc_info=True)
-            self.recovery.note_failure()
-            return [False] * len(user_ids)
+        """Who may appear in other shoppers' social proof: not erased, `social_proof` consent not withheld
+        (serving.privacy: the event log's ledger with the store, the ledger alone while the store is away)."""
+        return self.privacy.allowed(user_ids, ["social_proof"])
 
     def user_view(self, user_id: str) -> UserView:
-        """The user's online context and consent; degraded (bundle only, consent from the event log) when
-        the store fails or is not in line with the log yet."""
+        """The user's online context and consent (an erased user has none: no personalization); degraded
+        (bundle only, consent from the event log) when the store fails or is not in line with the log yet."""
         if self.recovery.ready:
             try:
                 snapshot = self.store.snapshot(user_id)  # one round trip
-                if not snapshot.consent.get("personalization", True):
-                    return UserView(None, snapshot.consent, False)
-                return UserView(UserContext(snapshot.recent, snapshot.purchased), snapshot.consent, False)
             except STORE_ERRORS:
                 log.warning("online store unavailable, answering from the bundle", exc_info=True)
                 self.recovery.note_failure()
-        return UserView(None, self.recovery.consent(user_id), True)
+            else:
+                standing = self.privacy.combine([user_id], [snapshot.erased], [snapshot.consent],
+                                                self.privacy.clock())[0]
+                if not standing.allows(["personalization"]):
+                    return UserView(None, standing.consent, False)
+                return UserView(UserContext(snapshot.recent, snapshot.purchased), standing.consent, False)
+        return UserView(None, self.privacy.from_ledger([user_id])[0].consent, True)

@@ -10,10 +10,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import StreamingResponse
 
-from features.store import OnlineStore
 from serving import audit
 from serving.bodies import StrictJSONRoute
-from serving.deps import RequestId
+from serving.deps import RequestId, privacy_of
 from serving.segment_schemas import (
     MAX_PAGE,
     MemberOut,
@@ -44,8 +43,7 @@ def segments_router(settings: ServingSettings) -> APIRouter:
         recommender = getattr(request.app.state, "recommender", None)
         if recommender is None:
             raise HTTPException(status_code=503, detail="no model bundle is loaded")
-        store: OnlineStore | None = getattr(request.app.state, "store", None)
-        return Segments(engine_for(request.app.state, recommender.bundle), snapshots, store)
+        return Segments(engine_for(request.app.state, recommender.bundle), snapshots, privacy_of(request))
 
     SegmentsDep = Annotated[Segments, Depends(segments)]
 
@@ -104,10 +102,12 @@ def segments_router(settings: ServingSettings) -> APIRouter:
     def export(segment_id: SegmentIdPath, service: SegmentsDep, request: Request,
                format: Literal["csv", "parquet"] = "csv") -> StreamingResponse:
         who = getattr(request.state, "key_id", None) or "open-mode"
+        key_name = getattr(request.state, "key_name", None)
 
         def audited(meta: SnapshotMeta, rows: int, complete: bool) -> None:
-            audit.record(settings.audit_log, {"who": who, "segment_id": meta.segment_id, "format": format,
-                                              "definition": meta.definition, "rows": rows, "complete": complete})
+            audit.record(settings.audit_log, {"who": who, "key_name": key_name, "segment_id": meta.segment_id,
+                                              "format": format, "definition": meta.definition, "rows": rows,
+                                              "complete": complete})
 
         try:
             body: Iterator[bytes] = service.export(segment_id, format, audited)

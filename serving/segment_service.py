@@ -1,10 +1,11 @@
 """Segments as the API and the CLI use them: evaluate a definition into a snapshot, read it back page by
 page, export it, keep named definitions.
 
-Every read checks the members again against the online store, so a user erased or opted out of
-marketing after a snapshot was taken disappears from its pages and exports too. Exports carry the user
-id, the score and the definition (a leading `#` comment line in CSV, schema metadata in Parquet), nothing
-else about a person, and are produced one row group at a time: memory stays flat whatever the size.
+Every read checks the members again (`serving.privacy`: the event log's ledger with the online store), so a
+user erased or opted out of marketing after a snapshot was taken disappears from its pages and exports too.
+Exports carry the user id, the score and the definition (a leading `#` comment line in CSV, schema metadata
+in Parquet), nothing else about a person, and are produced one row group at a time: memory stays flat
+whatever the size.
 """
 
 from __future__ import annotations
@@ -22,10 +23,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import TypeAdapter
 
-from features.eventlog import replay
-from features.online import MemoryStore, open_store
-from features.store import OnlineStore
 from serving.audit import counted
+from serving.privacy import Privacy
 from serving.segment_schemas import SegmentDefinition
 from serving.segment_snapshots import ROW_GROUP, SnapshotMeta, SnapshotStore
 from serving.segments import SegmentEngine, allowed_users
@@ -68,13 +67,13 @@ def _purposes(meta: SnapshotMeta) -> list[str]:
 
 
 class Segments:
-    def __init__(self, engine: SegmentEngine, snapshots: SnapshotStore, store: OnlineStore | None) -> None:
+    def __init__(self, engine: SegmentEngine, snapshots: SnapshotStore, privacy: Privacy) -> None:
         self.engine = engine
         self.snapshots = snapshots
-        self.store = store
+        self.privacy = privacy
 
     def query(self, definition: SegmentDefinition, page_size: int, saved_name: str | None = None) -> Page:
-        members = self.engine.evaluate(definition, self.store, seeds=self.snapshots.user_ids)
+        members = self.engine.evaluate(definition, self.privacy, seeds=self.snapshots.user_ids)
         ids = self.engine.bundle.users.ids[members.user_idx]
         meta = self.snapshots.create(ids, members.scores, definition_json(definition), self.engine.bundle.version,
                                      saved_name)
@@ -90,7 +89,7 @@ class Segments:
 
     def _page(self, meta: SnapshotMeta, offset: int, limit: int) -> Page:
         ids, scores = self.snapshots.page(meta.segment_id, offset, limit)
-        keep = allowed_users(ids, self.store, _purposes(meta))
+        keep = allowed_users(ids, self.privacy, _purposes(meta))
         end = offset + len(ids)
         return Page(meta, [u for u, k in zip(ids, keep, strict=True) if k],
                     [s for s, k in zip(scores, keep, strict=True) if k],
@@ -102,7 +101,7 @@ class Segments:
 
         def batches() -> Iterator[pa.RecordBatch]:
             for batch in self.snapshots.batches(segment_id):
-                keep = allowed_users(batch.column(0).to_pylist(), self.store, purposes)
+                keep = allowed_users(batch.column(0).to_pylist(), self.privacy, purposes)
                 yield batch.filter(pa.array(keep))
         return meta, batches()
 
@@ -110,8 +109,6 @@ class Segments:
                ) -> Iterator[bytes]:
         """The segment as CSV or Parquet bytes; `done(meta, rows, complete)` when the stream ends (the audit)."""
         meta, batches = self._allowed_batches(segment_id)
-        if self.store is not None:
-            self.store.ping()  # every row is checked against the store: fail before the first byte, not midway
         audited = counted(batches, lambda rows, complete: done(meta, rows, complete))
         return csv_stream(_info(meta), audited) if format == "csv" else parquet_stream(_info(meta), audited)
 
@@ -147,11 +144,10 @@ def parquet_stream(info: dict[str, object], batches: Iterable[pa.RecordBatch]) -
     yield sink.take()
 
 
-def write_segment(engine: SegmentEngine, definition: SegmentDefinition, store: OnlineStore | None,
-                  out: Path) -> int:
+def write_segment(engine: SegmentEngine, definition: SegmentDefinition, privacy: Privacy, out: Path) -> int:
     """Evaluate a definition and write its members to `out` (.parquet, else CSV) as the API exports them;
     returns the number of members."""
-    members = engine.evaluate(definition, store)
+    members = engine.evaluate(definition, privacy)
     ids = engine.bundle.users.ids[members.user_idx]
     info: dict[str, object] = {"bundle_version": engine.bundle.version,
                                "created_at": datetime.now(UTC).isoformat(), "definition": definition_json(definition)}
@@ -163,17 +159,6 @@ def write_segment(engine: SegmentEngine, definition: SegmentDefinition, store: O
         for chunk in stream:
             fh.write(chunk)
     return len(ids)
-
-
-def offline_store(redis_url: str | None, prefix: str, event_log: Path) -> OnlineStore:
-    """The consent and erasure state a batch job must honour: the Redis store when there is one, else the
-    control rows (consent changes, erasures) of the durable event log replayed into an in-process store."""
-    if redis_url is not None:
-        return open_store(redis_url, prefix)
-    store = MemoryStore()
-    if Path(event_log).is_dir():
-        replay(Path(event_log), store, since=float("inf"))  # no events, every control row
-    return store
 
 
 class _Chunks(io.RawIOBase):

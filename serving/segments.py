@@ -5,8 +5,9 @@ propensity, normalized for lookalike's cosine); filters that the bundle can answ
 the search, so a filtered top-N is exact without over-fetching. Propensity adds everyone who bought or
 touched the target, and the most active users, to what FAISS finds and scores them all with the bundle's
 propensity model (features.propensity, fitted at training time). What only the online store knows (erasure,
-consent) is checked on the ordered candidates, fetching more until the size is reached: an erased user or
-one who refused marketing is never a member.
+consent, through `serving.privacy`) is checked on the ordered candidates, fetching more until the size is
+reached: an erased user or one who refused marketing is never a member, nor a lookalike seed, a community
+anchor or a buyer whose friends make a segment.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import scipy.sparse as sp
 from features.propensity import PropensityContext, PropensityModel, TargetKind, fixed_score, mean_query, target_vectors
 from features.rfm import GROUP_CODES, RFM, compute_rfm
 from features.state import DAY, USER_EVENT_TYPES
-from features.store import OnlineStore
+from serving.privacy import Privacy
 from serving.segment_schemas import (
     MAX_MAX_SEEDS,
     Filters,
@@ -184,7 +185,7 @@ class SegmentEngine:
         return None if mask.all() else mask
 
     # -- evaluation --------------------------------------------------------------------------------
-    def evaluate(self, definition: SegmentDefinition, store: OnlineStore | None,
+    def evaluate(self, definition: SegmentDefinition, privacy: Privacy,
                  seeds: Callable[[str], list[str]] | None = None) -> Members:
         """The members of a definition; `seeds` resolves a seed segment id to its user ids."""
         purposes = ["marketing", *(definition.filters.consent or [])]
@@ -193,14 +194,14 @@ class SegmentEngine:
             mask = self.filter_mask(definition.filters, items)
             fetch = self._propensity(items, mask, definition.min_score, target_kind(definition))
         elif isinstance(definition, LookalikeQuery):
-            fetch = self._lookalike(definition, seeds)
+            fetch = self._lookalike(definition, seeds, privacy, purposes)
         elif isinstance(definition, LifecycleQuery):
             fetch = self._dense_fetch(self._lifecycle_scores(definition), self.filter_mask(definition.filters, None),
                                       definition.min_score)
         else:
-            fetch = self._dense_fetch(self._social_scores(definition), self.filter_mask(definition.filters, None),
-                                      definition.min_score)
-        return take_allowed(fetch, definition.size, self.bundle.users.ids, store, purposes)
+            fetch = self._dense_fetch(self._social_scores(definition, privacy, purposes),
+                                      self.filter_mask(definition.filters, None), definition.min_score)
+        return take_allowed(fetch, definition.size, self.bundle.users.ids, privacy, purposes)
 
     def propensity_context(self) -> PropensityContext:
         value: PropensityContext = self._cached("propensity_context", lambda: PropensityContext(
@@ -270,17 +271,20 @@ class SegmentEngine:
             return merge_max(cand, scores, n, min_score)
         return fetch
 
-    def _lookalike(self, query: LookalikeQuery, seeds: Callable[[str], list[str]] | None) -> Fetch:
+    def _lookalike(self, query: LookalikeQuery, seeds: Callable[[str], list[str]] | None, privacy: Privacy,
+                   purposes: Sequence[str]) -> Fetch:
         if query.seed_user_ids is not None:
             seed_ids = query.seed_user_ids
         else:
             if seeds is None:
                 raise SegmentError("seed segments cannot be read here")
             seed_ids = seeds(str(query.seed_segment_id))
+        seed_ids = [u for u, ok in zip(seed_ids, privacy.allowed(seed_ids, purposes), strict=True) if ok]
         seed_idx = self.bundle.users.indexes(seed_ids)
         seed_idx = np.unique(seed_idx[seed_idx >= 0])
         if not len(seed_idx):
-            raise SegmentError("none of the seed users is known to this bundle")
+            raise SegmentError("none of the seed users is known to this bundle (erased or opted-out seeds do "
+                               "not count)")
         mask = self.filter_mask(query.filters, None)
         mask = np.ones(self.n_users, dtype=bool) if mask is None else mask
         mask[seed_idx] = False  # seeds are never members
@@ -302,7 +306,7 @@ class SegmentEngine:
             member &= np.isin(rfm.group, [GROUP_CODES[g] for g in query.groups])
         return np.where(member, rfm.score, np.nan)
 
-    def _social_scores(self, query: SocialQuery) -> np.ndarray:
+    def _social_scores(self, query: SocialQuery, privacy: Privacy, purposes: Sequence[str]) -> np.ndarray:
         state = self.bundle.state
         if query.signal == "top_sharers":
             shares = np.asarray(state.user_type_counts[:, USER_EVENT_TYPES.index("share")], dtype=np.float64)
@@ -322,14 +326,23 @@ class SegmentEngine:
             if item is None:
                 raise SegmentError(f"unknown item {query.item_id!r}")
             buyers = self.buyers_of(np.asarray([item]))
-            reached = graph.friends_of(buyers)
+            reached = graph.friends_of(self._sharing(buyers, privacy))
             return np.where((reached > 0) & ~buyers, reached, np.nan)
         member = self.bundle.users.index_of(str(query.user_id))
-        if member is None:
+        if member is None or not privacy.allowed([str(query.user_id)], purposes)[0]:
             raise SegmentError(f"unknown user {query.user_id!r}")
         labels: np.ndarray = self._cached("communities", graph.communities)
         degree = np.asarray((graph.reach + graph.reach.T).sum(axis=1)).ravel()
         return np.where(labels == labels[member], degree, np.nan)
+
+    def _sharing(self, users: np.ndarray, privacy: Privacy) -> np.ndarray:
+        """Of these users (a bool mask), those whose activity may reach their friends (`social_proof`)."""
+        idx = np.flatnonzero(users)
+        allowed = np.asarray(privacy.allowed([str(u) for u in self.bundle.users.ids[idx]], ["social_proof"]),
+                             dtype=bool)
+        out = np.zeros_like(users)
+        out[idx[allowed]] = True
+        return out
 
     # -- retrieval -----------------------------------------------------------------------------------
     def _faiss_fetch(self, index: faiss.Index, queries: np.ndarray, mask: np.ndarray | None,
@@ -393,21 +406,14 @@ def best_unique(ids: np.ndarray, scores: np.ndarray, n: int, min_score: float | 
     return ids[order].astype(np.int64), scores[order].astype(F32)
 
 
-def allowed_users(user_ids: Sequence[str], store: OnlineStore | None, purposes: Sequence[str]) -> np.ndarray:
-    """Not erased and consenting to every purpose; everyone when there is no store."""
-    if store is None or not len(user_ids):
-        return np.ones(len(user_ids), dtype=bool)
-    keep = ~np.asarray(store.erased(list(user_ids)), dtype=bool)
-    candidates = np.flatnonzero(keep)
-    consents = store.consents([user_ids[int(k)] for k in candidates])  # one round trip
-    for k, consent in zip(candidates.tolist(), consents, strict=True):
-        keep[k] = all(consent.get(p, True) for p in purposes)
-    return keep
+def allowed_users(user_ids: Sequence[str], privacy: Privacy, purposes: Sequence[str]) -> np.ndarray:
+    """Not erased and consenting to every purpose (serving.privacy: the event log's ledger with the store)."""
+    return np.asarray(privacy.allowed(list(user_ids), purposes), dtype=bool).reshape(len(user_ids))
 
 
-def take_allowed(fetch: Fetch, size: int | None, ids: np.ndarray, store: OnlineStore | None,
+def take_allowed(fetch: Fetch, size: int | None, ids: np.ndarray, privacy: Privacy,
                  purposes: Sequence[str]) -> Members:
-    """The first `size` candidates the store allows (all when size is None), fetching more as needed."""
+    """The first `size` candidates privacy allows (all when size is None), fetching more as needed."""
     want = size if size is not None else None
     n = (want + want // 5 + 100) if want is not None else len(ids)
     checked = 0
@@ -418,7 +424,7 @@ def take_allowed(fetch: Fetch, size: int | None, ids: np.ndarray, store: OnlineS
         cand, scores = fetch(n)
         for start in range(checked, len(cand), CONSENT_CHUNK):
             part = cand[start:start + CONSENT_CHUNK]
-            ok = allowed_users([str(u) for u in ids[part]], store, purposes)
+            ok = allowed_users([str(u) for u in ids[part]], privacy, purposes)
             kept_idx.append(part[ok])
             kept_scores.append(scores[start:start + CONSENT_CHUNK][ok])
             kept += int(ok.sum())

@@ -35,6 +35,11 @@ class ServingSettings(BaseSettings):
     segments_dir: Path = Field(default_factory=lambda: Path.home() / ".sharefeed" / "segments")  # snapshots and
     # saved segment definitions, shared by every worker
     audit_log: Path = Field(default_factory=lambda: Path.home() / ".sharefeed" / "audit.jsonl")  # every export
+    control_refresh_seconds: float = Field(1.0, ge=0)  # how soon another worker's consent change or erasure is
+    # read from the event log (this worker's own count at once)
+    erasure_retention_hours: float = Field(24.0, gt=0)  # an erased user's events leave the log within this
+    compaction_interval_seconds: float = Field(3600.0, ge=0)  # how often the service compacts (0: never, use
+    # `sharefeed compact` from cron)
     segment_ttl_seconds: float = Field(7 * 86_400.0, gt=0)  # how long a segment snapshot is kept
     social_proof_names: bool = False  # name the friends behind "friends bought this" (else counts only)
     keys_file: Path = Field(default_factory=default_keys_file)  # API keys (hashes and scopes); none: open

@@ -7,8 +7,12 @@ chosen on a validation window by `benchmarks/social_eval.py`. The second is the 
 sending it to the best friends for it: P(friend opens a share from this user) (the user's attributed share
 history, smoothed towards the shop's rate) x P(friend buys the item) (the friend's ALS affinity, clipped to
 [0, 1]); friends who already bought an item are left out for it. Numpy only.
+
+The service suggests nothing to a user who withheld personalization or was erased, and never names a friend
+who withheld `social_proof` or was erased (`serving.privacy`).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -20,7 +24,7 @@ from pydantic import BaseModel
 from features.social import SocialGraph
 from features.vocab import Vocabulary
 from serving.bodies import StrictJSONRoute
-from serving.deps import RequestId
+from serving.deps import PrivacyDep, RequestId
 from serving.settings import ServingSettings
 from training.bundle import Bundle
 
@@ -147,12 +151,16 @@ def _friends(inputs: ShareInputs, user_idx: int) -> np.ndarray:
 
 
 def suggest_shares(inputs: ShareInputs, user_idx: int | None, n: int = 10, friends_per_item: int = 3,
-                   weights: ShareWeights = ShareWeights()) -> ShareSuggestions:
-    """The `n` best items by share propensity and expected conversions, each with its best friends."""
+                   weights: ShareWeights = ShareWeights(),
+                   visible: Callable[[list[str]], list[bool]] | None = None) -> ShareSuggestions:
+    """The `n` best items by share propensity and expected conversions, each with its best friends;
+    `visible` says which friends may be suggested (all when None)."""
     if user_idx is None or user_idx >= len(inputs.users):
         return ShareSuggestions((), 0.0, "unknown user: no history or social ties in the model")
     open_rate = float(inputs.open_rate[user_idx])
     friends = _friends(inputs, user_idx)
+    if visible is not None and len(friends):
+        friends = friends[np.asarray(visible([inputs.users.id_of(int(f)) for f in friends]), dtype=bool)]
     if len(friends) == 0:
         return ShareSuggestions((), open_rate, "no friends or followers in the social graph")
     items, from_recent = _candidate_items(inputs, user_idx)
@@ -226,10 +234,14 @@ def share_router(settings: ServingSettings) -> APIRouter:
 
     @router.get("/v1/users/{user_id}/share-suggestions", response_model=ShareSuggestionsOut,
                 response_model_exclude_none=True)
-    def share_suggestions(user_id: UserIdPath, loaded: InputsDep, request_id: RequestId, n: N = 10,
-                          friends_per_item: PerItem = 3) -> ShareSuggestionsOut:
+    def share_suggestions(user_id: UserIdPath, loaded: InputsDep, privacy: PrivacyDep, request_id: RequestId,
+                          n: N = 10, friends_per_item: PerItem = 3) -> ShareSuggestionsOut:
         bundle, inputs = loaded
-        found = suggest_shares(inputs, inputs.users.index_of(user_id), n, friends_per_item)
+        if privacy.standing(user_id).allows(["personalization"]):
+            found = suggest_shares(inputs, inputs.users.index_of(user_id), n, friends_per_item,
+                                   visible=lambda ids: privacy.allowed(ids, ["social_proof"]))
+        else:
+            found = ShareSuggestions((), 0.0, "no suggestions: personalization withheld or the user erased")
         items = [ShareItemOut(item_id=i.item_id, expected_conversions=i.expected_conversions, source=i.source,
                               friends=[FriendOut(user_id=f.user_id, expected_conversions=f.expected_conversions,
                                                  affinity=f.affinity) for f in i.friends])

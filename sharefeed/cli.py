@@ -133,12 +133,17 @@ def tune(data_dir: Path, out: Path, budget_seconds: float, max_trials: int | Non
 @click.option("-n", "n", default=20, show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
 def recommend(bundle: Path, users_file: Path, n: int, out: Path) -> None:
-    """Batch feeds: one JSON line per user, {"user_id": ..., "items": [...best first...]}."""
+    """Batch feeds: one JSON line per user, {"user_id": ..., "items": [...best first...]}; users who withheld
+    personalization or were erased (the event log says so) get the non-personal feed."""
     from serving.batch import read_user_ids, write_recommendations
+    from serving.privacy import batch_privacy
     from serving.recommender import Recommender
+    from serving.settings import ServingSettings
     from training.bundle import load_bundle
 
-    written = write_recommendations(Recommender(load_bundle(bundle)), read_user_ids(users_file), n, out)
+    settings = ServingSettings()
+    privacy = batch_privacy(settings.redis_url, settings.redis_prefix, settings.event_log)
+    written = write_recommendations(Recommender(load_bundle(bundle)), read_user_ids(users_file), n, out, privacy)
     _echo(f"wrote {written:,} feeds to {out}")
 
 
@@ -171,7 +176,8 @@ def segment(bundle: Path, kind: str, item_id: str | None, category: str | None, 
     from pydantic import ValidationError
 
     from serving.batch import read_user_ids
-    from serving.segment_service import DEFINITION, offline_store, write_segment
+    from serving.privacy import batch_privacy
+    from serving.segment_service import DEFINITION, write_segment
     from serving.segments import SegmentEngine, SegmentError
     from serving.settings import ServingSettings
     from training.bundle import load_bundle
@@ -190,9 +196,9 @@ def segment(bundle: Path, kind: str, item_id: str | None, category: str | None, 
     except ValidationError as exc:
         raise click.UsageError("; ".join(str(e["msg"]) for e in exc.errors())) from exc
     settings = ServingSettings()
-    store = offline_store(settings.redis_url, settings.redis_prefix, settings.event_log)
+    privacy = batch_privacy(settings.redis_url, settings.redis_prefix, settings.event_log)
     try:
-        written = write_segment(SegmentEngine(load_bundle(bundle)), definition, store, out)
+        written = write_segment(SegmentEngine(load_bundle(bundle)), definition, privacy, out)
     except SegmentError as exc:
         raise click.ClickException(str(exc)) from exc
     _echo(f"wrote {written:,} members to {out}")
@@ -290,6 +296,33 @@ def replay(log_dir: Path | None, bundle: Path | None, since: datetime | None) ->
         raise click.ClickException("a service is rebuilding the online store from the log now: nothing done")
     _echo(f"replayed {stats.events:,} events and {stats.control:,} consent/erasure rows from {directory} "
           f"({stats.skipped:,} rows left out)")
+
+
+@main.command()
+@click.option("--log", "log_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="The event log directory (default: SHAREFEED_EVENT_LOG).")
+@click.option("--retention-days", type=click.FloatRange(min=0, min_open=True),
+              help="The promise to check: an erased user's events leave the log within this many days (default: "
+                   "SHAREFEED_ERASURE_RETENTION_HOURS). Files still held by a writer past it fail the command.")
+def compact(log_dir: Path | None, retention_days: float | None) -> None:
+    """Remove erased users' events from the event log's closed files (the service also does it on its own)."""
+    import time
+
+    from features.compaction import compact_log
+    from serving.settings import ServingSettings
+
+    settings = ServingSettings()
+    directory = log_dir or settings.event_log
+    retention = retention_days * 86_400 if retention_days is not None else settings.erasure_retention_hours * 3600
+    report = compact_log(directory, now=time.time(), retention_seconds=retention)
+    if report.skipped:
+        raise click.ClickException("another compaction is running on this log; try again later")
+    _echo(f"compacted {directory}: {report.files_rewritten:,} of {report.files_checked:,} files checked rewritten, "
+          f"{report.rows_removed:,} events of erased users removed, {report.rows_redacted:,} events redacted, "
+          f"{report.files_busy:,} files in use left for later")
+    if report.files_overdue:
+        raise click.ClickException(f"{report.files_overdue:,} files in use still hold erased users' events past "
+                                   "the retention period")
 
 
 def _fetch_bundle(alias: str) -> Path:

@@ -81,6 +81,9 @@ def test_bodies_over_the_limit_get_413(client: TestClient, keys: dict[str, str])
                          headers={"Authorization": f"Bearer {keys['events:write']}"})
     assert answer.status_code == 413
     assert "bytes" in answer.json()["detail"]
+    streamed = client.post("/v1/events", content=iter([b"x" * 1024] * 100),  # no Content-Length to go by
+                           headers={"Authorization": f"Bearer {keys['events:write']}"})
+    assert streamed.status_code == 413
 
 
 def test_rate_limit_answers_429_per_key(bundle: Bundle, keys: dict[str, str], tmp_path: Path) -> None:

@@ -32,3 +32,18 @@ def test_training_data_leaves_out_erased_users(tmp_path: Path) -> None:
     assert after.erased_events == 3
     assert after.social is not None
     assert list(zip(after.social["user_id"], after.social["friend_id"], strict=True)) == [("u2", "u3")]
+
+
+def test_other_users_rows_keep_their_place_without_the_erased_users_id(tmp_path: Path) -> None:
+    pd.DataFrame({
+        "user_id": ["u2", "u3", "u3"], "item_id": ["a", "a", "b"], "event_type": ["share", "purchase", "view"],
+        "timestamp": ["2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z", "2026-01-03T00:00:00Z"],
+        "target_user_id": ["u1", None, None], "referrer_id": [None, "u1", "u2"],
+    }).to_csv(tmp_path / "events.csv", index=False)
+    with EventLog(tmp_path) as log:
+        log.append([erase_row("u1", time.time())])
+    events = load_dataset(tmp_path, DEFAULT_EVENT_WEIGHTS).events
+    assert events["user_id"].tolist() == ["u2", "u3", "u3"]  # their share and their purchase still count
+    assert events["target_user_id"].isna().all()
+    assert events["referrer_id"].isna().tolist() == [True, True, False]
+    assert events["referrer_id"].iloc[2] == "u2"

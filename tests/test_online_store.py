@@ -164,7 +164,7 @@ def test_consent_defaults_to_given_and_keeps_what_was_said(store: OnlineStore) -
     assert snapshot.recent == store.recent("u1")
     assert snapshot.purchased == store.purchased("u1")
     assert snapshot.consent == store.consent("u1")
-    with pytest.raises(ValueError, match="unknown consent purposes"):
+    with pytest.raises(ValueError, match="unknown consent purpose"):
         store.set_consent("u1", {"telemarketing": False})
 
 
@@ -174,6 +174,8 @@ def test_erasure_drops_state_keeps_a_tombstone_and_ignores_later_events(store: O
     store.erase_user("u1")
     assert store.erased(["u1", "u2", "u3"]) == [True, False, False]
     assert store.erased([]) == []
+    assert store.snapshot("u1").erased is True
+    assert store.snapshot("u2").erased is False
     assert store.recent("u1") == []
     assert store.purchased("u1") == {}
     assert store.consent("u1") == dict.fromkeys(CONSENT_PURPOSES, True)

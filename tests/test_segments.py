@@ -16,9 +16,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from features.ledger import ControlLedger
 from features.online import MemoryStore
 from features.propensity import PropensityContext
 from features.rfm import GROUP_CODES, LifecycleGroup, compute_rfm
+from serving.privacy import Privacy
 from serving.recommender import Recommender
 from serving.segment_routes import segments_router
 from serving.segment_service import PARQUET_METADATA_KEY
@@ -37,7 +39,7 @@ def _app(bundle: Bundle, store: MemoryStore, directory: Path, ttl: float = 3600.
     app = FastAPI()
     app.include_router(segments_router(ServingSettings(segments_dir=directory, segment_ttl_seconds=ttl)))
     app.state.recommender = Recommender(bundle)
-    app.state.store = store
+    app.state.privacy = Privacy(ControlLedger(directory / "log"), store)
     return app
 
 
@@ -351,3 +353,51 @@ def test_every_export_is_in_the_audit_log_without_a_row_of_it(client: TestClient
     assert entries[-1]["definition"]["kind"] == "lifecycle"
     first_member = exported.text.strip().splitlines()[2].split(",")[0].strip('"')
     assert first_member not in settings.audit_log.read_text()
+
+
+def test_the_audit_names_the_key_never_its_secret(bundle: Bundle, tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from serving import audit
+    from serving.app import create_app
+    from serving.auth import Scope, create_key
+
+    keys_file = tmp_path / "keys.json"
+    entry, key = create_key(keys_file, [Scope.SEGMENTS_READ], "crm export job")
+    settings = ServingSettings(keys_file=keys_file, event_log=tmp_path / "log", segments_dir=tmp_path / "segments",
+                               audit_log=tmp_path / "audit.jsonl")
+    started = datetime.now(UTC)
+    with TestClient(create_app(settings, bundle=bundle)) as client:
+        auth = {"Authorization": f"Bearer {key}"}
+        made = client.post("/v1/segments/query", json={"definition": {"kind": "lifecycle", "size": 30}}, headers=auth)
+        exported = client.get(f"/v1/segments/{made.json()['segment_id']}/export", params={"format": "parquet"},
+                              headers=auth)
+        assert exported.status_code == 200
+    (entry_out,) = audit.read(settings.audit_log)
+    assert entry_out["who"] == entry.id
+    assert entry_out["key_name"] == "crm export job"
+    assert started <= datetime.fromisoformat(entry_out["at"]) <= datetime.now(UTC)
+    assert entry_out["definition"]["size"] == 30
+    assert entry_out["rows"] == len(pd.read_parquet(io.BytesIO(exported.content))) == 30
+    assert entry_out["complete"] is True
+    text = settings.audit_log.read_text()
+    assert key.split("_", 2)[2] not in text
+    assert entry.hash not in text
+
+
+def test_an_export_cut_off_is_audited_as_incomplete(bundle: Bundle, store: MemoryStore, tmp_path: Path) -> None:
+    from serving.privacy import Privacy
+    from serving.segment_service import Segments
+    from serving.segment_snapshots import ROW_GROUP, SnapshotStore
+    from serving.segments import SegmentEngine
+
+    segments = Segments(SegmentEngine(bundle), SnapshotStore(tmp_path / "s", 3600),
+                        Privacy(ControlLedger(tmp_path / "log"), store))
+    meta = segments.snapshots.create(np.resize(bundle.users.ids, ROW_GROUP + 10),  # two row groups
+                                     np.ones(ROW_GROUP + 10, dtype=np.float32), {"kind": "lifecycle"}, bundle.version)
+    ended: list[tuple[int, bool]] = []
+    stream = segments.export(meta.segment_id, "csv", lambda _, rows, complete: ended.append((rows, complete)))
+    next(stream)  # the definition line
+    next(stream)  # the first row group
+    stream.close()  # the client went away
+    assert ended == [(ROW_GROUP, False)]

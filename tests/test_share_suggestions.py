@@ -18,7 +18,10 @@ from fastapi.testclient import TestClient
 
 from features.attribution import attribute
 from features.dataset import load_dataset
+from features.ledger import ControlLedger
+from features.online import MemoryStore
 from features.social import build_social_graph
+from serving.privacy import Privacy
 from serving.settings import ServingSettings
 from serving.share_suggestions import ShareInputs, share_router, suggest_shares
 from training.bundle import MANIFEST, Bundle, BundleError, load_bundle
@@ -32,10 +35,11 @@ def bundle(trained: TrainResult) -> Bundle:
 
 
 @pytest.fixture(scope="module")
-def client(bundle: Bundle) -> Iterator[TestClient]:
+def client(bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     app = FastAPI()
     app.include_router(share_router(ServingSettings(max_n=50)))
     app.state.recommender = SimpleNamespace(bundle=bundle)
+    app.state.privacy = Privacy(ControlLedger(tmp_path_factory.mktemp("log")), MemoryStore())
     with TestClient(app) as test_client:
         yield test_client
 
