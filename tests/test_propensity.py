@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 
 from features.dataset import load_dataset
+from features.ledger import ControlLedger
 from features.propensity import FEATURE_NAMES, PropensityContext, PropensityModel
+from serving.privacy import Privacy
 from serving.segment_schemas import PropensityQuery
 from serving.segments import SegmentEngine
 from training.bundle import ITEM_META_COLUMNS, MANIFEST, Bundle, load_bundle
@@ -124,7 +126,7 @@ def test_the_bundle_carries_the_model(trained: TrainResult, bundle: Bundle) -> N
     assert on_disk["coef"] == written["category"].coef
 
 
-def test_serving_scores_with_the_features_training_computes(demo_dir: Path, bundle: Bundle) -> None:
+def test_serving_scores_with_the_features_training_computes(demo_dir: Path, bundle: Bundle, tmp_path: Path) -> None:
     """The engine (bundle loaded from disk, its own caches) and a training window built from the same events
     as of the same cut-off compute the same features, and the served score is the model's probability."""
     data = load_dataset(demo_dir, PARAMS.weights.keys())
@@ -134,7 +136,8 @@ def test_serving_scores_with_the_features_training_computes(demo_dir: Path, bund
     training = PropensityContext(window.state, bundle.user_factors, bundle.item_factors)  # the bundle's ALS
     engine = SegmentEngine(bundle)
     category, items = _top_category(bundle)
-    members = engine.evaluate(PropensityQuery(kind="propensity", category=category, size=60), None)
+    members = engine.evaluate(PropensityQuery(kind="propensity", category=category, size=60),
+                              Privacy(ControlLedger(tmp_path / "log"), None))
     assert len(members.user_idx) == 60
 
     served = engine.propensity_context()
@@ -163,7 +166,8 @@ def test_a_bundle_without_the_model_answers_with_the_fixed_formula(bundle: Bundl
     loaded = load_bundle(old)
     assert loaded.manifest.propensity == {}
     category, items = _top_category(loaded)
-    members = SegmentEngine(loaded).evaluate(PropensityQuery(kind="propensity", category=category, size=50), None)
+    members = SegmentEngine(loaded).evaluate(PropensityQuery(kind="propensity", category=category, size=50),
+                                             Privacy(ControlLedger(tmp_path / "log"), None))
     assert len(members.user_idx) == 50
     # standardised ALS (buyer-weighted mean of the category's top 50 items) + 2 log(1 + purchases) + 2 x a
     # 30-day half-life on the last one, the best 50 of all users
