@@ -28,6 +28,7 @@ earlier (model on [T0, T1), measured on [T1, T2)): the figures that model and fe
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,8 +38,10 @@ import numpy as np
 import pandas as pd
 
 from features.dataset import load_dataset
+from features.ledger import ControlLedger
 from features.propensity import FEATURE_NAMES, PropensityModel, mean_query, target_vectors
 from features.weights import CONVERSION_TYPES
+from serving.privacy import Privacy
 from serving.segment_schemas import PropensityQuery
 from serving.segments import SegmentEngine
 from training.params import load_params
@@ -78,7 +81,9 @@ def served_view(window: Window, models: dict[str, PropensityModel]) -> Any:
 
 def _segment_scores(engine: SegmentEngine, kind: str, target: str, size: int) -> np.ndarray:
     """Scores of a served segment of `size` members over all users; -inf for non-members."""
-    members = engine.evaluate(PropensityQuery.model_validate({"kind": "propensity", kind: target, "size": size}), None)
+    nobody_erased = Privacy(ControlLedger(Path(tempfile.mkdtemp(prefix="segeval-log-"))), None)  # an empty log
+    members = engine.evaluate(PropensityQuery.model_validate({"kind": "propensity", kind: target, "size": size}),
+                              nobody_erased)
     scores = np.full(engine.n_users, -np.inf)
     scores[members.user_idx] = members.scores
     return scores
