@@ -25,7 +25,7 @@ from pathlib import Path
 
 import orjson
 
-from features.eventlog import EVENTS, hour_of_file, log_files
+from features.eventlog import EVENTS, fsync_dir, hour_of_file, log_files
 from features.ledger import ControlLedger
 
 log = logging.getLogger(__name__)
@@ -227,16 +227,8 @@ def _replace(path: Path, data: bytes, mode: int) -> os.stat_result:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return stat
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

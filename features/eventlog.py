@@ -94,7 +94,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -252,7 +252,7 @@ class EventLog:
                 if existed:
                     _cut_torn_tail(fd)
                 else:
-                    _fsync_dir(path.parent)  # the new name must survive a crash as well as its content
+                    fsync_dir(path.parent)  # the new name must survive a crash as well as its content
             except OSError as exc:
                 os.close(fd)
                 raise EventLogError(f"cannot open {path} for writing: {exc}") from exc
