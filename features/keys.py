@@ -59,7 +59,7 @@ class Keys:
         return f"{self.prefix}rl:{window}:{bucket}"
 
     def event_id(self, event_id: str) -> str:
-        """String with CLAIM_TTL_SECONDS: this event id was accepted."""
+        """String with CLAIM_TTL_SECONDS: "1" once the event is logged, "p:<ms>:<owner>" while pending."""
         return f"{self.prefix}e:{event_id}"
 
     @property

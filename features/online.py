@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
@@ -26,10 +27,12 @@ from features.keys import (
 )
 from features.schema import EventType
 from features.store import (
+    CLAIM_TAKEOVER_SECONDS,
     CONSENT_PURPOSES,
     RECENT_CAP,
     TRENDING_BUCKET_SECONDS,
     TRENDING_BUCKETS_KEPT,
+    ClaimOutcome,
     OnlineEvent,
     OnlineStore,
     UserSnapshot,
@@ -115,7 +118,7 @@ class MemoryStore:
         self._half_life = half_life_hours
         self._lock = threading.RLock()
         self._hits: dict[tuple[str, int], int] = {}
-        self._claims: dict[str, float] = {}  # event id -> monotonic expiry
+        self._claims: dict[str, _Held] = {}
         self._recent: dict[str, list[bytes]] = {}  # packed records, newest first
         self._purchases: dict[str, dict[str, int]] = {}
         self._consent: dict[str, dict[str, bool]] = {}
@@ -131,23 +134,58 @@ class MemoryStore:
         self._generation: str | None = None
         self._locks: dict[str, tuple[str, float]] = {}  # name -> (owner, monotonic expiry)
 
+    def claim_pending(self, event_ids: Sequence[str], owner: str,
+                      takeover_seconds: float = CLAIM_TAKEOVER_SECONDS) -> list[ClaimOutcome]:
+        now = time.monotonic()
+        out: list[ClaimOutcome] = []
+        with self._lock:
+            mine: set[str] = set()
+            for event_id in event_ids:
+                held = self._claims.get(event_id)
+                if held is None or held.expires <= now:
+                    outcome = ClaimOutcome.NEW
+                elif held.owner is None or event_id in mine:
+                    outcome = ClaimOutcome.DONE
+                elif now - held.since >= takeover_seconds:
+                    outcome = ClaimOutcome.TAKEN_OVER
+                else:
+                    outcome = ClaimOutcome.BUSY
+                if outcome in (ClaimOutcome.NEW, ClaimOutcome.TAKEN_OVER):
+                    self._claims[event_id] = _Held(now + CLAIM_TTL_SECONDS, owner, now)
+                    mine.add(event_id)
+                out.append(outcome)
+            self._forget_expired(now)
+        return out
+
+    def finish_claims(self, event_ids: Sequence[str]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for event_id in event_ids:
+                self._claims[event_id] = _Held(now + CLAIM_TTL_SECONDS, None, now)
+            self._forget_expired(now)
+
     def claim_event_ids(self, event_ids: Sequence[str]) -> list[bool]:
         now = time.monotonic()
         out = []
         with self._lock:
             for event_id in event_ids:
-                fresh = self._claims.get(event_id, 0.0) <= now
-                if fresh:
-                    self._claims[event_id] = now + CLAIM_TTL_SECONDS
-                out.append(fresh)
-            if len(self._claims) > 100_000:
-                self._claims = {k: v for k, v in self._claims.items() if v > now}
+                held = self._claims.get(event_id)
+                out.append(held is None or held.expires <= now)
+                self._claims[event_id] = _Held(now + CLAIM_TTL_SECONDS, None, now)
+            self._forget_expired(now)
         return out
 
-    def release_event_ids(self, event_ids: Sequence[str]) -> None:
+    def release_event_ids(self, event_ids: Sequence[str], owner: str) -> None:
         with self._lock:
             for event_id in event_ids:
-                self._claims.pop(event_id, None)
+                held = self._claims.get(event_id)
+                if held is not None and held.owner == owner:
+                    del self._claims[event_id]
+
+    def _forget_expired(self, now: float) -> None:
+        # Called with self._lock held.
+        if len(self._claims) > 100_000:
+            self._claims = {k: v for k, v in self._claims.items() if v.expires > now}
 
     def record(self, events: Sequence[OnlineEvent]) -> None:
         with self._lock:
@@ -310,6 +348,15 @@ class MemoryStore:
                 del self._locks[name]
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """An event id claim of the in-process store (monotonic times)."""
+
+    expires: float
+    owner: str | None  # the request logging it while pending; None once done (in the log)
+    since: float  # when it was claimed pending
+
+
 def _catalog_row(item: Mapping[str, object]) -> tuple[str, dict[str, object]]:
     item_id = item.get("item_id")
     if not isinstance(item_id, str) or not item_id:
@@ -425,6 +472,44 @@ redis.call('INCR', KEYS[2])
 return 1
 """
 
+# Event id claims: "1" once done (the log holds the event), "p:<ms>:<owner>" while pending (claimed before the
+# log append by `owner`, at <ms> on the server's clock, which every worker shares).
+_DONE = b"1"
+_OUTCOMES = (ClaimOutcome.NEW, ClaimOutcome.TAKEN_OVER, ClaimOutcome.DONE, ClaimOutcome.BUSY)
+
+# KEYS: claims. ARGV: owner, takeover ms, ttl s. Returns an index into _OUTCOMES per key.
+_CLAIM_PENDING = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local mine, takeover, ttl = 'p:' .. now .. ':' .. ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local out, claimed = {}, {}
+for i, key in ipairs(KEYS) do
+  local held = redis.call('GET', key)
+  local outcome
+  if not held then outcome = 0
+  elseif claimed[key] or string.sub(held, 1, 2) ~= 'p:' then outcome = 2
+  else
+    local since = tonumber(string.match(held, '^p:(%d+):'))
+    if since == nil or now - since >= takeover then outcome = 1 else outcome = 3 end
+  end
+  if outcome < 2 then
+    redis.call('SET', key, mine, 'EX', ttl)
+    claimed[key] = true
+  end
+  out[i] = outcome
+end
+return out
+"""
+
+# KEYS: claims. ARGV: owner. Only the owner's pending claims go (one taken over or done since stays).
+_RELEASE_CLAIMS = """
+for _, key in ipairs(KEYS) do
+  local held = redis.call('GET', key)
+  if held and string.match(held, '^p:%d+:(.*)$') == ARGV[1] then redis.call('DEL', key) end
+end
+return 0
+"""
+
 # KEYS: lock. ARGV: owner, ttl in ms. The holder taking its own lock again extends it.
 _EXTEND_LOCK = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -459,6 +544,8 @@ class RedisStore:
         self._delete_rule = self._redis.register_script(_DELETE_RULE)
         self._extend_lock = self._redis.register_script(_EXTEND_LOCK)
         self._release_lock = self._redis.register_script(_RELEASE_LOCK)
+        self._claim_pending = self._redis.register_script(_CLAIM_PENDING)
+        self._release_claims = self._redis.register_script(_RELEASE_CLAIMS)
 
     @property
     def client(self) -> redis.Redis:
@@ -467,17 +554,33 @@ class RedisStore:
     def close(self) -> None:
         self._redis.close()
 
+    def claim_pending(self, event_ids: Sequence[str], owner: str,
+                      takeover_seconds: float = CLAIM_TAKEOVER_SECONDS) -> list[ClaimOutcome]:
+        if not event_ids:
+            return []
+        codes = self._claim_pending(keys=[self.keys.event_id(event_id) for event_id in event_ids],
+                                    args=[owner, max(0, int(takeover_seconds * 1000)), CLAIM_TTL_SECONDS])
+        return [_OUTCOMES[int(code)] for code in codes]
+
+    def finish_claims(self, event_ids: Sequence[str]) -> None:
+        if not event_ids:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for event_id in event_ids:
+            pipe.set(self.keys.event_id(event_id), _DONE, ex=CLAIM_TTL_SECONDS)
+        pipe.execute()
+
     def claim_event_ids(self, event_ids: Sequence[str]) -> list[bool]:
         if not event_ids:
             return []
         pipe = self._redis.pipeline(transaction=False)
         for event_id in event_ids:
-            pipe.set(self.keys.event_id(event_id), b"1", nx=True, ex=CLAIM_TTL_SECONDS)
-        return [bool(done) for done in pipe.execute()]
+            pipe.set(self.keys.event_id(event_id), _DONE, ex=CLAIM_TTL_SECONDS, get=True)
+        return [held is None for held in pipe.execute()]
 
-    def release_event_ids(self, event_ids: Sequence[str]) -> None:
+    def release_event_ids(self, event_ids: Sequence[str], owner: str) -> None:
         if event_ids:
-            self._redis.delete(*(self.keys.event_id(event_id) for event_id in event_ids))
+            self._release_claims(keys=[self.keys.event_id(event_id) for event_id in event_ids], args=[owner])
 
     def record(self, events: Sequence[OnlineEvent]) -> None:
         if not events:

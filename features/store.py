@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 RECENT_CAP = 50  # events kept per user, newest first
@@ -19,6 +20,18 @@ EVENT_ID_TTL_SECONDS = 7 * 86_400  # how long a seen event_id makes a retry a no
 TRENDING_BUCKET_SECONDS = 3_600  # item counters are kept per hour ...
 TRENDING_BUCKETS_KEPT = 7 * 24  # ... for a week, then expire
 CONSENT_PURPOSES = ("personalization", "marketing", "social_proof")
+CLAIM_TAKEOVER_SECONDS = 10.0  # a pending claim this old is taken over: far longer than a logged append takes
+
+
+class ClaimOutcome(StrEnum):
+    """What a pending claim of one event id found. An id is claimed *pending* (by one request, stamped with
+    its owner and the time) before its batch is appended to the log, and marked *done* once the log holds it,
+    so an id claimed by a process that died before the append is not taken for a duplicate."""
+
+    NEW = "new"  # not seen before: claimed pending for the caller, who logs it
+    TAKEN_OVER = "taken_over"  # pending for longer than the takeover time (its owner died): now the caller's
+    DONE = "done"  # in the log already: a duplicate
+    BUSY = "busy"  # pending, and recently: another request is logging it; retry shortly
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +55,23 @@ class OnlineStore(Protocol):
     """Operations the service needs; each is one round trip (or one pipeline) on Redis."""
 
     # -- events -----------------------------------------------------------------------------------
-    def claim_event_ids(self, event_ids: Sequence[str]) -> list[bool]:
-        """Mark ids as seen; True for each id not seen before (within EVENT_ID_TTL_SECONDS)."""
+    def claim_pending(self, event_ids: Sequence[str], owner: str,
+                      takeover_seconds: float = CLAIM_TAKEOVER_SECONDS) -> list[ClaimOutcome]:
+        """Claim ids about to be logged, pending for `owner` (NEW or TAKEN_OVER), unless they are done or
+        pending for less than `takeover_seconds` (the store's clock); atomic per id."""
         ...
 
-    def release_event_ids(self, event_ids: Sequence[str]) -> None:
-        """Forget claimed ids (their batch could not be written to the log, so a retry must count)."""
+    def finish_claims(self, event_ids: Sequence[str]) -> None:
+        """Mark claims done: their batch is in the log (within EVENT_ID_TTL_SECONDS a retry is a duplicate)."""
+        ...
+
+    def claim_event_ids(self, event_ids: Sequence[str]) -> list[bool]:
+        """Mark ids of logged events done; True for each id that was neither pending nor done before."""
+        ...
+
+    def release_event_ids(self, event_ids: Sequence[str], owner: str) -> None:
+        """Drop the pending claims `owner` still holds on these ids (their batch could not be written to the
+        log, so a retry must count); a claim taken over or done since is left alone."""
         ...
 
     def record(self, events: Sequence[OnlineEvent]) -> None:

@@ -29,7 +29,7 @@ from serving.auth import Scope as KeyScope
 from serving.bodies import StrictJSONRoute
 from serving.compactor import Compactor
 from serving.deps import RequestId
-from serving.ingest import ingest
+from serving.ingest import EventsInFlightError, ingest
 from serving.items import items_router
 from serving.recommender import FeedResult, Recommender
 from serving.runtime import Service
@@ -347,6 +347,10 @@ def _routes(app: FastAPI, settings: ServingSettings) -> None:
         except EventLogError as exc:
             metrics.EVENTS.labels(outcome="unavailable").inc(len(body.events))
             raise _log_unavailable("events", exc) from exc
+        except EventsInFlightError as exc:
+            metrics.EVENTS.labels(outcome="unavailable").inc(len(body.events))
+            raise HTTPException(status_code=503, detail=f"not stored: {exc}",
+                                headers={"Retry-After": "1"}) from exc  # an append takes milliseconds
         metrics.EVENTS.labels(outcome="accepted").inc(result.accepted)
         metrics.EVENTS.labels(outcome="duplicate").inc(result.duplicates)
         metrics.EVENTS.labels(outcome="rejected").inc(len(result.rejected))

@@ -2,8 +2,10 @@
 
 Order matters. A row is acknowledged only once the log file holding it is fsync'ed (the log is what
 training reads and what the online store is rebuilt from); the store is updated after, and a failure
-there does not un-acknowledge anything. Ingestion is idempotent on `event_id`: a retried batch finds its
-ids already claimed and is counted as duplicates, not applied twice. The store is reached through an
+there does not un-acknowledge anything. Ingestion is idempotent on `event_id`: ids are claimed pending
+before the append and done after it, so a retried batch finds its ids done and is counted as duplicates, not
+applied twice; a retry that finds them pending waits (`EventsInFlightError`) until their request logged them, or,
+when its process died before logging them, takes them over and logs them itself. The store is reached through an
 `OnlineWriter` (`serving.recovery.Recovery`), which keeps events flowing while the store is away.
 """
 
@@ -42,6 +44,15 @@ class OnlineWriter(Protocol):
         ...
 
 
+class EventsInFlightError(Exception):
+    """Some of the batch's event ids are being logged by another request right now: nothing was logged nor
+    acknowledged, and a retry in a few seconds is answered (as duplicates, or accepted if that request died)."""
+
+    def __init__(self, busy: int) -> None:
+        super().__init__(f"{busy} event(s) of the batch are being written by another request; retry")
+        self.busy = busy
+
+
 @dataclass(frozen=True, slots=True)
 class IngestResult:
     accepted: int  # new events written to the log and acknowledged
@@ -76,7 +87,8 @@ def ingest(
     category_of: Callable[[str], str | None],
 ) -> IngestResult:
     """Validate, deduplicate, log (fsync), then project into the store. Raises `EventLogError` when the
-    log cannot take the batch; then nothing was acknowledged (nor written) and a retry is safe."""
+    log cannot take the batch, `EventsInFlightError` when another request is logging some of its ids; then nothing
+    was acknowledged (nor written) and a retry is safe."""
     raw = records_table([dict(r) for r in records], "request")
     check = check_events(raw, event_types)
     rejected = tuple(
@@ -88,6 +100,8 @@ def ingest(
         return IngestResult(0, check.duplicates, rejected, True)
     event_ids = accepted["event_id"].astype(str).tolist()
     claim = online.claim(event_ids)
+    if claim.busy:
+        raise EventsInFlightError(claim.busy)
     new = accepted.loc[claim.fresh].reset_index(drop=True)
     duplicates = check.duplicates + (len(accepted) - len(new))
     if new.empty:

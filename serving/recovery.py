@@ -1,8 +1,11 @@
 """The online store through outages: events keep being acknowledged while Redis is away, and the store is
 brought back in line with the durable event log when it returns.
 
-While the store does not answer, an event batch is still deduplicated (against the ids this process saw
-lately), logged and acknowledged; what could not be recorded waits in a bounded backlog. A background check
+Event ids are claimed pending (by one request) before their batch is logged and done after, in the store and,
+as a fallback, in this process's memory; an id pending elsewhere for less than `takeover_seconds` makes the
+batch wait (`Claim.busy`), an older one is taken over (its claimer died before logging it). While the store
+does not answer, an event batch is still deduplicated (against the ids this process saw lately), logged and
+acknowledged; what could not be recorded waits in a bounded backlog. A background check
 (`run`) reads the store's generation key: when it is still there, the store only was unreachable and the
 backlog is recorded; when it is gone, the store lost its data (a restart without persistence) and one worker,
 holding a lock, replays the log of the online window (control rows included) and writes a new generation.
@@ -13,6 +16,7 @@ log's ledger (`serving.privacy`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -28,7 +32,7 @@ import orjson
 
 from features.eventlog import ReplayStats, apply_control, read_control, read_events, replay
 from features.online import STORE_ERRORS
-from features.store import OnlineEvent, OnlineStore
+from features.store import CLAIM_TAKEOVER_SECONDS, ClaimOutcome, OnlineEvent, OnlineStore
 from serving import metrics
 
 log = logging.getLogger(__name__)
@@ -41,8 +45,10 @@ OVERFLOW_SLACK_SECONDS = 60.0  # an overflowed backlog is replayed from this lon
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    fresh: list[bool]  # per id: not seen before (so to be logged)
+    fresh: list[bool]  # per id: claimed pending for this request (new, or taken over), so to be logged
     in_store: bool  # the store took the claims (False: only this process's memory did)
+    owner: str = ""  # the claims are pending under this owner until `record` marks them done
+    busy: int = 0  # ids another request is logging right now: nothing is claimed, the batch is to be retried
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +65,8 @@ class Recovery:
 
     def __init__(self, store: OnlineStore, log_dir: Path, *, window_seconds: float, backlog_limit: int,
                  poll_seconds: float, category_of: Callable[[str], str | None] | None = None,
-                 pointer: Callable[[], str | None] | None = None, clock: Callable[[], float] = time.time) -> None:
+                 pointer: Callable[[], str | None] | None = None, clock: Callable[[], float] = time.time,
+                 takeover_seconds: float = CLAIM_TAKEOVER_SECONDS) -> None:
         self.store = store
         self.log_dir = Path(log_dir)
         self.window_seconds = window_seconds
@@ -68,7 +75,9 @@ class Recovery:
         self._category_of = category_of
         self._pointer = pointer  # the bundle pointer of what this worker serves (republished after a rebuild)
         self._clock = clock
+        self.takeover_seconds = takeover_seconds
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._claims = itertools.count()  # numbers each request's claims: owners are per request
         self._lock = threading.Lock()
         self._ready = False  # until the first check has found the store in line
         self._generation: str | None = None  # the store's generation this process last saw
@@ -78,9 +87,10 @@ class Recovery:
         self._overflowed = False
         self._unrecorded_claims: set[str] = set()  # claimed in the store, not recorded, backlog dropped
         self._control_pending = False  # control rows logged while away: replayed when the store is back
-        self._releases: set[str] = set()  # claims to give back once the store answers (their batch failed)
+        self._releases: list[tuple[tuple[str, ...], str]] = []  # (ids, owner) to give back once the store answers
         self._pending_pointer: str | None = None
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        # event id -> (owner, monotonic time) of its pending claim; None once done (logged)
+        self._seen: OrderedDict[str, tuple[str, float] | None] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         metrics.ONLINE_STORE_UP.set(0)
@@ -110,47 +120,93 @@ class Recovery:
 
     # -- the event path ---------------------------------------------------------------------------------
     def claim(self, event_ids: Sequence[str]) -> Claim:
-        """Which ids are new: asked of the store when it is ready, else of this process's memory of
-        recently accepted ids (a batch retried against the same process is not logged twice)."""
+        """Which ids are this request's to log: claimed pending in the store when it is ready, and in this
+        process's memory of recent ids (what deduplicates a retry against the same process during an outage).
+        An id done in either is a duplicate; when any id is pending for another request (younger than
+        `takeover_seconds`) nothing is claimed and `busy` says how many."""
         ids = list(event_ids)
-        in_store: list[bool] | None = None
+        owner = f"{self._owner}:{next(self._claims)}"
+        stored: list[ClaimOutcome] | None = None
         if self._ready:
             try:
-                in_store = self.store.claim_event_ids(ids)
+                stored = self.store.claim_pending(ids, owner, self.takeover_seconds)
             except STORE_ERRORS:
                 log.warning("online store unavailable for event id claims", exc_info=True)
                 self.note_failure()
+        mine = (ClaimOutcome.NEW, ClaimOutcome.TAKEN_OVER)
+        finish: list[str] = []  # claimed in the store, though this process logged them already
+        drop: list[str] = []  # claimed in the store, to give back
+        now = time.monotonic()
         with self._lock:
             fresh: list[bool] = []
+            busy = 0
             for k, event_id in enumerate(ids):
-                new = event_id not in self._seen and (in_store is None or in_store[k])
-                if new:
-                    self._seen[event_id] = None
-                fresh.append(new)
+                outcome = None if stored is None else stored[k]
+                ours = outcome in mine
+                seen = event_id in self._seen
+                pending = self._seen.get(event_id)
+                if outcome is ClaimOutcome.DONE or (seen and pending is None):
+                    if ours:
+                        finish.append(event_id)
+                    fresh.append(False)
+                elif outcome is ClaimOutcome.BUSY or (pending is not None and now - pending[1] < self.takeover_seconds):
+                    if ours:
+                        drop.append(event_id)
+                    busy += 1
+                    fresh.append(False)
+                else:
+                    self._seen[event_id] = (owner, now)
+                    self._seen.move_to_end(event_id)
+                    fresh.append(True)
+            if busy:
+                for event_id, new in zip(ids, fresh, strict=True):
+                    if new:
+                        del self._seen[event_id]
+                drop += [event_id for event_id, new in zip(ids, fresh, strict=True) if new and stored is not None]
+                fresh = [False] * len(ids)
             while len(self._seen) > SEEN_IDS_KEPT:
                 self._seen.popitem(last=False)
-        return Claim(fresh, in_store is not None)
+        if finish:
+            try:
+                self.store.finish_claims(finish)
+            except STORE_ERRORS:
+                log.warning("online store unavailable for event id claims", exc_info=True)
+                self.note_failure()
+        claim = Claim(fresh, stored is not None, owner, busy)
+        if drop:
+            self._release_in_store(drop, owner)
+        return claim
 
     def release(self, event_ids: Sequence[str], claim: Claim) -> None:
-        """Forget claims of a batch the log refused, so its retry counts."""
+        """Give back the pending claims of a batch the log refused, so its retry counts."""
         with self._lock:
             for event_id in event_ids:
-                self._seen.pop(event_id, None)
-        if not claim.in_store:
-            return
+                pending = self._seen.get(event_id)
+                if pending is not None and pending[0] == claim.owner:  # (not one taken over since)
+                    del self._seen[event_id]
+        if claim.in_store:
+            self._release_in_store(event_ids, claim.owner)
+
+    def _release_in_store(self, event_ids: Sequence[str], owner: str) -> None:
         try:
-            self.store.release_event_ids(event_ids)
+            self.store.release_event_ids(event_ids, owner)
         except STORE_ERRORS:
             log.warning("online store unavailable: claims given back when it returns", exc_info=True)
             with self._lock:
-                self._releases.update(event_ids)
+                self._releases.append((tuple(event_ids), owner))
                 self._mark_down()
 
     def record(self, events: Sequence[OnlineEvent], event_ids: Sequence[str], claim: Claim) -> bool:
-        """Apply logged events to the store; False when they wait in the backlog instead."""
+        """Mark the claims of logged events done and apply the events to the store; False when they wait in
+        the backlog instead (their claims are marked done when it is recorded)."""
+        with self._lock:
+            for event_id in event_ids:
+                self._seen[event_id] = None
         while True:
             if self._ready:
                 try:
+                    if claim.in_store:
+                        self.store.finish_claims(event_ids)
                     self.store.record(events)
                     return True
                 except STORE_ERRORS:
@@ -269,9 +325,9 @@ class Recovery:
         recording failed) and the store kept its data: an id another worker logged as well, or that a rebuild
         replayed, is then not claimed again and not recorded twice."""
         with self._lock:
-            releases, self._releases = self._releases, set()
-        if releases:
-            self.store.release_event_ids(sorted(releases))
+            releases, self._releases = self._releases, []
+        for event_ids, owner in releases:
+            self.store.release_event_ids(event_ids, owner)
         while True:
             with self._lock:
                 if not self._backlog and not self._overflowed:
@@ -309,6 +365,7 @@ class Recovery:
 
     def _flush(self, entry: _Deferred, rebuilt: bool) -> int:
         if entry.claimed_in_store and not rebuilt:
+            self.store.finish_claims(entry.event_ids)
             self.store.record(entry.events)
             return len(entry.events)
         fresh = self.store.claim_event_ids(entry.event_ids)

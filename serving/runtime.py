@@ -80,7 +80,7 @@ class Service:
         self.recovery = Recovery(store, event_log.directory, window_seconds=settings.recovery_window_seconds,
                                  backlog_limit=settings.recovery_backlog_events,
                                  poll_seconds=settings.recovery_poll_seconds, category_of=self._category_of,
-                                 pointer=self._pointer)
+                                 pointer=self._pointer, takeover_seconds=settings.claim_takeover_seconds)
         # Consent and erasures from the event log, so they hold when the store forgot them (serving.privacy)
         self.privacy = Privacy(ControlLedger(event_log.directory, max_age_seconds=settings.control_refresh_seconds),
                                store)

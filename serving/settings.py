@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from features.store import CLAIM_TAKEOVER_SECONDS
+
 
 def _default_event_log() -> Path:
     return Path.home() / ".sharefeed" / "eventlog"
@@ -54,3 +56,6 @@ class ServingSettings(BaseSettings):
     recovery_poll_seconds: float = Field(1.0, gt=0)
     recovery_window_seconds: float = Field(90 * 86_400.0, gt=0)
     recovery_backlog_events: int = Field(100_000, ge=0)
+    # An event id claimed (pending) by a request that has not logged it this long is taken over by a retry:
+    # its process died between the claim and the log append. Far longer than an fsync'ed append takes.
+    claim_takeover_seconds: float = Field(CLAIM_TAKEOVER_SECONDS, gt=0)

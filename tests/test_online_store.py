@@ -17,6 +17,7 @@ from features.store import (
     RECENT_CAP,
     TRENDING_BUCKET_SECONDS,
     TRENDING_BUCKETS_KEPT,
+    ClaimOutcome,
     OnlineEvent,
     OnlineStore,
 )
@@ -46,13 +47,52 @@ def ev(user: str, item: str, kind: str, ts: float, category: str | None = None) 
 
 
 # -- events -------------------------------------------------------------------------------------------------
-def test_claim_is_idempotent_and_release_lets_a_retry_count(store: OnlineStore) -> None:
+def test_claims_of_logged_ids_are_idempotent(store: OnlineStore) -> None:
     assert store.claim_event_ids(["a", "b", "a"]) == [True, True, False]
     assert store.claim_event_ids(["a", "b", "c"]) == [False, False, True]
-    store.release_event_ids(["a", "c"])
-    assert store.claim_event_ids(["a", "b", "c"]) == [True, False, True]
+    assert store.claim_pending(["a", "c"], "w:1") == [ClaimOutcome.DONE, ClaimOutcome.DONE]
+    store.release_event_ids(["a", "c"], "w:1")  # done claims are not released
+    assert store.claim_event_ids(["a", "b", "c"]) == [False, False, False]
     assert store.claim_event_ids([]) == []
-    store.release_event_ids([])
+    assert store.claim_pending([], "w:1") == []
+    store.finish_claims([])
+    store.release_event_ids([], "w:1")
+
+
+def test_pending_then_done_then_duplicate(store: OnlineStore) -> None:
+    assert store.claim_pending(["a", "b", "a"], "w:1") == [ClaimOutcome.NEW, ClaimOutcome.NEW, ClaimOutcome.DONE]
+    store.finish_claims(["a", "b"])
+    assert store.claim_pending(["a", "b", "c"], "w:2") == [ClaimOutcome.DONE, ClaimOutcome.DONE, ClaimOutcome.NEW]
+    assert store.claim_event_ids(["a", "c"]) == [False, False]  # a pending id (c) was claimed too
+
+
+def test_a_young_pending_claim_is_busy_an_old_one_is_taken_over(store: OnlineStore) -> None:
+    assert store.claim_pending(["a", "b"], "w:1") == [ClaimOutcome.NEW, ClaimOutcome.NEW]
+    assert store.claim_pending(["a"], "w:2", takeover_seconds=60.0) == [ClaimOutcome.BUSY]
+    assert store.claim_pending(["a"], "w:1", takeover_seconds=60.0) == [ClaimOutcome.BUSY]  # even for its owner
+    time.sleep(0.05)
+    assert store.claim_pending(["a"], "w:2", takeover_seconds=0.02) == [ClaimOutcome.TAKEN_OVER]
+    assert store.claim_pending(["a"], "w:3", takeover_seconds=60.0) == [ClaimOutcome.BUSY]  # w:2's now
+
+
+def test_release_drops_only_the_owners_pending_claims(store: OnlineStore) -> None:
+    store.claim_pending(["a", "b", "c"], "w:1")
+    time.sleep(0.05)
+    assert store.claim_pending(["a"], "w:2", takeover_seconds=0.02) == [ClaimOutcome.TAKEN_OVER]
+    store.finish_claims(["b"])
+    store.release_event_ids(["a", "b", "c"], "w:1")  # w:1's batch was refused by the log
+    assert store.claim_pending(["a", "b", "c"], "w:3", takeover_seconds=60.0) == [
+        ClaimOutcome.BUSY, ClaimOutcome.DONE, ClaimOutcome.NEW]
+    store.release_event_ids(["a"], "w:2")
+    assert store.claim_pending(["a"], "w:3", takeover_seconds=60.0) == [ClaimOutcome.NEW]
+
+
+def test_logged_ids_claimed_again_end_a_pending_claim(store: OnlineStore) -> None:
+    """A replay of the log marks its ids done, whoever held them pending."""
+    store.claim_pending(["a"], "w:1")
+    assert store.claim_event_ids(["a"]) == [False]
+    store.release_event_ids(["a"], "w:1")
+    assert store.claim_pending(["a"], "w:2") == [ClaimOutcome.DONE]
 
 
 def test_recent_is_newest_first_and_capped(store: OnlineStore) -> None:
