@@ -31,8 +31,8 @@ from threadpoolctl import threadpool_limits
 from features.dataset import load_dataset
 from features.propensity import FEATURE_NAMES, PropensityContext
 from features.weights import CONVERSION_TYPES
+from training.bundle import ITEM_META_COLUMNS
 from training.params import load_params
-from training.pipeline import ITEM_META_COLUMNS
 from training.propensity import label_matrix, target_items, training_rows
 from training.split import time_holdout, validation_cut
 from training.window import fit_window
