@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict
+from scipy.special import expit
 
 from features.state import DAY, ITEM_WINDOWS_DAYS, FeatureState
 
@@ -79,7 +80,9 @@ class PropensityModel(BaseModel):
         return out
 
     def probability(self, x: np.ndarray) -> np.ndarray:
-        out: np.ndarray = 1.0 / (1.0 + np.exp(-self.logit(x)))
+        """The logistic of the logit, in float64 and without overflow for any logit (a model fitted on very
+        little data can have extreme weights)."""
+        out: np.ndarray = expit(np.asarray(self.logit(x), dtype=np.float64))
         return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from features.dataset import load_dataset
 from features.ledger import ControlLedger
-from features.propensity import FEATURE_NAMES, PropensityContext, PropensityModel
+from features.propensity import FEATURE_NAMES, PROPENSITY_VERSION, PropensityContext, PropensityModel
 from serving.privacy import Privacy
 from serving.segment_schemas import PropensityQuery
 from serving.segments import SegmentEngine
@@ -194,3 +195,19 @@ def test_a_model_fitted_on_other_features_is_not_used(bundle: Bundle) -> None:
     engine = SegmentEngine(Bundle(**{**{f: getattr(bundle, f) for f in Bundle.__slots__}, "manifest": manifest}))
     assert engine.propensity_model("category") is None
     assert SegmentEngine(bundle).propensity_model("category") is not None
+
+
+def test_probability_of_an_extreme_logit_neither_overflows_nor_loses_the_order() -> None:
+    # a model fitted on very little data can have huge weights: the logistic must stay finite and ordered
+    n = len(FEATURE_NAMES)
+    model = PropensityModel(version=PROPENSITY_VERSION, kind="category", features=list(FEATURE_NAMES),
+                            mean=[0.0] * n, scale=[1.0] * n, coef=[400.0] + [0.0] * (n - 1), intercept=0.0,
+                            label_days=30.0, rows=10, positives=2, targets=1)
+    x = np.zeros((3, n), dtype=np.float32)
+    x[:, 0] = [-5.0, -2.0, 3.0]  # logits -2000, -800, 1200
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = model.probability(x)
+    assert np.all(np.isfinite(p))
+    assert p[2] == 1.0
+    assert p[0] <= p[1] < p[2]
