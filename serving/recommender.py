@@ -36,6 +36,7 @@ from serving.catalog import Catalog
 from serving.merchandising import Ranked, Rule, apply_rules, diversify
 from serving.social_proof import SocialProof
 from training.bundle import Bundle
+from training.index import index_like
 from training.ranker import Ranker
 
 FALLBACK_DEPTH = 2000  # how far down the trending and popular lists a feed may reach
@@ -115,9 +116,7 @@ class Recommender:
         self._blank = blank_user_rows(bundle.state, bundle.manifest.categories, bundle.manifest.brands)
         self._weights = dict(bundle.manifest.event_weights)
         self.social = SocialProof(bundle)
-        bpr_items = np.ascontiguousarray(bundle.models.bpr_items, dtype=np.float32)
-        self._bpr_index = faiss.IndexFlatIP(bpr_items.shape[1])  # exact, as in training; FAISS scans faster
-        self._bpr_index.add(bpr_items)
+        self._bpr_index = index_like(bundle.index, bundle.models.bpr_items)  # BPR's own, as the bundle's ALS one
         if hasattr(bundle.index, "hnsw"):
             bundle.index.hnsw.efSearch = model.ef_search
 
