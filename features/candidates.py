@@ -227,34 +227,37 @@ def user_candidates(
 def merge_candidates(
     lists: list[Candidates], union_size: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Union of the sources' lists, cut to the `union_size` best by reciprocal rank fusion."""
-    fused: dict[int, float] = {}
-    first: dict[int, tuple[float, int]] = {}
-    for candidates in lists:
-        source = SOURCE_ORDER.index(candidates.source)
-        for rank, item in enumerate(candidates.items.tolist()):
-            fused[item] = fused.get(item, 0.0) + 1.0 / (RRF_K + rank + 1)
-            if item not in first or rank < first[item][0]:
-                first[item] = (rank, source)
-    order = sorted(fused, key=lambda i: (-fused[i], i))[:union_size]
-    items = np.asarray(order, dtype=np.int64)
-    position = {item: p for p, item in enumerate(order)}
-    scores = {s: np.full(len(items), np.nan, dtype=np.float32) for s in SOURCE_FEATURES}
-    ranks = {s: np.full(len(items), np.nan, dtype=np.float32) for s in SOURCE_FEATURES}
-    for candidates in lists:
-        name = candidates.source.value
-        for rank, (item, score) in enumerate(zip(candidates.items.tolist(), candidates.scores.tolist(), strict=True)):
-            p = position.get(item)
-            if p is not None:
-                scores[name][p] = score
-                ranks[name][p] = rank + 1
-    return (
-        items,
-        scores,
-        ranks,
-        np.asarray([first[i][1] for i in order], dtype=np.int64),
-        np.asarray([fused[i] for i in order], dtype=np.float32),
-    )
+    """Union of the sources' lists, cut to the `union_size` best by reciprocal rank fusion.
+
+    Returns the union's items (best fused first, ties by item idx), each source's score and 1-based rank
+    per union item (NaN where it did not propose it), the index in SOURCE_ORDER of the source that ranked
+    the item highest (the earlier list on a tie), and the fused score. Array operations throughout: the
+    sums run in list order, so the fused scores are the ones a per-item loop adds up.
+    """
+    sizes = [len(c.items) for c in lists]
+    items_all = np.concatenate([c.items for c in lists]).astype(np.int64) if lists else np.empty(0, np.int64)
+    rank_all = np.concatenate([np.arange(size) for size in sizes]) if lists else np.empty(0, np.int64)
+    list_all = np.repeat(np.arange(len(lists)), sizes)
+    unique, inverse = np.unique(items_all, return_inverse=True)
+    fused = np.bincount(inverse, weights=1.0 / (RRF_K + rank_all + 1), minlength=len(unique))
+    chosen = np.lexsort((unique, -fused))[:union_size]
+    position = np.full(len(unique), -1, dtype=np.int64)
+    position[chosen] = np.arange(len(chosen))
+    best = np.lexsort((list_all, rank_all, inverse))  # per item: lowest rank, then earliest list, first
+    heads = best[np.flatnonzero(np.diff(inverse[best], prepend=-1))]
+    list_source = np.asarray([SOURCE_ORDER.index(c.source) for c in lists], dtype=np.int64)
+    first = np.empty(len(unique), dtype=np.int64)
+    first[inverse[heads]] = list_source[list_all[heads]]
+    scores = {s: np.full(len(chosen), np.nan, dtype=np.float32) for s in SOURCE_FEATURES}
+    ranks = {s: np.full(len(chosen), np.nan, dtype=np.float32) for s in SOURCE_FEATURES}
+    start = 0
+    for candidates, size in zip(lists, sizes, strict=True):
+        at = position[inverse[start : start + size]]
+        kept = at >= 0
+        scores[candidates.source.value][at[kept]] = candidates.scores[kept]
+        ranks[candidates.source.value][at[kept]] = np.flatnonzero(kept) + 1
+        start += size
+    return unique[chosen], scores, ranks, first[chosen], fused[chosen].astype(np.float32)
 
 
 def candidate_features(
