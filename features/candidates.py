@@ -75,19 +75,24 @@ def neighbour_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Items like the user's most recent ones: recency-weighted sum of neighbour similarities."""
     if user < 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    row = state.pair_last.getrow(user)
-    if row.nnz == 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    order = np.argsort(-row.data)[:RECENT_FOR_NEIGHBOURS]
-    recent, last = row.indices[order], row.data[order]
+        return _empty()
+    items, last = _row(state.pair_last, user)
+    if not len(items):
+        return _empty()
+    order = np.argsort(-last)[:RECENT_FOR_NEIGHBOURS]
+    recent, last = items[order], last[order]
     weight = np.power(0.5, (state.cutoff_seconds - last) / DAY / 30.0)
-    rows = neighbours[recent]  # only the recent items' rows: the cost does not grow with the catalog
-    touched, position = np.unique(rows.indices, return_inverse=True)
-    scores = np.zeros(len(touched), dtype=np.float64)
-    np.add.at(scores, position, rows.data * np.repeat(weight, np.diff(rows.indptr)))
+    owner, cols, similarity = row_cells(neighbours, recent)  # the recent items' rows: cost independent of the catalog
+    touched, position = np.unique(cols, return_inverse=True)
+    scores = np.bincount(position, weights=similarity * weight[owner], minlength=len(touched))  # sums in input order
     keep = scores > 0
     return _top(scores[keep], k, blocked, touched[keep])
+
+
+def _row(matrix: sp.csr_matrix, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """The stored (columns, values) of one CSR row, in stored order, without building a matrix."""
+    start, end = matrix.indptr[row], matrix.indptr[row + 1]
+    return matrix.indices[start:end], matrix.data[start:end]
 
 
 def repeat_candidates(
@@ -95,13 +100,13 @@ def repeat_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The user's own past purchases: bought more often and more recently first."""
     if user < 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    row = state.pair_purchases.getrow(user)
-    if row.nnz == 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    last = cell_values(state.pair_last, np.full(row.nnz, user), row.indices)
+        return _empty()
+    items, purchases = _row(state.pair_purchases, user)
+    if not len(items):
+        return _empty()
+    last = cell_values(state.pair_last, np.full(len(items), user), items)
     recency = np.power(0.5, np.clip(state.cutoff_seconds - last, 0, None) / DAY / 30.0)
-    return _top(row.data * (1.0 + recency), k, blocked, row.indices)
+    return _top(purchases * (1.0 + recency), k, blocked, items)
 
 
 def _empty() -> tuple[np.ndarray, np.ndarray]:
@@ -203,8 +208,8 @@ def user_candidates(
         out.append(Candidates(Source.REPEAT, *repeat_candidates(state, user, k[Source.REPEAT], blocked)))
     trending = state.item_trending
     if k.get(Source.CATEGORY_TRENDING, 0) and user >= 0:
-        row = state.user_category.getrow(user)
-        favourite = row.indices[np.argsort(-row.data)[:TOP_CATEGORIES]]
+        categories, share = _row(state.user_category, user)
+        favourite = categories[np.argsort(-share)[:TOP_CATEGORIES]]
         pooled = [lists.by_category.get(int(c), np.empty(0, dtype=np.int64)) for c in favourite]
         items = np.concatenate(pooled) if pooled else np.empty(0, dtype=np.int64)
         items = items[np.argsort(-trending[items], kind="stable")] if len(items) else items

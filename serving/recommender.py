@@ -460,7 +460,8 @@ def _placed(items: tuple[FeedItem, ...], extra: tuple[FeedItem, ...], every: int
 def _search(index: faiss.Index, vector: np.ndarray, n: int, blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The index's best items for `vector`, fetching deeper until `n` of them pass the filters."""
     n_items = len(blocked)
-    open_share = max(1.0 - float(blocked.mean()), 1e-3)  # over-fetch by the share of items filters let through
+    # over-fetch by the share of items the filters let through
+    open_share = max(1.0 - np.count_nonzero(blocked) / max(n_items, 1), 1e-3)
     k = min(n_items, int((n + RETRIEVAL_MARGIN) / open_share))
     while True:
         scores, items = index.search(vector, k)

@@ -1,8 +1,8 @@
 """The request path's array forms agree with the plain definitions they replace, on any input.
 
-`merge_candidates` (reciprocal rank fusion of the sources' lists) and `cell_values` (a request's cells
-of a user's row) run per request in serving and per user in training; each is checked here against a
-per-item loop that states the definition directly.
+`merge_candidates` (reciprocal rank fusion of the sources' lists), `cell_values` (a request's cells of a
+user's row) and `friend_window_counts` (friends' recent activity per candidate) run per request in serving
+and per user in training; each is checked here against a per-item loop that states the definition.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from features.candidates import RRF_K, SOURCE_ORDER, merge_candidates
 from features.feed import Candidates
 from features.ranking import SOURCE_FEATURES
+from features.social_state import friend_window_counts
 from features.state import cell_values
 
 PROPERTY = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -104,3 +105,36 @@ def test_cell_values_reads_the_cells(case: tuple[sp.csr_matrix, np.ndarray, np.n
     dense = matrix.toarray()  # duplicates summed
     want = np.asarray([dense[r, c] if r >= 0 and c >= 0 else 0.0 for r, c in zip(rows, cols, strict=True)])
     np.testing.assert_array_equal(cell_values(matrix, rows, cols), want)
+
+
+@st.composite
+def friends_and_activity(draw: st.DrawFn) -> tuple[sp.csr_matrix, list[sp.csr_matrix], np.ndarray, np.ndarray]:
+    users, items = draw(st.integers(1, 6)), draw(st.integers(1, 12))
+    ties = draw(st.lists(st.tuples(st.integers(0, users - 1), st.integers(0, users - 1)), max_size=20))
+    sees = sp.csr_matrix((np.ones(len(ties)), ([a for a, _ in ties], [b for _, b in ties])), shape=(users, users))
+    sees.sum_duplicates()
+    matrices = []
+    for _ in range(draw(st.integers(1, 3))):
+        cells = draw(st.lists(st.tuples(st.integers(0, users - 1), st.integers(0, items - 1), st.integers(1, 40)),
+                              max_size=30, unique_by=lambda c: (c[0], c[1])))
+        matrices.append(sp.csr_matrix(([float(c[2]) for c in cells], ([c[0] for c in cells], [c[1] for c in cells])),
+                                      shape=(users, items)))
+    n = draw(st.integers(0, 20))
+    rows = np.asarray(draw(st.lists(st.integers(-1, users - 1), min_size=n, max_size=n)), dtype=np.int64)
+    wanted = np.asarray(draw(st.lists(st.integers(0, items - 1), min_size=n, max_size=n)), dtype=np.int64)
+    return sees, matrices, rows, wanted
+
+
+@PROPERTY
+@given(friends_and_activity())
+def test_friend_window_counts_count_the_friends(case: tuple[sp.csr_matrix, list[sp.csr_matrix], np.ndarray,
+                                                             np.ndarray]) -> None:
+    sees, matrices, rows, items = case
+    since = (30.0, 10.0, -np.inf)
+    got = friend_window_counts(sees, matrices, rows, items, since)
+    for matrix, counts in zip(matrices, got, strict=True):
+        dense = matrix.toarray()
+        for pair, (user, item) in enumerate(zip(rows.tolist(), items.tolist(), strict=True)):
+            friends = sees.indices[sees.indptr[user] : sees.indptr[user + 1]] if user >= 0 else []
+            want = [sum(1 for f in friends if dense[f, item] and dense[f, item] >= t) for t in since]
+            np.testing.assert_array_equal(counts[pair], want)

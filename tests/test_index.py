@@ -23,7 +23,7 @@ def _factors(rows: int, dim: int, seed: int) -> np.ndarray:
 def test_pq_recalls_the_exact_top_k_with_exact_scores(dim: int) -> None:
     items, users = _factors(6000, dim, 1), _factors(200, dim, 2)
     exact = build_item_index(items, IndexParams(kind="flat"))
-    pq = build_item_index(items, IndexParams(kind="pq", refine_factor=8))
+    pq = build_item_index(items, IndexParams(kind="pq"))  # the default refine factor
     k = 100
     _, truth = exact.search(users, k)
     scores, found = pq.search(users, k)

@@ -89,7 +89,7 @@ class SplitParams(_Strict):
 class IndexParams(_Strict):
     kind: Literal["auto", "flat", "pq", "hnsw"] = "auto"
     flat_max_items: int = 50_000  # auto: exact search up to this many items, "pq" above
-    refine_factor: float = Field(8.0, ge=1.0)  # pq: exact inner products for this many times k of its best
+    refine_factor: float = Field(4.0, ge=1.0)  # pq: exact inner products for this many times k of its best
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 128
