@@ -17,6 +17,7 @@ from features.feed import Candidates
 from features.ranking import SOURCE_FEATURES
 from features.social_state import friend_window_counts
 from features.state import cell_values
+from serving.social_proof import _bought
 
 PROPERTY = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -138,3 +139,14 @@ def test_friend_window_counts_count_the_friends(case: tuple[sp.csr_matrix, list[
             friends = sees.indices[sees.indptr[user] : sees.indptr[user + 1]] if user >= 0 else []
             want = [sum(1 for f in friends if dense[f, item] and dense[f, item] >= t) for t in since]
             np.testing.assert_array_equal(counts[pair], want)
+
+
+@PROPERTY
+@given(matrices_and_cells(), st.lists(st.integers(0, 5), max_size=8), st.lists(st.integers(0, 29), max_size=12))
+def test_social_proof_reads_the_friends_purchases(case: tuple[sp.csr_matrix, np.ndarray, np.ndarray],
+                                                  friends: list[int], items: list[int]) -> None:
+    matrix = case[0]
+    friends_idx = np.asarray([f for f in friends if f < matrix.shape[0]], dtype=np.int64)
+    columns = np.asarray([i for i in items if i < matrix.shape[1]], dtype=np.int64)
+    want = matrix[friends_idx][:, columns].toarray() > 0
+    np.testing.assert_array_equal(_bought(matrix, friends_idx, columns), want)
