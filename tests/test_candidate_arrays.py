@@ -7,6 +7,8 @@ and per user in training; each is checked here against a per-item loop that stat
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 from features.candidates import RRF_K, SOURCE_ORDER, merge_candidates
 from features.feed import Candidates
 from features.ranking import SOURCE_FEATURES
-from features.social_state import friend_window_counts
+from features.social_state import COMMUNITY_CAP, community_of, friend_window_counts, row_cells, sorted_unique
 from features.state import cell_values
 from serving.social_proof import _bought
 
@@ -105,7 +107,9 @@ def test_cell_values_reads_the_cells(case: tuple[sp.csr_matrix, np.ndarray, np.n
     matrix, rows, cols = case
     dense = matrix.toarray()  # duplicates summed
     want = np.asarray([dense[r, c] if r >= 0 and c >= 0 else 0.0 for r, c in zip(rows, cols, strict=True)])
-    np.testing.assert_array_equal(cell_values(matrix, rows, cols), want)
+    got = cell_values(matrix, rows, cols)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, want)
 
 
 @st.composite
@@ -150,3 +154,22 @@ def test_social_proof_reads_the_friends_purchases(case: tuple[sp.csr_matrix, np.
     columns = np.asarray([i for i in items if i < matrix.shape[1]], dtype=np.int64)
     want = matrix[friends_idx][:, columns].toarray() > 0
     np.testing.assert_array_equal(_bought(matrix, friends_idx, columns), want)
+
+
+@PROPERTY
+@given(st.lists(st.integers(-3, 50), max_size=60), st.lists(st.integers(0, 50), unique=True, max_size=10))
+def test_sorted_unique_and_the_community(values: list[int], first: list[int]) -> None:
+    array = np.asarray(values, dtype=np.int32)
+    got = sorted_unique(array)
+    np.testing.assert_array_equal(got, np.unique(array))
+    assert got.dtype == array.dtype
+    users = 51
+    cells = [(a % users, v % users) for a, v in pairwise(values)]
+    sees = sp.csr_matrix((np.ones(len(cells)), ([a for a, _ in cells], [b for _, b in cells])), shape=(users, users))
+    sees.sum_duplicates()
+    friends = np.asarray(first, dtype=np.int32)
+    people, weight = community_of(friends, sees)
+    _, second, _ = row_cells(sees, friends)
+    second = np.setdiff1d(np.unique(second), friends)[: max(COMMUNITY_CAP - len(friends), 0)]
+    np.testing.assert_array_equal(people, np.concatenate([friends, second]))
+    np.testing.assert_array_equal(weight, np.concatenate([np.ones(len(friends)), np.full(len(second), 0.5)]))
