@@ -253,15 +253,16 @@ def merge_candidates(
     list_source = np.asarray([SOURCE_ORDER.index(c.source) for c in lists], dtype=np.int64)
     first = np.empty(len(unique), dtype=np.int64)
     first[inverse[heads]] = list_source[list_all[heads]]
-    scores = {s: np.full(len(chosen), np.nan, dtype=np.float32) for s in SOURCE_FEATURES}
-    ranks = {s: np.full(len(chosen), np.nan, dtype=np.float32) for s in SOURCE_FEATURES}
-    start = 0
-    for candidates, size in zip(lists, sizes, strict=True):
-        at = position[inverse[start : start + size]]
-        kept = at >= 0
-        scores[candidates.source.value][at[kept]] = candidates.scores[kept]
-        ranks[candidates.source.value][at[kept]] = np.flatnonzero(kept) + 1
-        start += size
+    # per source (SOURCE_FEATURES order, as SOURCE_ORDER) x union item: the source's score and 1-based rank
+    at = position[inverse]
+    kept = at >= 0
+    source_all = np.repeat(list_source, sizes)[kept]
+    table = np.full((2, len(SOURCE_FEATURES), len(chosen)), np.nan, dtype=np.float32)
+    if lists:
+        table[0, source_all, at[kept]] = np.concatenate([c.scores for c in lists])[kept]
+    table[1, source_all, at[kept]] = rank_all[kept] + 1
+    scores = {name: table[0, j] for j, name in enumerate(SOURCE_FEATURES)}
+    ranks = {name: table[1, j] for j, name in enumerate(SOURCE_FEATURES)}
     return unique[chosen], scores, ranks, first[chosen], fused[chosen].astype(np.float32)
 
 
