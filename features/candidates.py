@@ -43,16 +43,18 @@ class CandidateModels:
 def _top(
     scores: np.ndarray, k: int, blocked: np.ndarray | None, items: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Best `k` entries of `scores` (over `items` when given), skipping blocked items and -inf."""
+    """Best `k` entries of `scores` (over `items` when given), skipping blocked items and -inf; ties at the
+    k-th score go to the lower item idx, so the answer does not depend on which entries are passed."""
     ids = np.arange(len(scores)) if items is None else items
     keep = np.isfinite(scores)
     if blocked is not None:
         keep &= ~blocked[ids]
     ids, scores = ids[keep], scores[keep]
     if len(ids) > k:
-        part = np.argpartition(-scores, k - 1)[:k]
-        ids, scores = ids[part], scores[part]
-    order = np.lexsort((ids, -scores))
+        kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
+        near = np.flatnonzero(scores >= kth)  # the best k and every entry tied with the k-th
+        ids, scores = ids[near], scores[near]
+    order = np.lexsort((ids, -scores))[:k]
     return ids[order].astype(np.int64), scores[order].astype(np.float32)
 
 
@@ -65,9 +67,10 @@ def factor_scores(users: np.ndarray, items: np.ndarray, user_idx: np.ndarray) ->
     return scores
 
 
-def top_scores(scores: np.ndarray, k: int, blocked: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Best `k` items of a full score row, skipping blocked ones."""
-    return _top(scores, k, blocked)
+def top_scores(scores: np.ndarray, k: int, blocked: np.ndarray | None, items: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Best `k` items of a full score row (or of `items`, when `scores` holds only theirs), skipping blocked ones."""
+    return _top(scores, k, blocked, items)
 
 
 def neighbour_candidates(

@@ -242,7 +242,8 @@ class Recommender:
                 if idx is not None:
                     scores[idx] += score
         scores[codes[known]] = -np.inf  # the session's own items are not news
-        chosen, values = top_scores(scores.astype(np.float32), RETRIEVAL_MARGIN, blocked | (scores <= 0))
+        positive = np.flatnonzero(scores > 0)  # only these can be picked: no pass over the whole catalog
+        chosen, values = top_scores(scores[positive].astype(np.float32), RETRIEVAL_MARGIN, blocked, positive)
         return Candidates(Source.NEIGHBOURS, chosen, values) if len(chosen) else None
 
     def _category_trending(self, category: str) -> Candidates:
@@ -277,10 +278,14 @@ class Recommender:
             retrieved = self._retrieve(profile.vector, n, blocked, category)
             chain.append(Candidates(Source.FOLD_IN if profile.online else Source.ALS, retrieved.items,
                                     retrieved.scores))
+        reserve = (DIVERSITY_RESERVE if diversity else RULES_RESERVE if rules else 0) * n  # bans, buries, caps
         fresh_session = profile is None or profile.online  # events the bundle has not seen
         session = self._session(context, blocked) if fresh_session else None
         if session is not None and chain:
-            chain[0] = interleave(chain[0], session, SESSION_EVERY, int(n * SESSION_SHARE))
+            seats = int(n * SESSION_SHARE)
+            # the feed reads at most n + reserve items of the interleaved list; a ranked item may be skipped
+            # there as a repeat of a session pick, at most `seats` times: a prefix of the ranking is enough
+            chain[0] = interleave(_head(chain[0], n + reserve + seats, blocked), session, SESSION_EVERY, seats)
         elif session is not None:  # only items the model has not seen yet: their neighbours lead
             chain.append(session)
         if profile is not None and profile.online:
@@ -289,7 +294,6 @@ class Recommender:
         if category is not None:
             chain.append(self._category_trending(category))
         chain += [self._trending, self._popular]
-        reserve = (DIVERSITY_RESERVE if diversity else RULES_RESERVE if rules else 0) * n  # bans, buries, caps
         feed = compose_feed(chain, n + reserve, blocked)
         step = Source.FOLD_IN if profile is not None and profile.online and len(feed.items) else feed.step
         items = self._items(feed, profile)
@@ -455,6 +459,16 @@ def _placed(items: tuple[FeedItem, ...], extra: tuple[FeedItem, ...], every: int
             out.append(pending.pop(0))
         out.append(item)
     return (*out, *pending)
+
+
+def _head(candidates: Candidates, count: int, blocked: np.ndarray) -> Candidates:
+    """The shortest prefix of `candidates` that holds `count` items not blocked (all of them if fewer)."""
+    open_at = np.flatnonzero(~blocked[candidates.items])
+    if len(open_at) <= count:
+        return candidates
+    end = int(open_at[count - 1]) + 1
+    sources = candidates.item_sources[:end] if candidates.item_sources is not None else None
+    return Candidates(candidates.source, candidates.items[:end], candidates.scores[:end], sources)
 
 
 def _search(index: faiss.Index, vector: np.ndarray, n: int, blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
