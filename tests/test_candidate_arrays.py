@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from features.candidates import RRF_K, SOURCE_ORDER, merge_candidates
+from features.candidates import RRF_K, SOURCE_ORDER, merge_candidates, top_scores
 from features.feed import Candidates
 from features.ranking import SOURCE_FEATURES
 from features.social_state import COMMUNITY_CAP, community_of, friend_window_counts, row_cells, sorted_unique
@@ -173,3 +173,18 @@ def test_sorted_unique_and_the_community(values: list[int], first: list[int]) ->
     second = np.setdiff1d(np.unique(second), friends)[: max(COMMUNITY_CAP - len(friends), 0)]
     np.testing.assert_array_equal(people, np.concatenate([friends, second]))
     np.testing.assert_array_equal(weight, np.concatenate([np.ones(len(friends)), np.full(len(second), 0.5)]))
+
+
+@PROPERTY
+@given(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, -1.0]), min_size=1, max_size=40), st.integers(1, 10),
+       st.integers(0, 2**40))
+def test_top_k_is_the_same_over_the_positive_entries_alone(values: list[float], k: int, seed: int) -> None:
+    scores = np.asarray(values, dtype=np.float32)  # few distinct values: many ties at the k-th
+    blocked = np.random.default_rng(seed).random(len(scores)) < 0.2
+    full = top_scores(scores, k, blocked | (scores <= 0))
+    positive = np.flatnonzero(scores > 0)
+    part = top_scores(scores[positive], k, blocked, positive)
+    np.testing.assert_array_equal(full[0], part[0])
+    np.testing.assert_array_equal(full[1], part[1])
+    order = sorted((-float(scores[i]), i) for i in range(len(scores)) if scores[i] > 0 and not blocked[i])[:k]
+    assert full[0].tolist() == [i for _, i in order]
