@@ -95,6 +95,9 @@ class Recommender:
     """Read-only after construction, so one instance serves concurrent requests."""
 
     def __init__(self, bundle: Bundle) -> None:
+        # A reload builds indexes in a thread of a worker that goes on serving: FAISS (OpenMP) on this thread
+        # only, so a build does not take the core the other worker's requests run on.
+        faiss.omp_set_num_threads(1)
         self.bundle = bundle
         self.catalog = Catalog(bundle)  # the bundle's item data with the catalog API's changes laid over it
         self._category = self.catalog.category  # arrays the catalog updates in place
