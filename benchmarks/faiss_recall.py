@@ -3,7 +3,9 @@
 For a sample of the bundle's users (their ALS factors), the exact top-K over `item_factors` is the truth;
 the bundle's own index is searched at several efSearch values (one thread, one query at a time, as the
 service does) and recall@K and the mean / p99 time per query are reported. With `--try M:efC ...` it also
-builds other HNSW indexes over the same vectors, to find a setting that reaches a recall target. Usage:
+builds other HNSW indexes over the same vectors, to find a setting that reaches a recall target. The BPR
+index the service builds beside the bundle's (`training.index.index_like`) is measured the same way over
+the BPR factors. Usage:
 
     uv run python benchmarks/faiss_recall.py --bundle /tmp/serveload/bundle1m --users 2000 \
         --ef 32 64 128 256 512 --try 32:200 48:200
@@ -23,6 +25,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from training.index import index_like
+
 
 @dataclass(frozen=True, slots=True)
 class RecallRow:
@@ -33,6 +37,14 @@ class RecallRow:
     ms_mean: float
     ms_p50: float
     ms_p99: float
+
+
+def _describe(index: faiss.Index) -> str:
+    if hasattr(index, "hnsw"):
+        return f"HNSW M{index.hnsw.nb_neighbors(1)} efC{index.hnsw.efConstruction}"
+    if isinstance(index, faiss.IndexRefine):
+        return f"PQ fast scan, exact re-scoring of {index.k_factor:g} x k"
+    return type(index).__name__
 
 
 def _exact_top(items: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -82,11 +94,14 @@ def measure_recall(bundle: Path, users: int = 2000, k: int = 200, ef_values: lis
     truth = _exact_top(items, queries, k)
     index = faiss.read_index(str(bundle / "items_ip.faiss"))
     inner = faiss.downcast_index(index)
-    if hasattr(inner, "hnsw"):
-        name = f"bundle (HNSW M{inner.hnsw.nb_neighbors(1)} efC{inner.hnsw.efConstruction})"
-    else:
-        name = f"bundle ({type(inner).__name__})"
-    rows = _measure(index, name, queries, truth, k, ef_values, timed)
+    rows = _measure(index, f"bundle ({_describe(inner)})", queries, truth, k, ef_values, timed)
+    bpr_items = np.ascontiguousarray(np.load(bundle / "bpr_item_factors.npy"), dtype=np.float32)
+    bpr_users = np.load(bundle / "bpr_user_factors.npy", mmap_mode="r")
+    bpr_queries = np.ascontiguousarray(bpr_users[sample[sample < bpr_users.shape[0]]], dtype=np.float32)
+    bpr_queries = bpr_queries[np.isfinite(bpr_queries).all(axis=1)]
+    bpr_index = index_like(index, bpr_items)  # as the service builds it when it loads the bundle
+    rows += _measure(bpr_index, f"BPR as served ({_describe(faiss.downcast_index(bpr_index))})", bpr_queries,
+                     _exact_top(bpr_items, bpr_queries, k), k, [0], timed)
     flat = faiss.IndexFlatIP(items.shape[1])
     flat.add(items)
     rows += _measure(flat, "exact (IndexFlatIP)", queries, truth, k, [0], timed)

@@ -8,7 +8,7 @@ verified), `training.index.build_item_index` over the same item factors, `traini
 Everything else is carried over unchanged.
 
     uv run python benchmarks/make_serving_bundle.py index --bundle /tmp/serveload/bundle1m \
-        --out /tmp/serveload/bundle1m-m48 --kind hnsw --hnsw-m 48 --ef-construction 200 --ef-search 256
+        --out /tmp/serveload/bundle1m-pq --kind pq --refine-factor 4
 
 `train`: `training.pipeline.train` itself, with the two-stage evaluation's per-user work cut to a stable
 sample of users. On 1M users the evaluation builds candidate rows (a Python loop, ~5-10 ms per user)
@@ -85,7 +85,8 @@ def main() -> None:
     index = commands.add_parser("index", help="rewrite a bundle with another FAISS index")
     index.add_argument("--bundle", type=Path, required=True)
     index.add_argument("--out", type=Path, required=True)
-    index.add_argument("--kind", choices=["auto", "flat", "hnsw"], default="hnsw")
+    index.add_argument("--kind", choices=["auto", "flat", "pq", "hnsw"], default="pq")
+    index.add_argument("--refine-factor", type=float, default=4.0, help="pq: exact re-scoring of refine x k items")
     index.add_argument("--hnsw-m", type=int, default=32)
     index.add_argument("--ef-construction", type=int, default=80)
     index.add_argument("--ef-search", type=int, default=128)
@@ -97,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "index":
         params = IndexParams(kind=args.kind, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
-                             ef_search=args.ef_search)
+                             ef_search=args.ef_search, refine_factor=args.refine_factor)
         version = rebuild_index(args.bundle, args.out, params)
         print(f"bundle {version} written to {args.out}")
     else:

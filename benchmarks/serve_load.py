@@ -736,11 +736,12 @@ def report(results: Json) -> str:
                          f"mean {h['bytes_mean']:.0f} B | <= 1 KB |")
     rec = results.get("recall")
     if rec:
-        served = int(rec["manifest_ef_search"])
-        rows = [r for r in rec["rows"] if r["index"].startswith("bundle") and r["ef_search"] == served]
-        if rows:
-            lines.append(f"| FAISS recall@{rec['k']} at efSearch {served} (bundle index) | {rows[0]['recall']:.4f} "
-                         f"({rows[0]['ms_mean']:.2f} ms/query) | >= 0.95 |")
+        served = int(rec["manifest_ef_search"]) if rec["manifest_index"] == "hnsw" else 0
+        rows = [r for r in rec["rows"] if r["index"].startswith(("bundle", "BPR")) and r["ef_search"] in (served, 0)]
+        for row in rows:
+            setting = f" at efSearch {served}" if row["ef_search"] else ""
+            lines.append(f"| FAISS recall@{rec['k']}{setting}, {row['index']} | {row['recall']:.4f} "
+                         f"({row['ms_mean']:.2f} ms/query) | >= 0.95 |")
     prof = results.get("profile")
     if prof:
         c = prof["candidates_ranked"]

@@ -43,16 +43,18 @@ class CandidateModels:
 def _top(
     scores: np.ndarray, k: int, blocked: np.ndarray | None, items: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Best `k` entries of `scores` (over `items` when given), skipping blocked items and -inf."""
+    """Best `k` entries of `scores` (over `items` when given), skipping blocked items and -inf; ties at the
+    k-th score go to the lower item idx, so the answer does not depend on which entries are passed."""
     ids = np.arange(len(scores)) if items is None else items
     keep = np.isfinite(scores)
     if blocked is not None:
         keep &= ~blocked[ids]
     ids, scores = ids[keep], scores[keep]
     if len(ids) > k:
-        part = np.argpartition(-scores, k - 1)[:k]
-        ids, scores = ids[part], scores[part]
-    order = np.lexsort((ids, -scores))
+        kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
+        near = np.flatnonzero(scores >= kth)  # the best k and every entry tied with the k-th
+        ids, scores = ids[near], scores[near]
+    order = np.lexsort((ids, -scores))[:k]
     return ids[order].astype(np.int64), scores[order].astype(np.float32)
 
 
@@ -65,9 +67,10 @@ def factor_scores(users: np.ndarray, items: np.ndarray, user_idx: np.ndarray) ->
     return scores
 
 
-def top_scores(scores: np.ndarray, k: int, blocked: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Best `k` items of a full score row, skipping blocked ones."""
-    return _top(scores, k, blocked)
+def top_scores(scores: np.ndarray, k: int, blocked: np.ndarray | None, items: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Best `k` items of a full score row (or of `items`, when `scores` holds only theirs), skipping blocked ones."""
+    return _top(scores, k, blocked, items)
 
 
 def neighbour_candidates(
@@ -75,19 +78,24 @@ def neighbour_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Items like the user's most recent ones: recency-weighted sum of neighbour similarities."""
     if user < 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    row = state.pair_last.getrow(user)
-    if row.nnz == 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    order = np.argsort(-row.data)[:RECENT_FOR_NEIGHBOURS]
-    recent, last = row.indices[order], row.data[order]
+        return _empty()
+    items, last = _row(state.pair_last, user)
+    if not len(items):
+        return _empty()
+    order = np.argsort(-last)[:RECENT_FOR_NEIGHBOURS]
+    recent, last = items[order], last[order]
     weight = np.power(0.5, (state.cutoff_seconds - last) / DAY / 30.0)
-    rows = neighbours[recent]  # only the recent items' rows: the cost does not grow with the catalog
-    touched, position = np.unique(rows.indices, return_inverse=True)
-    scores = np.zeros(len(touched), dtype=np.float64)
-    np.add.at(scores, position, rows.data * np.repeat(weight, np.diff(rows.indptr)))
+    owner, cols, similarity = row_cells(neighbours, recent)  # the recent items' rows: cost independent of the catalog
+    touched, position = np.unique(cols, return_inverse=True)
+    scores = np.bincount(position, weights=similarity * weight[owner], minlength=len(touched))  # sums in input order
     keep = scores > 0
     return _top(scores[keep], k, blocked, touched[keep])
+
+
+def _row(matrix: sp.csr_matrix, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """The stored (columns, values) of one CSR row, in stored order, without building a matrix."""
+    start, end = matrix.indptr[row], matrix.indptr[row + 1]
+    return matrix.indices[start:end], matrix.data[start:end]
 
 
 def repeat_candidates(
@@ -95,13 +103,13 @@ def repeat_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The user's own past purchases: bought more often and more recently first."""
     if user < 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    row = state.pair_purchases.getrow(user)
-    if row.nnz == 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    last = cell_values(state.pair_last, np.full(row.nnz, user), row.indices)
+        return _empty()
+    items, purchases = _row(state.pair_purchases, user)
+    if not len(items):
+        return _empty()
+    last = cell_values(state.pair_last, np.full(len(items), user), items)
     recency = np.power(0.5, np.clip(state.cutoff_seconds - last, 0, None) / DAY / 30.0)
-    return _top(row.data * (1.0 + recency), k, blocked, row.indices)
+    return _top(purchases * (1.0 + recency), k, blocked, items)
 
 
 def _empty() -> tuple[np.ndarray, np.ndarray]:
@@ -203,8 +211,8 @@ def user_candidates(
         out.append(Candidates(Source.REPEAT, *repeat_candidates(state, user, k[Source.REPEAT], blocked)))
     trending = state.item_trending
     if k.get(Source.CATEGORY_TRENDING, 0) and user >= 0:
-        row = state.user_category.getrow(user)
-        favourite = row.indices[np.argsort(-row.data)[:TOP_CATEGORIES]]
+        categories, share = _row(state.user_category, user)
+        favourite = categories[np.argsort(-share)[:TOP_CATEGORIES]]
         pooled = [lists.by_category.get(int(c), np.empty(0, dtype=np.int64)) for c in favourite]
         items = np.concatenate(pooled) if pooled else np.empty(0, dtype=np.int64)
         items = items[np.argsort(-trending[items], kind="stable")] if len(items) else items
@@ -227,34 +235,38 @@ def user_candidates(
 def merge_candidates(
     lists: list[Candidates], union_size: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Union of the sources' lists, cut to the `union_size` best by reciprocal rank fusion."""
-    fused: dict[int, float] = {}
-    first: dict[int, tuple[float, int]] = {}
-    for candidates in lists:
-        source = SOURCE_ORDER.index(candidates.source)
-        for rank, item in enumerate(candidates.items.tolist()):
-            fused[item] = fused.get(item, 0.0) + 1.0 / (RRF_K + rank + 1)
-            if item not in first or rank < first[item][0]:
-                first[item] = (rank, source)
-    order = sorted(fused, key=lambda i: (-fused[i], i))[:union_size]
-    items = np.asarray(order, dtype=np.int64)
-    position = {item: p for p, item in enumerate(order)}
-    scores = {s: np.full(len(items), np.nan, dtype=np.float32) for s in SOURCE_FEATURES}
-    ranks = {s: np.full(len(items), np.nan, dtype=np.float32) for s in SOURCE_FEATURES}
-    for candidates in lists:
-        name = candidates.source.value
-        for rank, (item, score) in enumerate(zip(candidates.items.tolist(), candidates.scores.tolist(), strict=True)):
-            p = position.get(item)
-            if p is not None:
-                scores[name][p] = score
-                ranks[name][p] = rank + 1
-    return (
-        items,
-        scores,
-        ranks,
-        np.asarray([first[i][1] for i in order], dtype=np.int64),
-        np.asarray([fused[i] for i in order], dtype=np.float32),
-    )
+    """Union of the sources' lists, cut to the `union_size` best by reciprocal rank fusion.
+
+    Returns the union's items (best fused first, ties by item idx), each source's score and 1-based rank
+    per union item (NaN where it did not propose it), the index in SOURCE_ORDER of the source that ranked
+    the item highest (the earlier list on a tie), and the fused score. Array operations throughout: the
+    sums run in list order, so the fused scores are the ones a per-item loop adds up.
+    """
+    sizes = [len(c.items) for c in lists]
+    items_all = np.concatenate([c.items for c in lists]).astype(np.int64) if lists else np.empty(0, np.int64)
+    rank_all = np.concatenate([np.arange(size) for size in sizes]) if lists else np.empty(0, np.int64)
+    list_all = np.repeat(np.arange(len(lists)), sizes)
+    unique, inverse = np.unique(items_all, return_inverse=True)
+    fused = np.bincount(inverse, weights=1.0 / (RRF_K + rank_all + 1), minlength=len(unique))
+    chosen = np.lexsort((unique, -fused))[:union_size]
+    position = np.full(len(unique), -1, dtype=np.int64)
+    position[chosen] = np.arange(len(chosen))
+    best = np.lexsort((list_all, rank_all, inverse))  # per item: lowest rank, then earliest list, first
+    heads = best[np.flatnonzero(np.diff(inverse[best], prepend=-1))]
+    list_source = np.asarray([SOURCE_ORDER.index(c.source) for c in lists], dtype=np.int64)
+    first = np.empty(len(unique), dtype=np.int64)
+    first[inverse[heads]] = list_source[list_all[heads]]
+    # per source (SOURCE_FEATURES order, as SOURCE_ORDER) x union item: the source's score and 1-based rank
+    at = position[inverse]
+    kept = at >= 0
+    source_all = np.repeat(list_source, sizes)[kept]
+    table = np.full((2, len(SOURCE_FEATURES), len(chosen)), np.nan, dtype=np.float32)
+    if lists:
+        table[0, source_all, at[kept]] = np.concatenate([c.scores for c in lists])[kept]
+    table[1, source_all, at[kept]] = rank_all[kept] + 1
+    scores = {name: table[0, j] for j, name in enumerate(SOURCE_FEATURES)}
+    ranks = {name: table[1, j] for j, name in enumerate(SOURCE_FEATURES)}
+    return unique[chosen], scores, ranks, first[chosen], fused[chosen].astype(np.float32)
 
 
 def candidate_features(

@@ -48,8 +48,10 @@ def blank_user_rows(state: FeatureState, categories: list[str], brands: list[str
 
 
 def _row(value: Any, user: int) -> Any:
-    if sp.issparse(value):
-        return sp.csr_matrix(value[user : user + 1])
+    if sp.issparse(value):  # a copy of the CSR row, built from its slice of the arrays (scipy's slicing costs more)
+        start, end = value.indptr[user], value.indptr[user + 1]
+        return sp.csr_matrix((value.data[start:end].copy(), value.indices[start:end].copy(),
+                              np.asarray([0, end - start], dtype=value.indptr.dtype)), shape=(1, value.shape[1]))
     return np.asarray(value)[user : user + 1].copy()
 
 
@@ -106,7 +108,7 @@ def user_view(
         rows["user_last_seen"][0] = np.nanmax([rows["user_last_seen"][0], all_times.max()])
     category = state.item_category[items]
     brand = state.item_brand[items]
-    total = float(_row(state.pair_weight, user).sum()) if user >= 0 else 0.0
+    total = float(rows["pair_weight"].sum()) if user >= 0 else 0.0  # the user's row as of the bundle
     rows["user_category"] = _reweighted(rows["user_category"], total, category, w)
     rows["user_brand"] = _reweighted(rows["user_brand"], total, brand, w)
     has_cat = category >= 0

@@ -90,47 +90,64 @@ def pair_features(
 
     `user_idx` may hold -1 for users the state does not know (their user features are NaN or 0).
     `source_scores` / `source_ranks` give each candidate source's score and rank per pair (NaN where the
-    source did not propose the item).
+    source did not propose the item). Columns are written straight into the float32 matrix (the values a
+    float64 column would round to), blocks of columns at once where they come from one array.
     """
     n = len(item_idx)
     now = state.cutoff_seconds
     known = user_idx >= 0
     u = np.where(known, user_idx, 0)
-    columns: list[np.ndarray] = []
-    for name in SOURCE_FEATURES:
-        columns.append(source_scores.get(name, np.full(n, np.nan)))
-    for name in SOURCE_FEATURES:
-        columns.append(source_ranks.get(name, np.full(n, np.nan)))
-    columns.append(np.sum([~np.isnan(source_ranks.get(s, np.full(n, np.nan))) for s in SOURCE_FEATURES], axis=0))
-    for column in range(state.item_window_counts.shape[1]):
-        columns.append(state.item_window_counts[item_idx, column])
-    columns.append(state.item_buyers[item_idx])
-    columns.append(state.item_trending[item_idx])
-    columns.append((now - state.item_first_seen[item_idx]) / DAY)
+    out = _Columns(n)
+    missing = np.full(n, np.nan)
+    out.put(*(source_scores.get(name, missing) for name in SOURCE_FEATURES))
+    ranks = out.put(*(source_ranks.get(name, missing) for name in SOURCE_FEATURES))
+    out.put(np.count_nonzero(~np.isnan(ranks), axis=1))
+    out.put(state.item_window_counts[item_idx])
     price = state.item_price[item_idx]
-    columns.append(np.isnan(price).astype(np.float64))
+    out.put(state.item_buyers[item_idx], state.item_trending[item_idx], (now - state.item_first_seen[item_idx]) / DAY,
+            np.isnan(price))
     median = np.where(known, state.user_median_price[u], np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
-        columns.append(np.where(median > 0, price / median, np.nan))
+        out.put(np.where(median > 0, price / median, np.nan))
     category = state.item_category[item_idx]
     rows = np.where(known, user_idx, -1)
-    columns.append(cell_values(state.user_category, rows, category))
-    columns.append(cell_values(state.user_brand, rows, state.item_brand[item_idx]))
-    for column in range(len(USER_EVENT_TYPES)):
-        columns.append(np.where(known, state.user_type_counts[u, column], 0.0))
-    columns.append(np.where(known, (now - state.user_last_seen[u]) / DAY, np.nan))
+    out.put(cell_values(state.user_category, rows, category),
+            cell_values(state.user_brand, rows, state.item_brand[item_idx]),
+            np.where(known[:, None], state.user_type_counts[u], 0.0),
+            np.where(known, (now - state.user_last_seen[u]) / DAY, np.nan))
     last = cell_values(state.pair_last, rows, item_idx)
-    columns.append(np.where(last > 0, (now - last) / DAY, np.nan))
-    columns.append(cell_values(state.pair_purchases, rows, item_idx))
-    columns.append(cell_values(state.pair_weight, rows, item_idx))
     category_last = cell_values(state.user_category_last, rows, category)
-    columns.append(np.where(category_last > 0, (now - category_last) / DAY, np.nan))
-    columns.append(np.where(category >= 0, state.category_repurchase[np.maximum(category, 0)], np.nan))
-    columns.extend(_reorder_timing(state, rows, item_idx))
-    columns.extend(_social(state, rows, item_idx))
-    matrix = np.column_stack(columns).astype(np.float32)
-    assert matrix.shape[1] == len(FEATURE_NAMES)
-    return matrix
+    out.put(np.where(last > 0, (now - last) / DAY, np.nan),
+            cell_values(state.pair_purchases, rows, item_idx),
+            cell_values(state.pair_weight, rows, item_idx),
+            np.where(category_last > 0, (now - category_last) / DAY, np.nan),
+            np.where(category >= 0, state.category_repurchase[np.maximum(category, 0)], np.nan))
+    out.put(*_reorder_timing(state, rows, item_idx))
+    out.put(*_social(state, rows, item_idx))
+    return out.done()
+
+
+class _Columns:
+    """The feature matrix, filled left to right: 1-d arrays are one column, 2-d arrays several."""
+
+    __slots__ = ("at", "matrix")
+
+    def __init__(self, rows: int) -> None:
+        self.matrix = np.empty((rows, len(FEATURE_NAMES)), dtype=np.float32)
+        self.at = 0
+
+    def put(self, *values: np.ndarray) -> np.ndarray:
+        """Write `values` as the next columns; returns the part of the matrix they fill."""
+        start = self.at
+        for value in values:
+            width = 1 if value.ndim == 1 else value.shape[1]
+            self.matrix[:, self.at : self.at + width] = value.reshape(len(value), width)
+            self.at += width
+        return self.matrix[:, start : self.at]
+
+    def done(self) -> np.ndarray:
+        assert self.at == len(FEATURE_NAMES)
+        return self.matrix
 
 
 def _ratio(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
@@ -180,17 +197,17 @@ def _social(state: FeatureState, rows: np.ndarray, item_idx: np.ndarray) -> list
     """Friends' purchases, shares and views of the item in windows; the last share of it to the user."""
     now = state.cutoff_seconds
     since = (*(now - d * DAY for d in FRIEND_WINDOWS_DAYS), -np.inf)
-    columns: list[np.ndarray] = []
-    for matrix in (state.social.bought, state.social.shared, state.social.touched):
-        counts = friend_window_counts(state.user_sees, matrix, rows, item_idx, since)
-        columns.extend(counts[:, k] for k in range(len(since)))
+    social = state.social
+    columns = friend_window_counts(state.user_sees, (social.bought, social.shared, social.touched), rows, item_idx,
+                                   since)
     known = rows >= 0
-    friends = np.diff(state.user_sees.indptr)
-    columns.append(np.where(known, friends[np.maximum(rows, 0)], 0.0))
+    indptr = state.user_sees.indptr
+    at = np.maximum(rows, 0)
+    columns.append(np.where(known, indptr[at + 1] - indptr[at], 0.0))  # people the user sees
     shared_last = cell_values(state.pair_shared_last, rows, item_idx)
     columns.append(np.where(shared_last > 0, (now - shared_last) / DAY, np.nan))
     sharer = cell_values(state.pair_shared_by, rows, item_idx).astype(np.int64) - 1
-    influence = state.social.influence
+    influence = social.influence
     columns.append(np.where(sharer >= 0, influence[np.clip(sharer, 0, max(len(influence) - 1, 0))]
                             if len(influence) else np.nan, np.nan))
     columns.append(state.item_share_rate[item_idx])

@@ -36,6 +36,7 @@ from serving.catalog import Catalog
 from serving.merchandising import Ranked, Rule, apply_rules, diversify
 from serving.social_proof import SocialProof
 from training.bundle import Bundle
+from training.index import index_like
 from training.ranker import Ranker
 
 FALLBACK_DEPTH = 2000  # how far down the trending and popular lists a feed may reach
@@ -94,6 +95,9 @@ class Recommender:
     """Read-only after construction, so one instance serves concurrent requests."""
 
     def __init__(self, bundle: Bundle) -> None:
+        # A reload builds indexes in a thread of a worker that goes on serving: FAISS (OpenMP) on this thread
+        # only, so a build does not take the core the other worker's requests run on.
+        faiss.omp_set_num_threads(1)
         self.bundle = bundle
         self.catalog = Catalog(bundle)  # the bundle's item data with the catalog API's changes laid over it
         self._category = self.catalog.category  # arrays the catalog updates in place
@@ -115,9 +119,7 @@ class Recommender:
         self._blank = blank_user_rows(bundle.state, bundle.manifest.categories, bundle.manifest.brands)
         self._weights = dict(bundle.manifest.event_weights)
         self.social = SocialProof(bundle)
-        bpr_items = np.ascontiguousarray(bundle.models.bpr_items, dtype=np.float32)
-        self._bpr_index = faiss.IndexFlatIP(bpr_items.shape[1])  # exact, as in training; FAISS scans faster
-        self._bpr_index.add(bpr_items)
+        self._bpr_index = index_like(bundle.index, bundle.models.bpr_items)  # BPR's own, as the bundle's ALS one
         if hasattr(bundle.index, "hnsw"):
             bundle.index.hnsw.efSearch = model.ef_search
 
@@ -243,7 +245,8 @@ class Recommender:
                 if idx is not None:
                     scores[idx] += score
         scores[codes[known]] = -np.inf  # the session's own items are not news
-        chosen, values = top_scores(scores.astype(np.float32), RETRIEVAL_MARGIN, blocked | (scores <= 0))
+        positive = np.flatnonzero(scores > 0)  # only these can be picked: no pass over the whole catalog
+        chosen, values = top_scores(scores[positive].astype(np.float32), RETRIEVAL_MARGIN, blocked, positive)
         return Candidates(Source.NEIGHBOURS, chosen, values) if len(chosen) else None
 
     def _category_trending(self, category: str) -> Candidates:
@@ -278,10 +281,14 @@ class Recommender:
             retrieved = self._retrieve(profile.vector, n, blocked, category)
             chain.append(Candidates(Source.FOLD_IN if profile.online else Source.ALS, retrieved.items,
                                     retrieved.scores))
+        reserve = (DIVERSITY_RESERVE if diversity else RULES_RESERVE if rules else 0) * n  # bans, buries, caps
         fresh_session = profile is None or profile.online  # events the bundle has not seen
         session = self._session(context, blocked) if fresh_session else None
         if session is not None and chain:
-            chain[0] = interleave(chain[0], session, SESSION_EVERY, int(n * SESSION_SHARE))
+            seats = int(n * SESSION_SHARE)
+            # the feed reads at most n + reserve items of the interleaved list; a ranked item may be skipped
+            # there as a repeat of a session pick, at most `seats` times: a prefix of the ranking is enough
+            chain[0] = interleave(_head(chain[0], n + reserve + seats, blocked), session, SESSION_EVERY, seats)
         elif session is not None:  # only items the model has not seen yet: their neighbours lead
             chain.append(session)
         if profile is not None and profile.online:
@@ -290,7 +297,6 @@ class Recommender:
         if category is not None:
             chain.append(self._category_trending(category))
         chain += [self._trending, self._popular]
-        reserve = (DIVERSITY_RESERVE if diversity else RULES_RESERVE if rules else 0) * n  # bans, buries, caps
         feed = compose_feed(chain, n + reserve, blocked)
         step = Source.FOLD_IN if profile is not None and profile.online and len(feed.items) else feed.step
         items = self._items(feed, profile)
@@ -458,10 +464,21 @@ def _placed(items: tuple[FeedItem, ...], extra: tuple[FeedItem, ...], every: int
     return (*out, *pending)
 
 
+def _head(candidates: Candidates, count: int, blocked: np.ndarray) -> Candidates:
+    """The shortest prefix of `candidates` that holds `count` items not blocked (all of them if fewer)."""
+    open_at = np.flatnonzero(~blocked[candidates.items])
+    if len(open_at) <= count:
+        return candidates
+    end = int(open_at[count - 1]) + 1
+    sources = candidates.item_sources[:end] if candidates.item_sources is not None else None
+    return Candidates(candidates.source, candidates.items[:end], candidates.scores[:end], sources)
+
+
 def _search(index: faiss.Index, vector: np.ndarray, n: int, blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The index's best items for `vector`, fetching deeper until `n` of them pass the filters."""
     n_items = len(blocked)
-    open_share = max(1.0 - float(blocked.mean()), 1e-3)  # over-fetch by the share of items filters let through
+    # over-fetch by the share of items the filters let through
+    open_share = max(1.0 - np.count_nonzero(blocked) / max(n_items, 1), 1e-3)
     k = min(n_items, int((n + RETRIEVAL_MARGIN) / open_share))
     while True:
         scores, items = index.search(vector, k)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from features.social_state import row_cells
 from training.bundle import Bundle
 
 MAX_FRIENDS_CHECKED = 500  # the strongest ties looked at per request
@@ -46,14 +47,14 @@ class SocialProof:
         viewer = self._users.index_of(user_id)
         if viewer is None or not len(items):
             return {}
-        row = self._sees[viewer]
-        order = np.argsort(-row.data, kind="stable")[:MAX_FRIENDS_CHECKED]
-        friends = row.indices[order]
+        start, end = self._sees.indptr[viewer], self._sees.indptr[viewer + 1]
+        order = np.argsort(-self._sees.data[start:end], kind="stable")[:MAX_FRIENDS_CHECKED]
+        friends = self._sees.indices[start:end][order]
         friends = friends[friends < self._bundle_users]  # purchases are kept for the bundle's users only
         if not len(friends):
             return {}
         columns = np.asarray(items, dtype=np.int64)
-        bought = self._purchases[friends][:, columns].toarray() > 0  # friends x items
+        bought = _bought(self._purchases, friends, columns)  # friends x items
         hit = np.flatnonzero(bought.any(axis=0))
         if not len(hit):
             return {}
@@ -66,6 +67,21 @@ class SocialProof:
             if who:
                 out[int(columns[j])] = Proof(len(who), tuple(who[:MAX_NAMED]))
         return out
+
+
+def _bought(purchases: sp.csr_matrix, friends: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """friends x columns: whether the friend's purchase count of the item is positive (`purchases[friends][:,
+    columns] > 0`, read from the friends' rows without building sub-matrices)."""
+    owner, cols, counts = row_cells(purchases, friends)
+    order = np.argsort(columns, kind="stable")
+    ordered = columns[order]
+    out = np.zeros((len(friends), len(columns)), dtype=bool)
+    if not len(cols) or not len(columns):
+        return out
+    at = np.minimum(np.searchsorted(ordered, cols), len(ordered) - 1)
+    hit = (ordered[at] == cols) & (counts > 0)
+    out[owner[hit], order[at[hit]]] = True
+    return out[:, order[np.searchsorted(ordered, columns)]]  # an item asked twice: the same column twice
 
 
 def reason(proof: Proof, named: bool) -> str:

@@ -98,8 +98,9 @@ class SplitParams(_Strict):
 
 
 class IndexParams(_Strict):
-    kind: Literal["auto", "flat", "hnsw"] = "auto"
-    flat_max_items: int = 50_000  # auto: exact search up to this many items, HNSW above
+    kind: Literal["auto", "flat", "pq", "hnsw"] = "auto"
+    flat_max_items: int = 50_000  # auto: exact search up to this many items, "pq" above
+    refine_factor: float = Field(4.0, ge=1.0)  # pq: exact inner products for this many times k of its best
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 128
