@@ -360,7 +360,6 @@ class Recovery:
             log.warning("online store back in line after %.1f s", self._clock() - self._down_since)
         self._ready = True
         self._down_since = None
-        self._down_monotonic = -float("inf")
         metrics.ONLINE_STORE_UP.set(1)
 
     def _flush(self, entry: _Deferred, rebuilt: bool) -> int:
