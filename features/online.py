@@ -262,6 +262,9 @@ class MemoryStore:
         with self._lock:
             return [user_id in self._erased for user_id in user_ids]
 
+    def standings(self, user_ids: Sequence[str]) -> tuple[list[bool], list[dict[str, bool]]]:
+        return self.erased(user_ids), self.consents(user_ids)
+
     def put_items(self, items: Sequence[Mapping[str, object]]) -> int:
         rows = [_catalog_row(item) for item in items]
         with self._lock:
@@ -652,14 +655,21 @@ class RedisStore:
         return {purpose: given.get(purpose, True) for purpose in CONSENT_PURPOSES}
 
     def consents(self, user_ids: Sequence[str]) -> list[dict[str, bool]]:
+        return self.standings(user_ids)[1]
+
+    def standings(self, user_ids: Sequence[str]) -> tuple[list[bool], list[dict[str, bool]]]:
+        if not user_ids:
+            return [], []
         pipe = self._redis.pipeline(transaction=False)
+        pipe.smismember(self.keys.tombstones, list(user_ids))
         for user_id in user_ids:
             pipe.hgetall(self.keys.consent(user_id))
-        out = []
-        for stored in cast(list[dict[bytes, bytes]], pipe.execute()):
+        flags, *stored_rows = pipe.execute()
+        consents = []
+        for stored in cast(list[dict[bytes, bytes]], stored_rows):
             given = {purpose.decode(): value == b"1" for purpose, value in stored.items()}
-            out.append({purpose: given.get(purpose, True) for purpose in CONSENT_PURPOSES})
-        return out
+            consents.append({purpose: given.get(purpose, True) for purpose in CONSENT_PURPOSES})
+        return [bool(flag) for flag in flags], consents
 
     def erase_user(self, user_id: str) -> None:
         pipe = self._redis.pipeline(transaction=True)

@@ -112,6 +112,10 @@ class OnlineStore(Protocol):
 
     def erased(self, user_ids: Sequence[str]) -> list[bool]: ...
 
+    def standings(self, user_ids: Sequence[str]) -> tuple[list[bool], list[dict[str, bool]]]:
+        """`erased` and `consents` of many users together, in one round trip."""
+        ...
+
     # -- catalog and merchandising overlays ---------------------------------------------------------
     def put_items(self, items: Sequence[Mapping[str, object]]) -> int:
         """Upsert catalog rows (item_id plus any of category, brand, price, in_stock, title, created_at);

@@ -56,8 +56,7 @@ class Privacy:
         if self.store is None:
             return self.from_ledger(user_ids)
         try:
-            erased = self.store.erased(user_ids)
-            consents = self.store.consents(user_ids)
+            erased, consents = self.store.standings(user_ids)  # one round trip
         except STORE_ERRORS:
             log.warning("online store unavailable: consent and erasure from the event log alone", exc_info=True)
             return self.from_ledger(user_ids)

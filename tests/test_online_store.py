@@ -363,3 +363,14 @@ def test_redis_and_memory_agree_on_a_random_event_sequence(redis_url: str, redis
         assert [item for item, _ in got] == [item for item, _ in want]
         assert [score for _, score in got] == pytest.approx([score for _, score in want], rel=1e-12)
     on_redis.close()
+
+
+def test_standings_read_tombstones_and_consent_together(store: OnlineStore) -> None:
+    store.set_consent("u1", {"marketing": False})
+    store.erase_user("u2")
+    erased, consents = store.standings(["u1", "u2", "u3"])
+    assert erased == [False, True, False]
+    assert consents[0]["marketing"] is False
+    assert consents[2] == dict.fromkeys(CONSENT_PURPOSES, True)
+    assert (erased, consents) == (store.erased(["u1", "u2", "u3"]), store.consents(["u1", "u2", "u3"]))
+    assert store.standings([]) == ([], [])
