@@ -51,6 +51,7 @@ from training.evaluate import (
 )
 from training.index import build_item_index, index_kind
 from training.params import TrainParams
+from training.replay import evaluate_replay
 from training.settings import TrainingSettings
 from training.split import Holdout, time_holdout
 from training.twostage import UNION_SIZE, evaluate_two_stage
@@ -181,6 +182,12 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
                                            social=data.social)
         report, ranker_text, windows = two_stage.report, two_stage.ranker.to_string(), two_stage.windows
         propensity = two_stage.propensity
+        if params.evaluation.replay_hours > 0:
+            with clock.stage("request-time replay"):
+                replay = evaluate_replay(two_stage.test_window, events, events["ts"].max() + pd.Timedelta(1, "ns"),
+                                         two_stage.rankers, params, data.social, say)
+            if replay is not None:
+                report.replay_rows, report.replay = replay.rows, replay.summary
     else:
         say("no time order: the ranker needs one, so only ALS and popularity are evaluated and served")
         report = evaluate_on_holdout(data, holdout, params, clock)
@@ -195,6 +202,15 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
         a = report.ablation
         say(f"ranker / ranker_no_social NDCG@{a['k']}: {float(a['ratio']):.3f} "
             f"(95% interval {float(a['ci_low']):.3f} - {float(a['ci_high']):.3f})")
+    if report.replay:
+        r = report.replay
+        say(f"request-time replay: {int(r['groups']):,} (user, slice) groups in {int(r['slices_with_groups'])} of "
+            f"{int(r['slices'])} slices of {float(r['hours']):g} h (sampled: {r['sampled']}); state "
+            f"{float(r['state_seconds_per_slice']):.1f} s per slice, candidate rows "
+            f"{1000 * float(r['rows_seconds_per_group']):.1f} ms per group (both rankers)")
+        say(pd.DataFrame.from_dict(report.replay_rows, orient="index").round(4).to_string())
+        say(f"ranker_replay / ranker_no_social_replay NDCG@{r['k']}: {float(r['ratio']):.3f} "
+            f"(95% interval {float(r['ci_low']):.3f} - {float(r['ci_high']):.3f})")
     return Evaluation(holdout, report, ranker_text, windows, propensity)
 
 

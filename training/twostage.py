@@ -49,6 +49,8 @@ class TwoStageResult:
     windows: dict[str, str]  # T0..T3 as ISO text, for the manifest
     popularity_window: str
     propensity: dict[str, PropensityModel]  # segments' model per target kind, fitted on window A
+    test_window: Window  # window B: models fit at T2, the starting point of request-time replay
+    rankers: dict[str, Ranker]  # trained on window A: "ranker" and, with the ablation, "ranker_no_social"
 
 
 def _popularity_scores(window: Window, name: str) -> np.ndarray:
@@ -278,6 +280,7 @@ def evaluate_two_stage(
     ranked = _ranked_rows(rows, scores)
     # Serving ranks for users the model knows; the others get the fallback chain, so evaluation does too.
     lists["ranker"] = _compose_all(window_b, targets, n, _per_user(Source.ALS, ranked, targets.user_idx >= 0))
+    rankers_a = {"ranker": ranker_a}
     if params.evaluation.social_ablation:
         lists["als_social"] = _compose_all(window_b, targets, n, _per_user(
             Source.ALS, _social_als(window_b, targets, n, params.evaluation.social_smoothing)))
@@ -291,6 +294,7 @@ def evaluate_two_stage(
         lists["ranker_no_social"] = _compose_all(
             window_b, targets, n, _per_user(Source.ALS, ranked_plain, targets.user_idx >= 0))
         say(f"ranker without social sources and features: {ranker_plain.rounds} rounds")
+        rankers_a["ranker_no_social"] = ranker_plain
 
     via_share = attribute(events.loc[events["ts"] >= t2 - pd.Timedelta(days=7)]).purchases
     via_share = via_share.loc[via_share["ts"] >= t2]
@@ -341,4 +345,4 @@ def evaluate_two_stage(
         "T2": t2.isoformat(),
         "T3": events["ts"].max().isoformat(),
     }
-    return TwoStageResult(report, ranker, windows, popularity_window, propensity)
+    return TwoStageResult(report, ranker, windows, popularity_window, propensity, window_b, rankers_a)
