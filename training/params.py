@@ -127,6 +127,9 @@ class EvalParams(_Strict):
     replay_hours: float = Field(0.0, ge=0.0)
     replay_max_slices: int = Field(24, ge=1)
     replay_seed: int = 31
+    # Also train both rankers on request-time groups of window A's label period (alone, and stacked with the
+    # static groups); per ranker, keep what scores best on the held-out users' request-time groups.
+    replay_training: bool = True
 
     @model_validator(mode="after")
     def _replay_needs_ablation(self) -> EvalParams:

@@ -22,9 +22,30 @@ from features.state import build_state
 from features.weights import CONVERSION_TYPES
 from training.evaluate import Targets, bootstrap_ratio, holdout_targets, per_user_metrics, score_lists
 from training.params import TrainParams
-from training.ranker import Ranker
-from training.twostage import UNION_SIZE, _blank_social, _compose_all, _per_user, _ranked_rows, without_social
-from training.window import Window, blocked_matrix, bought_matrix, candidate_rows
+from training.ranker import Ranker, RankerData, fit_ranker, with_positive_groups
+from training.twostage import (
+    UNION_SIZE,
+    TwoStageResult,
+    _blank_social,
+    _compose_all,
+    _per_user,
+    _ranked_rows,
+    held_out_users,
+    training_groups,
+    without_social,
+)
+from training.window import (
+    CandidateRows,
+    Window,
+    attach_labels,
+    blocked_matrix,
+    bought_matrix,
+    candidate_rows,
+    labels_between,
+)
+
+Groups = list[tuple[CandidateRows, np.ndarray]]  # candidate rows and their labels, one entry per label period
+TRAINING_MODES = ("static", "replay", "stacked")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +75,90 @@ def slice_starts(start: pd.Timestamp, end: pd.Timestamp, hours: float) -> list[p
     step = pd.Timedelta(hours=hours)
     count = max(math.ceil((end - start) / step), 1)
     return [start + k * step for k in range(count)]
+
+
+def _sampled(starts: list[pd.Timestamp], params: TrainParams) -> list[pd.Timestamp]:
+    """At most `replay_max_slices` of the slices, drawn with the replay seed, in time order."""
+    limit = params.evaluation.replay_max_slices
+    if len(starts) <= limit:
+        return starts
+    picked = np.random.default_rng(params.evaluation.replay_seed).choice(len(starts), limit, replace=False)
+    return [starts[p] for p in np.sort(picked).tolist()]
+
+
+def replay_label_groups(window: Window, events: pd.DataFrame, end: pd.Timestamp, params: TrainParams,
+                        social: pd.DataFrame | None) -> dict[str, Groups]:
+    """Ranker groups the request-time way over [window.cutoff, end): per slice, the known users who buy or
+    cart in it, candidates and features as of the slice start, labels from the slice; for the social and
+    the no-social ranker (candidates of `without_social`, social columns blank), from the same states."""
+    hours = params.evaluation.replay_hours
+    known = known_events(events, window)
+    plain = without_social(params)
+    out: dict[str, Groups] = {"ranker": [], "ranker_no_social": []}
+    for start in _sampled(slice_starts(window.cutoff, end, hours), params):
+        labels = labels_between(events, start, start + pd.Timedelta(hours=hours))
+        users = sorted(u for u in labels["user_id"].unique().tolist() if u in window.users)
+        if not users:
+            continue
+        current = window_as_of(window, known, start, params, social)
+        for name, chosen in (("ranker", params), ("ranker_no_social", plain)):
+            rows = candidate_rows(current, users, chosen, UNION_SIZE)
+            if name == "ranker_no_social" or not params.ranker.social:
+                _blank_social(rows)
+            out[name].append((rows, attach_labels(rows, current, labels)))
+    return out
+
+
+def _group_ndcg(ranker: Ranker, data: RankerData, k: int) -> float:
+    """Mean NDCG@k of the ranker's order within each group, graded by the labels (purchase 2, cart 1)."""
+    if not len(data.group_sizes):
+        return float("nan")
+    scores = ranker.predict(data.features)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    values, start = [], 0
+    for size in data.group_sizes.tolist():
+        labels, group = data.labels[start : start + size], scores[start : start + size]
+        start += size
+        gains = (2.0 ** labels[np.argsort(-group, kind="stable")][:k]) - 1.0
+        ideal = (2.0 ** np.sort(labels)[::-1][:k]) - 1.0
+        values.append(float((gains * discounts[: len(gains)]).sum() / (ideal * discounts[: len(ideal)]).sum()))
+    return float(np.mean(values))
+
+
+def train_replay_rankers(two_stage: TwoStageResult, events: pd.DataFrame, end: pd.Timestamp, params: TrainParams,
+                         social: pd.DataFrame | None, say: Callable[[str], None]
+                         ) -> tuple[dict[str, Ranker], dict[str, float | str]]:
+    """Per ranker, the static one of window A or one trained on window A's request-time groups (alone or
+    stacked with the static groups), whichever has the best NDCG@max(K) on the request-time groups of the
+    users held out for early stopping. The same procedure and held-out users for both rankers."""
+    window = two_stage.label_window
+    replay = replay_label_groups(window, events, end, params, social)
+    held = held_out_users(two_stage.label_groups["ranker"], params,
+                          np.random.default_rng(params.ranker.seed))  # the static rankers' own draw
+    k = max(params.evaluation.k)
+    chosen: dict[str, Ranker] = {}
+    notes: dict[str, float | str] = {}
+    for name, own in (("ranker", params), ("ranker_no_social", without_social(params))):
+        valid = [with_positive_groups(rows.features, labels, rows.group_sizes,
+                                      np.asarray([held.get(u, False) for u in rows.user_ids], dtype=bool))
+                 for rows, labels in replay[name]]
+        valid_data = RankerData(np.concatenate([v.features for v in valid]),
+                                np.concatenate([v.labels for v in valid]),
+                                np.concatenate([v.group_sizes for v in valid]))
+        candidates = {"static": two_stage.rankers[name]}
+        for mode, groups in (("replay", replay[name]), ("stacked", [*two_stage.label_groups[name], *replay[name]])):
+            train, stop = training_groups(groups, own, np.random.default_rng(params.ranker.seed), held)
+            candidates[mode] = fit_ranker(train, own.ranker, stop)
+        scores = {mode: _group_ndcg(ranker, valid_data, k) for mode, ranker in candidates.items()}
+        best = max(TRAINING_MODES, key=lambda mode: scores[mode])
+        chosen[name] = candidates[best]
+        notes[f"{name}_training"] = best
+        notes |= {f"{name}_valid_ndcg_{mode}": value for mode, value in scores.items()}
+        say(f"{name} for replay: validation NDCG@{k} on {len(valid_data.group_sizes):,} request-time groups "
+            + ", ".join(f"{mode} {scores[mode]:.4f} ({candidates[mode].rounds} rounds)" for mode in TRAINING_MODES)
+            + f": keeps {best}")
+    notes["train_groups"] = float(sum(len(rows.user_ids) for rows, _ in replay["ranker"]))
+    return chosen, notes
 
 
 def slice_targets(events: pd.DataFrame, window: Window, end: pd.Timestamp, weights: dict[str, float]) -> Targets:
@@ -105,19 +210,12 @@ def evaluate_replay(
     say: Callable[[str], None],
 ) -> ReplayResult | None:
     """Score `rankers` ("ranker": social, "ranker_no_social") and `repeat` per (user, slice) over
-    [window.cutoff, end]; None (with a message) when the test window's times cannot be sliced."""
+    [window.cutoff, end); None (with a message) when no known user buys in the sampled slices."""
     hours = params.evaluation.replay_hours
     starts = slice_starts(window.cutoff, end, hours)
     test = events.loc[events["ts"] >= window.cutoff]
-    if test["ts"].nunique() < len(starts):
-        say(f"replay skipped: the test window has {test['ts'].nunique():,} distinct times for {len(starts):,} "
-            f"slices of {hours:g} h (time buckets, not event times)")
-        return None
     sampled = len(starts) > params.evaluation.replay_max_slices
-    if sampled:
-        rng = np.random.default_rng(params.evaluation.replay_seed)
-        picked = np.sort(rng.choice(len(starts), params.evaluation.replay_max_slices, replace=False))
-        starts = [starts[p] for p in picked.tolist()]
+    starts = _sampled(starts, params)
     known = known_events(events, window)
     plain = without_social(params)
     n, k = max(params.evaluation.k), max(params.evaluation.k)
@@ -160,3 +258,27 @@ def evaluate_replay(
         "rows_seconds_per_group": rows_seconds / len(targets.user_ids),
     }
     return ReplayResult(result, summary)
+
+
+def run_replay(two_stage: TwoStageResult, events: pd.DataFrame, params: TrainParams, social: pd.DataFrame | None,
+               say: Callable[[str], None]) -> ReplayResult | None:
+    """Request-time evaluation of the two rankers on window B, after training them the request-time way
+    too when `evaluation.replay_training` is on; None (with the reason said) when time cannot be sliced."""
+    window = two_stage.test_window
+    end = events["ts"].max() + pd.Timedelta(1, "ns")
+    hours = params.evaluation.replay_hours
+    slices = len(slice_starts(window.cutoff, end, hours))
+    times = events.loc[events["ts"] >= window.cutoff, "ts"].nunique()
+    if times < slices:
+        say(f"request-time replay skipped: the test window holds {times:,} distinct times for {slices:,} slices "
+            f"of {hours:g} h (its events are bucketed, not timed)")
+        return None
+    rankers, notes = two_stage.rankers, dict[str, float | str]()
+    if params.evaluation.replay_training:
+        started = time.perf_counter()
+        rankers, notes = train_replay_rankers(two_stage, events, window.cutoff, params, social, say)
+        notes["train_seconds"] = time.perf_counter() - started
+    result = evaluate_replay(window, events, end, rankers, params, social, say)
+    if result is None:
+        return None
+    return ReplayResult(result.rows, result.summary | notes)
