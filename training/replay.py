@@ -96,7 +96,7 @@ def replay_label_groups(window: Window, events: pd.DataFrame, end: pd.Timestamp,
     plain = without_social(params)
     out: dict[str, Groups] = {"ranker": [], "ranker_no_social": []}
     for start in _sampled(slice_starts(window.cutoff, end, hours), params):
-        labels = labels_between(events, start, start + pd.Timedelta(hours=hours))
+        labels = labels_between(events, start, min(start + pd.Timedelta(hours=hours), end))  # never past `end`
         users = sorted(u for u in labels["user_id"].unique().tolist() if u in window.users)
         if not users:
             continue
@@ -226,7 +226,7 @@ def evaluate_replay(
         started = time.perf_counter()
         current = window_as_of(window, known, start, params, social)
         state_seconds += time.perf_counter() - started
-        targets = slice_targets(test, current, start + pd.Timedelta(hours=hours), params.weights)
+        targets = slice_targets(test, current, min(start + pd.Timedelta(hours=hours), end), params.weights)
         if not len(targets.user_ids):
             continue
         parts.append(targets)
