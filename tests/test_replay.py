@@ -16,7 +16,7 @@ from features.ranking import FEATURE_NAMES, SOCIAL_COLUMNS
 from tests.event_frames import T0, social_events
 from training.bundle import ITEM_META_COLUMNS
 from training.params import ALSParams, BPRParams, EvalParams, TrainParams, load_params
-from training.replay import known_events, slice_starts, slice_targets, window_as_of
+from training.replay import known_events, slice_starts, slice_targets, unsliceable, window_as_of
 from training.window import Window, candidate_rows, fit_window
 
 PARAMS = TrainParams(als=ALSParams(factors=8, iterations=4), bpr=BPRParams(factors=8, iterations=10))
@@ -132,3 +132,13 @@ def test_slices_cover_the_window_and_replay_needs_the_ablation(tmp_path: Path) -
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     assert load_params(path) == params
+
+
+def test_bucketed_times_cannot_be_replayed() -> None:
+    end = T0 + pd.Timedelta(days=2)
+    bucketed = social_events([("u0", "i0", "purchase", 0, None, None), ("u1", "i1", "purchase", 1, None, None)])
+    problem = unsliceable(bucketed, T0, end, 2.0)
+    assert problem is not None
+    assert "2 distinct times for 24 slices" in problem
+    timed = social_events([(f"u{k}", "i0", "view", k / 24, None, None) for k in range(48)])
+    assert unsliceable(timed, T0, end, 2.0) is None

@@ -260,18 +260,25 @@ def evaluate_replay(
     return ReplayResult(result, summary)
 
 
+def unsliceable(events: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, hours: float) -> str | None:
+    """Why [start, end) cannot be replayed in `hours` slices (fewer distinct times than slices), or None."""
+    slices = len(slice_starts(start, end, hours))
+    times = events.loc[(events["ts"] >= start) & (events["ts"] < end), "ts"].nunique()
+    if times < slices:
+        return (f"the test window holds {times:,} distinct times for {slices:,} slices of {hours:g} h "
+                "(its events are bucketed, not timed)")
+    return None
+
+
 def run_replay(two_stage: TwoStageResult, events: pd.DataFrame, params: TrainParams, social: pd.DataFrame | None,
                say: Callable[[str], None]) -> ReplayResult | None:
     """Request-time evaluation of the two rankers on window B, after training them the request-time way
     too when `evaluation.replay_training` is on; None (with the reason said) when time cannot be sliced."""
     window = two_stage.test_window
     end = events["ts"].max() + pd.Timedelta(1, "ns")
-    hours = params.evaluation.replay_hours
-    slices = len(slice_starts(window.cutoff, end, hours))
-    times = events.loc[events["ts"] >= window.cutoff, "ts"].nunique()
-    if times < slices:
-        say(f"request-time replay skipped: the test window holds {times:,} distinct times for {slices:,} slices "
-            f"of {hours:g} h (its events are bucketed, not timed)")
+    problem = unsliceable(events, window.cutoff, end, params.evaluation.replay_hours)
+    if problem is not None:
+        say(f"request-time replay skipped: {problem}")
         return None
     rankers, notes = two_stage.rankers, dict[str, float | str]()
     if params.evaluation.replay_training:
