@@ -51,7 +51,7 @@ from training.evaluate import (
 )
 from training.index import build_item_index, index_kind
 from training.params import TrainParams
-from training.replay import run_replay
+from training.replay import replay_lines, run_replay
 from training.settings import TrainingSettings
 from training.split import Holdout, time_holdout
 from training.twostage import UNION_SIZE, evaluate_two_stage
@@ -202,15 +202,8 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
         say(f"ranker / ranker_no_social NDCG@{a['k']}: {float(a['ratio']):.3f} "
             f"(95% interval {float(a['ci_low']):.3f} - {float(a['ci_high']):.3f})")
     if report.replay:
-        r = report.replay
-        say(f"request-time replay: {int(r['groups']):,} (user, slice) groups in {int(r['slices_with_groups'])} of "
-            f"{int(r['slices'])} slices of {float(r['hours']):g} h (sampled: {r['sampled']}); state "
-            f"{float(r['state_seconds_per_slice']):.1f} s per slice, candidate rows "
-            f"{1000 * float(r['rows_seconds_per_group']):.1f} ms per group (both rankers); rankers trained "
-            f"{r.get('ranker_training', 'static')} / {r.get('ranker_no_social_training', 'static')}")
-        say(pd.DataFrame.from_dict(report.replay_rows, orient="index").round(4).to_string())
-        say(f"ranker_replay / ranker_no_social_replay NDCG@{r['k']}: {float(r['ratio']):.3f} "
-            f"(95% interval {float(r['ci_low']):.3f} - {float(r['ci_high']):.3f})")
+        for line in replay_lines(report.replay_rows, report.replay):
+            say(line)
     return Evaluation(holdout, report, ranker_text, windows, propensity)
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 
 from features.candidates import PopularLists
 from features.feed import Source
-from features.state import build_state
+from features.state import build_state, cell_values
 from features.weights import CONVERSION_TYPES
 from training.evaluate import Targets, bootstrap_ratio, holdout_targets, per_user_metrics, score_lists
 from training.params import TrainParams
@@ -221,6 +221,7 @@ def evaluate_replay(
     n, k = max(params.evaluation.k), max(params.evaluation.k)
     lists: dict[str, list[np.ndarray]] = {"ranker": [], "ranker_no_social": [], "repeat": []}
     parts: list[Targets] = []
+    shared: list[bool] = []  # per group: a target item was shared to the buyer before the slice start
     state_seconds = rows_seconds = 0.0
     for start in starts:
         started = time.perf_counter()
@@ -230,6 +231,8 @@ def evaluate_replay(
         if not len(targets.user_ids):
             continue
         parts.append(targets)
+        shared += [bool((cell_values(current.state.pair_shared_last, np.full(len(t), u), t) > 0).any())
+                   for u, t in zip(targets.user_idx.tolist(), targets.items, strict=True)]
         users = [str(u) for u in targets.user_ids]
         everyone = np.ones(len(users), dtype=bool)
         rows = candidate_rows(current, users, params, UNION_SIZE)
@@ -257,6 +260,11 @@ def evaluate_replay(
         "sampled": "yes" if sampled else "no", "state_seconds_per_slice": state_seconds / len(starts),
         "rows_seconds_per_group": rows_seconds / len(targets.user_ids),
     }
+    with_share = np.asarray(shared, dtype=bool)
+    summary["groups_with_shared_target"] = float(with_share.sum())
+    if with_share.any():  # where a fresh social signal exists at all: does the social ranker use it?
+        summary["ranker_ndcg_shared_groups"] = float(ours[with_share].mean())
+        summary["ranker_no_social_ndcg_shared_groups"] = float(theirs[with_share].mean())
     return ReplayResult(result, summary)
 
 
@@ -289,3 +297,24 @@ def run_replay(two_stage: TwoStageResult, events: pd.DataFrame, params: TrainPar
     if result is None:
         return None
     return ReplayResult(result.rows, result.summary | notes)
+
+
+def replay_lines(rows: dict[str, dict[str, float]], summary: dict[str, float | str]) -> list[str]:
+    """What a run prints about replay: groups and cost, the table, the ratio line, the shared-item groups."""
+    r = summary
+    lines = [
+        f"request-time replay: {int(r['groups']):,} (user, slice) groups in {int(r['slices_with_groups'])} of "
+        f"{int(r['slices'])} slices of {float(r['hours']):g} h (sampled: {r['sampled']}); state "
+        f"{float(r['state_seconds_per_slice']):.1f} s per slice, candidate rows "
+        f"{1000 * float(r['rows_seconds_per_group']):.1f} ms per group (both rankers); rankers trained "
+        f"{r.get('ranker_training', 'static')} / {r.get('ranker_no_social_training', 'static')}",
+        pd.DataFrame.from_dict(rows, orient="index").round(4).to_string(),
+        f"ranker_replay / ranker_no_social_replay NDCG@{r['k']}: {float(r['ratio']):.3f} "
+        f"(95% interval {float(r['ci_low']):.3f} - {float(r['ci_high']):.3f})",
+    ]
+    if "ranker_ndcg_shared_groups" in r:
+        lines.append(
+            f"groups where a bought item had been shared to the buyer before the slice start: "
+            f"{int(r['groups_with_shared_target']):,}; NDCG@{r['k']} there {float(r['ranker_ndcg_shared_groups']):.4f}"
+            f" (ranker) vs {float(r['ranker_no_social_ndcg_shared_groups']):.4f} (ranker_no_social)")
+    return lines
