@@ -47,6 +47,8 @@ class EvalReport:
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)  # new / returning users: NDCG@K
     ablation: dict[str, float | str] = field(default_factory=dict)  # ranker vs ranker_no_social, with CI
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # model -> metric -> value per CURVE_K
+    replay_rows: dict[str, dict[str, float]] = field(default_factory=dict)  # request-time replay, per (user, slice)
+    replay: dict[str, float | str] = field(default_factory=dict)  # its ratio with CI, groups and cost
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame.from_dict(self.rows, orient="index")
@@ -58,6 +60,9 @@ class EvalReport:
         out["holdout.cold_user_share"] = self.cold_user_share
         out |= {f"comparison.{k}": float(v) for k, v in self.comparison.items() if not isinstance(v, str)}
         out |= {f"ablation.{k}": float(v) for k, v in self.ablation.items() if not isinstance(v, str)}
+        out |= {f"replay.{model}.{metric}": value for model, row in self.replay_rows.items()
+                for metric, value in row.items()}
+        out |= {f"replay.{k}": float(v) for k, v in self.replay.items() if not isinstance(v, str)}
         for group, row in self.breakdown.items():
             out |= {f"{group}.{model}.ndcg": value for model, value in row.items() if model != "users"}
             out[f"{group}.users"] = row.get("users", 0.0)

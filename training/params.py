@@ -12,7 +12,7 @@ from typing import Literal
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from features.weights import merged_weights
 
@@ -122,6 +122,20 @@ class EvalParams(_Strict):
     # features (row ranker_no_social) and ALS with friend-smoothed user vectors (row als_social).
     social_ablation: bool = False
     social_smoothing: float = Field(0.3, ge=0.0, le=1.0)  # als_social: (1 - s) * own + s * friends' mean
+    # Request-time replay (training.replay): > 0 also scores both rankers on H-hour slices of the test window,
+    # each with the state as of the slice start; at most `replay_max_slices` slices, sampled with the seed.
+    replay_hours: float = Field(0.0, ge=0.0)
+    replay_max_slices: int = Field(24, ge=1)
+    replay_seed: int = 31
+    # Also train both rankers on request-time groups of window A's label period (alone, and stacked with the
+    # static groups); per ranker, keep what scores best on the held-out users' request-time groups.
+    replay_training: bool = True
+
+    @model_validator(mode="after")
+    def _replay_needs_ablation(self) -> EvalParams:
+        if self.replay_hours > 0 and not self.social_ablation:
+            raise ValueError("evaluation.replay_hours compares the two rankers: it needs social_ablation: true")
+        return self
 
 
 class TrainParams(_Strict):

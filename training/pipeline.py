@@ -51,6 +51,7 @@ from training.evaluate import (
 )
 from training.index import build_item_index, index_kind
 from training.params import TrainParams
+from training.replay import replay_lines, run_replay
 from training.settings import TrainingSettings
 from training.split import Holdout, time_holdout
 from training.twostage import UNION_SIZE, evaluate_two_stage
@@ -181,6 +182,11 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
                                            social=data.social)
         report, ranker_text, windows = two_stage.report, two_stage.ranker.to_string(), two_stage.windows
         propensity = two_stage.propensity
+        if params.evaluation.replay_hours > 0:
+            with clock.stage("request-time replay"):
+                replay = run_replay(two_stage, events, params, data.social, say)
+            if replay is not None:
+                report.replay_rows, report.replay = replay.rows, replay.summary
     else:
         say("no time order: the ranker needs one, so only ALS and popularity are evaluated and served")
         report = evaluate_on_holdout(data, holdout, params, clock)
@@ -195,6 +201,9 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
         a = report.ablation
         say(f"ranker / ranker_no_social NDCG@{a['k']}: {float(a['ratio']):.3f} "
             f"(95% interval {float(a['ci_low']):.3f} - {float(a['ci_high']):.3f})")
+    if report.replay:
+        for line in replay_lines(report.replay_rows, report.replay):
+            say(line)
     return Evaluation(holdout, report, ranker_text, windows, propensity)
 
 

@@ -49,6 +49,10 @@ class TwoStageResult:
     windows: dict[str, str]  # T0..T3 as ISO text, for the manifest
     popularity_window: str
     propensity: dict[str, PropensityModel]  # segments' model per target kind, fitted on window A
+    test_window: Window  # window B: models fit at T2, the starting point of request-time replay
+    rankers: dict[str, Ranker]  # trained on window A: "ranker" and, with the ablation, "ranker_no_social"
+    label_window: Window  # window A, with the label groups of each of those rankers (for request-time training)
+    label_groups: dict[str, list[tuple[CandidateRows, np.ndarray]]]
 
 
 def _popularity_scores(window: Window, name: str) -> np.ndarray:
@@ -185,12 +189,21 @@ def _stack(parts: list[RankerData]) -> RankerData:
     )
 
 
-def _training_groups(
+def held_out_users(
     stacked: list[tuple[CandidateRows, np.ndarray]], params: TrainParams, rng: np.random.Generator
+) -> dict[str, bool]:
+    """Which users of the label windows are held out for early stopping (drawn once, in user id order)."""
+    users = sorted({u for rows, _ in stacked for u in rows.user_ids})
+    return dict(zip(users, (rng.random(len(users)) < params.ranker.validation_share).tolist(), strict=True))
+
+
+def training_groups(
+    stacked: list[tuple[CandidateRows, np.ndarray]], params: TrainParams, rng: np.random.Generator,
+    held: dict[str, bool] | None = None,
 ) -> tuple[RankerData, RankerData]:
     """Training and early-stopping groups from every label window; a user is held out in all or none."""
-    users = sorted({u for rows, _ in stacked for u in rows.user_ids})
-    held = dict(zip(users, (rng.random(len(users)) < params.ranker.validation_share).tolist(), strict=True))
+    if held is None:
+        held = held_out_users(stacked, params, rng)
     train, valid = [], []
     for rows, labels in stacked:
         valid_groups = np.asarray([held[u] for u in rows.user_ids], dtype=bool)
@@ -227,7 +240,7 @@ def evaluate_two_stage(
             break
         label_windows.append((fit_window(events, catalog, params, cut, meta_columns, social), cut, cut + (t2 - t1)))
     stacked = [_ranker_data(w, events, start, end, params) for w, start, end in label_windows]
-    train_data, valid_data = _training_groups(stacked, params, rng)
+    train_data, valid_data = training_groups(stacked, params, rng)
     if not len(train_data.group_sizes):
         raise ValueError(
             f"no user bought or carted anything among their candidates in [{t1}, {t2}): "
@@ -278,12 +291,14 @@ def evaluate_two_stage(
     ranked = _ranked_rows(rows, scores)
     # Serving ranks for users the model knows; the others get the fallback chain, so evaluation does too.
     lists["ranker"] = _compose_all(window_b, targets, n, _per_user(Source.ALS, ranked, targets.user_idx >= 0))
+    rankers_a = {"ranker": ranker_a}
+    groups_a = {"ranker": stacked}
     if params.evaluation.social_ablation:
         lists["als_social"] = _compose_all(window_b, targets, n, _per_user(
             Source.ALS, _social_als(window_b, targets, n, params.evaluation.social_smoothing)))
         plain = without_social(params)
         stacked_plain = [_ranker_data(w, events, start, end, plain) for w, start, end in label_windows]
-        train_plain, valid_plain = _training_groups(stacked_plain, plain, np.random.default_rng(params.ranker.seed))
+        train_plain, valid_plain = training_groups(stacked_plain, plain, np.random.default_rng(params.ranker.seed))
         ranker_plain = fit_ranker(train_plain, plain.ranker, valid_plain)
         rows_plain = candidate_rows(window_b, [str(u) for u in targets.user_ids], plain, UNION_SIZE)
         _blank_social(rows_plain)
@@ -291,6 +306,8 @@ def evaluate_two_stage(
         lists["ranker_no_social"] = _compose_all(
             window_b, targets, n, _per_user(Source.ALS, ranked_plain, targets.user_idx >= 0))
         say(f"ranker without social sources and features: {ranker_plain.rounds} rounds")
+        rankers_a["ranker_no_social"] = ranker_plain
+        groups_a["ranker_no_social"] = stacked_plain
 
     via_share = attribute(events.loc[events["ts"] >= t2 - pd.Timedelta(days=7)]).purchases
     via_share = via_share.loc[via_share["ts"] >= t2]
@@ -341,4 +358,5 @@ def evaluate_two_stage(
         "T2": t2.isoformat(),
         "T3": events["ts"].max().isoformat(),
     }
-    return TwoStageResult(report, ranker, windows, popularity_window, propensity)
+    return TwoStageResult(report, ranker, windows, popularity_window, propensity, window_b, rankers_a,
+                          window_a, groups_a)

@@ -1,0 +1,144 @@
+"""Request-time replay: a slice's features see every event before its start and nothing at or after it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from features.dataset import load_dataset
+from features.ranking import FEATURE_NAMES, SOCIAL_COLUMNS
+from tests.event_frames import T0, social_events
+from training.bundle import ITEM_META_COLUMNS
+from training.params import ALSParams, BPRParams, EvalParams, TrainParams, load_params
+from training.replay import known_events, slice_starts, slice_targets, unsliceable, window_as_of
+from training.window import Window, candidate_rows, fit_window
+
+PARAMS = TrainParams(als=ALSParams(factors=8, iterations=4), bpr=BPRParams(factors=8, iterations=10))
+
+
+def _slice_rows(window: Window, events: pd.DataFrame, at: pd.Timestamp, users: list[str],
+                social: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    current = window_as_of(window, known_events(events, window), at, PARAMS, social)
+    rows = candidate_rows(current, users, PARAMS, 120)
+    return rows.features, window.items.ids[rows.items], rows.group_sizes
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_moving_every_event_at_or_after_the_slice_start_changes_no_feature(demo_dir: Path, seed: int) -> None:
+    data = load_dataset(demo_dir, PARAMS.weights.keys())
+    events = data.events
+    cut = events["ts"].quantile(0.8).floor("D")  # window B's cut-off (T2): the models are fit before it
+    start = cut + pd.Timedelta(hours=30)  # a slice of the test window
+    window = fit_window(events, data.items, PARAMS, cut, ITEM_META_COLUMNS, data.social)
+    users = sorted(events.loc[events["ts"] >= start, "user_id"].unique().tolist())
+    users = [u for u in users if u in window.users][:60]
+    before = _slice_rows(window, events, start, users, data.social)
+
+    rng = np.random.default_rng(seed)
+    future = events["ts"] >= start
+    moved = events.copy()
+    shift = pd.to_timedelta(rng.integers(0, 30 * 86_400, future.sum()), unit="s")
+    moved.loc[future, "ts"] = moved.loc[future, "ts"] + shift
+    moved.loc[future, "item_id"] = rng.permutation(moved.loc[future, "item_id"].to_numpy())
+    moved.loc[future, "event_type"] = rng.choice(["view", "purchase", "add_to_cart", "share"], future.sum())
+    for column in ("target_user_id", "referrer_id"):
+        moved.loc[future, column] = rng.permutation(moved.loc[future, "user_id"].to_numpy())
+    moved = moved.sort_values("ts", kind="stable").reset_index(drop=True)
+    after = _slice_rows(window, moved, start, users, data.social)
+
+    for b, a in zip(before, after, strict=True):
+        np.testing.assert_array_equal(b, a)
+    assert before[0].shape[0] > 0
+    # The check can fail: the events between T2 and the slice start do reach the slice's features.
+    at_cut = _slice_rows(window, events, cut, users, data.social)
+    assert at_cut[0].shape != before[0].shape or not np.array_equal(at_cut[0], before[0], equal_nan=True)
+
+
+CATALOG = pd.DataFrame({"item_id": pd.Series([f"i{k}" for k in range(8)], dtype="str"),
+                        "category": pd.Series([f"c{k % 2}" for k in range(8)], dtype="str")})
+
+
+def _world(share_day: float) -> pd.DataFrame:
+    """Twelve users and eight items over ten days; u1 shares i7 with u0 at `share_day`."""
+    rows: list[tuple[str, str, str, float, str | None, str | None]] = []
+    for u in range(12):
+        for d in range(10):
+            item = f"i{(u + d) % 6}"
+            rows.append((f"u{u}", item, "view", d + u / 24, None, None))
+            if d % 3 == 0:
+                rows.append((f"u{u}", item, "purchase", d + u / 24 + 0.01, None, None))
+    rows.append(("u5", "i7", "view", 2.0, None, None))
+    rows.append(("u1", "i7", "share", share_day, "u0", None))
+    rows.append(("u2", "i6", "purchase", 10.5, None, None))  # after the cut: the test window's first buy
+    rows.sort(key=lambda r: r[3])
+    return social_events(rows)
+
+
+@pytest.mark.parametrize(("share_hours", "proposed"), [(1.0, True), (3.0, False)])
+def test_a_share_received_before_the_slice_start_makes_the_item_a_candidate(share_hours: float,
+                                                                          proposed: bool) -> None:
+    cut = T0 + pd.Timedelta(days=10)
+    events = _world(10 + share_hours / 24)
+    window = fit_window(events, CATALOG, PARAMS, cut, ITEM_META_COLUMNS)
+    start = cut + pd.Timedelta(hours=2)
+    current = window_as_of(window, known_events(events, window), start, PARAMS, None)
+    rows = candidate_rows(current, ["u0"], PARAMS, 120)
+    gift = window.items.index_of("i7")
+    assert (gift in rows.per_source["shared"][0].tolist()) is proposed
+    shared_days = rows.features[:, FEATURE_NAMES.index("pair_shared_days")][rows.items == gift]
+    if proposed:
+        assert shared_days[0] == pytest.approx(1 / 24, abs=1e-6)  # one hour old at the slice start
+    else:  # the tiny catalog puts every item in the union: the feature shows the share was not seen
+        assert np.isnan(shared_days).all()
+    # As of the cut itself (the static evaluation), the share is never visible.
+    static = candidate_rows(window, ["u0"], PARAMS, 120)
+    assert gift not in static.per_source["shared"][0].tolist()
+    assert set(SOCIAL_COLUMNS) <= set(FEATURE_NAMES)
+
+
+def test_slice_targets_are_the_slice_purchases_of_known_users_without_blocked_items() -> None:
+    cut = T0 + pd.Timedelta(days=10)
+    events = _world(5.0)
+    extra = social_events([
+        ("u3", "i6", "purchase", 10.6, None, None),
+        ("u4", "i0", "purchase", 10.6, None, None),
+        ("newcomer", "i1", "purchase", 10.6, None, None),  # unknown to the window: not a group
+        ("u3", "i2", "purchase", 11.0, None, None),  # after the slice
+    ])
+    events = pd.concat([events, extra], ignore_index=True).sort_values("ts", kind="stable")
+    window = fit_window(events, CATALOG, PARAMS, cut, ITEM_META_COLUMNS)
+    current = window_as_of(window, known_events(events, window), cut + pd.Timedelta(hours=12), PARAMS, None)
+    blocked = current.blocked.tolil()
+    blocked[window.users.index_of("u4"), window.items.index_of("i0")] = 1.0  # as if the policy forbade it again
+    current = replace(current, blocked=blocked.tocsr())
+    targets = slice_targets(events, current, cut + pd.Timedelta(hours=16), PARAMS.weights)
+    found = {str(u): sorted(window.items.ids[t].tolist()) for u, t in zip(targets.user_ids, targets.items,
+                                                                           strict=True)}
+    assert found == {"u2": ["i6"], "u3": ["i6"]}
+
+
+def test_slices_cover_the_window_and_replay_needs_the_ablation(tmp_path: Path) -> None:
+    starts = slice_starts(T0, T0 + pd.Timedelta(hours=7), 3.0)
+    assert starts == [T0, T0 + pd.Timedelta(hours=3), T0 + pd.Timedelta(hours=6)]
+    with pytest.raises(ValidationError):
+        EvalParams(replay_hours=2.0)
+    params = TrainParams(evaluation=EvalParams(social_ablation=True, replay_hours=2.0))
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    assert load_params(path) == params
+
+
+def test_bucketed_times_cannot_be_replayed() -> None:
+    end = T0 + pd.Timedelta(days=2)
+    bucketed = social_events([("u0", "i0", "purchase", 0, None, None), ("u1", "i1", "purchase", 1, None, None)])
+    problem = unsliceable(bucketed, T0, end, 2.0)
+    assert problem is not None
+    assert "2 distinct times for 24 slices" in problem
+    timed = social_events([(f"u{k}", "i0", "view", k / 24, None, None) for k in range(48)])
+    assert unsliceable(timed, T0, end, 2.0) is None
