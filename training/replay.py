@@ -26,11 +26,11 @@ from training.ranker import Ranker, RankerData, fit_ranker, with_positive_groups
 from training.twostage import (
     UNION_SIZE,
     TwoStageResult,
-    _blank_social,
-    _compose_all,
-    _per_user,
-    _ranked_rows,
+    blank_social,
+    compose_all,
     held_out_users,
+    per_user_lists,
+    ranked_rows,
     training_groups,
     without_social,
 )
@@ -104,7 +104,7 @@ def replay_label_groups(window: Window, events: pd.DataFrame, end: pd.Timestamp,
         for name, chosen in (("ranker", params), ("ranker_no_social", plain)):
             rows = candidate_rows(current, users, chosen, UNION_SIZE)
             if name == "ranker_no_social" or not params.ranker.social:
-                _blank_social(rows)
+                blank_social(rows)
             out[name].append((rows, attach_labels(rows, current, labels)))
     return out
 
@@ -238,13 +238,13 @@ def evaluate_replay(
         rows = candidate_rows(current, users, params, UNION_SIZE)
         rows_plain = candidate_rows(current, users, plain, UNION_SIZE)
         rows_seconds += rows.seconds + rows_plain.seconds
-        _blank_social(rows_plain)
+        blank_social(rows_plain)
         if not params.ranker.social:
-            _blank_social(rows)
+            blank_social(rows)
         for name, scored in (("ranker", rows), ("ranker_no_social", rows_plain)):
-            ranked = _ranked_rows(scored, rankers[name].predict(scored.features))
-            lists[name] += _compose_all(current, targets, n, _per_user(Source.ALS, ranked, everyone))
-        lists["repeat"] += _compose_all(current, targets, n, _per_user(Source.REPEAT, rows.per_source["repeat"]))
+            ranked = ranked_rows(scored, rankers[name].predict(scored.features))
+            lists[name] += compose_all(current, targets, n, per_user_lists(Source.ALS, ranked, everyone))
+        lists["repeat"] += compose_all(current, targets, n, per_user_lists(Source.REPEAT, rows.per_source["repeat"]))
     if not parts:
         say("replay skipped: no known user bought anything in the sampled slices")
         return None

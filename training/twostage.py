@@ -69,7 +69,7 @@ def _ranked(scores: np.ndarray, depth: int) -> Candidates:
     return Candidates(Source.POPULAR, order.astype(np.int64), scores[order].astype(np.float32))
 
 
-def _compose_all(
+def compose_all(
     window: Window, targets: Targets, n: int, chain_for: Callable[[int], list[Candidates]]
 ) -> list[np.ndarray]:
     """Each target user's list: `chain_for(position)` then the trending fallback, blocked items removed."""
@@ -93,7 +93,7 @@ def _shared(chain: list[Candidates]) -> Callable[[int], list[Candidates]]:
     return lambda _position: chain
 
 
-def _per_user(
+def per_user_lists(
     source: Source, ranked: list[np.ndarray], known: np.ndarray | None = None
 ) -> Callable[[int], list[Candidates]]:
     """Each user's own ranked list, as one source; users not `known` get the fallback alone (as served)."""
@@ -106,7 +106,7 @@ def _per_user(
     return chain
 
 
-def _ranked_rows(rows: CandidateRows, scores: np.ndarray) -> list[np.ndarray]:
+def ranked_rows(rows: CandidateRows, scores: np.ndarray) -> list[np.ndarray]:
     return [rows.items[s][np.argsort(-scores[s], kind="stable")] for s in rows.group_slices()]
 
 
@@ -115,7 +115,7 @@ def _best_popularity_window(window: Window, targets: Targets, n: int, ks: tuple[
     best, best_score = "trending", -1.0
     for name in [*(f"{d}d" for d in ITEM_WINDOWS_DAYS), "all", "trending"]:
         chain = [_ranked(_popularity_scores(window, name), n + 2000)]
-        lists = _compose_all(window, targets, n, _shared(chain))
+        lists = compose_all(window, targets, n, _shared(chain))
         score = score_lists(lists, targets, ks, len(window.items))[f"ndcg_at_{max(ks)}"]
         if score > best_score:
             best, best_score = name, score
@@ -129,7 +129,7 @@ def _ranker_data(
     users = sorted(labels["user_id"].unique().tolist())
     rows = candidate_rows(window, users, params, UNION_SIZE)
     if not _social_on(params):
-        _blank_social(rows)
+        blank_social(rows)
     return rows, attach_labels(rows, window, labels)
 
 
@@ -142,7 +142,7 @@ def without_social(params: TrainParams) -> TrainParams:
     return params.model_copy(update={"ranker": params.ranker.model_copy(update={"social": False})})
 
 
-def _blank_social(rows: CandidateRows) -> None:
+def blank_social(rows: CandidateRows) -> None:
     """The social feature columns set to missing: a ranker trained on them never splits on them."""
     rows.features[:, [FEATURE_NAMES.index(name) for name in SOCIAL_COLUMNS]] = np.nan
 
@@ -266,7 +266,7 @@ def evaluate_two_stage(
     targets = replace(targets, unseen_item_share=unseen_pairs / max(int(targets.n_targets.sum()), 1))
     rows = candidate_rows(window_b, [str(u) for u in targets.user_ids], params, UNION_SIZE)
     if not _social_on(params):
-        _blank_social(rows)
+        blank_social(rows)
     started = time.perf_counter()
     scores = ranker_a.predict(rows.features)
     rank_seconds = time.perf_counter() - started
@@ -280,31 +280,31 @@ def evaluate_two_stage(
 
     lists: dict[str, list[np.ndarray]] = {}
     popular = [_ranked(_popularity_scores(window_b, popularity_window), n + 2000)]
-    lists[f"popular_{popularity_window}"] = _compose_all(window_b, targets, n, _shared(popular))
+    lists[f"popular_{popularity_window}"] = compose_all(window_b, targets, n, _shared(popular))
     if popularity_window != "all":  # all-time popularity too: the plain baseline every recommender must beat
         all_time = [_ranked(_popularity_scores(window_b, "all"), n + 2000)]
-        lists["popular_all"] = _compose_all(window_b, targets, n, _shared(all_time))
+        lists["popular_all"] = compose_all(window_b, targets, n, _shared(all_time))
     for name in BASELINE_SOURCES:
-        lists[name] = _compose_all(window_b, targets, n, _per_user(Source(name), rows.per_source[name]))
-    union = _ranked_rows(rows, rows.fused.astype(np.float64))
-    lists["union_rrf"] = _compose_all(window_b, targets, n, _per_user(Source.ALS, union))
-    ranked = _ranked_rows(rows, scores)
+        lists[name] = compose_all(window_b, targets, n, per_user_lists(Source(name), rows.per_source[name]))
+    union = ranked_rows(rows, rows.fused.astype(np.float64))
+    lists["union_rrf"] = compose_all(window_b, targets, n, per_user_lists(Source.ALS, union))
+    ranked = ranked_rows(rows, scores)
     # Serving ranks for users the model knows; the others get the fallback chain, so evaluation does too.
-    lists["ranker"] = _compose_all(window_b, targets, n, _per_user(Source.ALS, ranked, targets.user_idx >= 0))
+    lists["ranker"] = compose_all(window_b, targets, n, per_user_lists(Source.ALS, ranked, targets.user_idx >= 0))
     rankers_a = {"ranker": ranker_a}
     groups_a = {"ranker": stacked}
     if params.evaluation.social_ablation:
-        lists["als_social"] = _compose_all(window_b, targets, n, _per_user(
+        lists["als_social"] = compose_all(window_b, targets, n, per_user_lists(
             Source.ALS, _social_als(window_b, targets, n, params.evaluation.social_smoothing)))
         plain = without_social(params)
         stacked_plain = [_ranker_data(w, events, start, end, plain) for w, start, end in label_windows]
         train_plain, valid_plain = training_groups(stacked_plain, plain, np.random.default_rng(params.ranker.seed))
         ranker_plain = fit_ranker(train_plain, plain.ranker, valid_plain)
         rows_plain = candidate_rows(window_b, [str(u) for u in targets.user_ids], plain, UNION_SIZE)
-        _blank_social(rows_plain)
-        ranked_plain = _ranked_rows(rows_plain, ranker_plain.predict(rows_plain.features))
-        lists["ranker_no_social"] = _compose_all(
-            window_b, targets, n, _per_user(Source.ALS, ranked_plain, targets.user_idx >= 0))
+        blank_social(rows_plain)
+        ranked_plain = ranked_rows(rows_plain, ranker_plain.predict(rows_plain.features))
+        lists["ranker_no_social"] = compose_all(
+            window_b, targets, n, per_user_lists(Source.ALS, ranked_plain, targets.user_idx >= 0))
         say(f"ranker without social sources and features: {ranker_plain.rounds} rounds")
         rankers_a["ranker_no_social"] = ranker_plain
         groups_a["ranker_no_social"] = stacked_plain
