@@ -82,9 +82,16 @@ class Ranker:
 
 
 def fit_ranker(
-    train: RankerData, params: RankerParams, valid: RankerData | None = None, rounds: int | None = None
+    train: RankerData,
+    params: RankerParams,
+    valid: RankerData | None = None,
+    rounds: int | None = None,
+    feature_names: tuple[str, ...] = FEATURE_NAMES,
 ) -> Ranker:
-    """LambdaRank; early stopping on `valid` NDCG@20 unless a fixed number of `rounds` is given."""
+    """LambdaRank; early stopping on `valid` NDCG@20 unless a fixed number of `rounds` is given.
+
+    `feature_names` names the columns; only benchmarks that try extra columns pass anything but the served ones.
+    """
     settings = {
         "objective": "lambdarank",
         "metric": "ndcg",
@@ -103,7 +110,7 @@ def fit_ranker(
         "force_row_wise": True,
     }
     train_set = lgb.Dataset(
-        train.features, train.labels, group=train.group_sizes, feature_name=list(FEATURE_NAMES), free_raw_data=False
+        train.features, train.labels, group=train.group_sizes, feature_name=list(feature_names), free_raw_data=False
     )
     callbacks: list[Callable[..., Any]] = []
     valid_sets = []
