@@ -30,6 +30,8 @@ TREND_DAYS = 180  # one of features.state.ITEM_WINDOWS_DAYS
 DUE_EDGES = (0.5, 1.0, 1.5, 2.5)
 DUE_BINS = ("early", "near", "now", "late", "lapsed")  # below 0.5, 0.5-1, 1-1.5, 1.5-2.5, 2.5 and over
 MIN_INTERVAL_PAIRS = 5  # a target's interval needs this many user-item pairs bought on two occasions or more
+INTENT_HALF_LIFE_DAYS = 3.0  # recent intent: the last touch of the target, on a short half-life
+FRIENDS_DAYS = 7  # social: people the user sees who bought the target this recently
 TargetKind = Literal["item", "category", "brand"]
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -40,6 +42,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "user_target_purchase_share",  # purchases of the target / all the user's purchases
     # target items the user last bought that many reorder intervals ago (DUE_EDGES), x the target's repeat share
     *(f"user_target_due_{name}" for name in DUE_BINS),
+    f"user_target_touch_recency_{int(INTENT_HALF_LIFE_DAYS)}d",
+    f"user_target_friends_bought_{FRIENDS_DAYS}d",  # log(1 + people the user sees who bought it that recently)
     "user_target_als_mean",  # u . (buyer-weighted mean of the target's top items), standardised over users
     "user_target_als_max",  # max over those items of u . v, standardised over users
     "user_purchases_log",
@@ -130,6 +134,7 @@ class Target:
     mean_scale: tuple[float, float]  # mean and standard deviation of u . query over the sample users
     max_scale: tuple[float, float]  # the same for max over `vectors`
     due: np.ndarray  # DUE_BINS x users: the user_target_due_* columns
+    friends_bought: np.ndarray  # per user: people they see who bought the target in the last FRIENDS_DAYS
     interval_days: float  # the target's reorder interval; NaN when too few pairs were bought again
     buyers_log: float
     trend: float
@@ -216,6 +221,7 @@ class PropensityContext:
             np.int64)) if self.n_users else np.zeros(0, np.int64)
         self.trend_column = ITEM_WINDOWS_DAYS.index(TREND_DAYS)
         self.item_repeat_pairs, self.item_interval_log_sum, self.item_buyer_pairs = pair_intervals(state)
+        self.seen_by = sp.csc_matrix(state.user_sees)  # column = the user seen: who sees a set of buyers
 
     def target(self, items: np.ndarray) -> Target:
         n = self.n_users
@@ -232,10 +238,12 @@ class PropensityContext:
         interval = (float(np.exp(self.item_interval_log_sum[items].sum() / repeat_pairs))
                     if repeat_pairs >= MIN_INTERVAL_PAIRS else float("nan"))
         repeat_share = repeat_pairs / max(float(self.item_buyer_pairs[items].sum()), 1.0)
+        last_bought = _column_max(last_purchase, n)
+        recent_buyers = np.flatnonzero(last_bought >= self.reference - FRIENDS_DAYS * DAY)  # NaN: never
         return Target(
             items=items,
             purchases=purchases,
-            last_purchase=_column_max(last_purchase, n),
+            last_purchase=last_bought,
             touched=np.bincount(touched.indices, minlength=n).astype(np.float64),
             last_touch=_column_max(touched, n),
             vectors=vectors,
@@ -244,6 +252,7 @@ class PropensityContext:
             max_scale=_spread((users @ vectors.T).max(axis=1).astype(np.float64) if len(users) else users[:, 0]),
             due=due_counts(last_purchase, self.reference, interval, repeat_share, n),
             interval_days=interval,
+            friends_bought=np.bincount(self.seen_by[:, recent_buyers].indices, minlength=n).astype(np.float64),
             buyers_log=float(np.log((np.count_nonzero(purchases) + 1.0) / (n + 1.0))),
             trend=float(window_counts[:, self.trend_column].sum() / total) if total > 0 else 0.0,
         )
@@ -271,6 +280,8 @@ class PropensityContext:
         user_purchases = self.user_purchases[rows]
         yield np.divide(purchases, user_purchases, out=np.zeros(len(rows)), where=user_purchases > 0)
         yield from target.due[:, rows]
+        yield decay(touch_days, INTENT_HALF_LIFE_DAYS)
+        yield np.log1p(target.friends_bought[rows])
         # one product for both ALS columns, items x users, so the max runs over contiguous rows
         als = np.vstack([target.query, target.vectors]) @ np.take(self.user_factors, rows, axis=0).T
         yield (als[0] - target.mean_scale[0]) / target.mean_scale[1]

@@ -152,11 +152,22 @@ def test_serving_scores_with_the_features_training_computes(demo_dir: Path, bund
     assert bought.max() > 0
     events = np.asarray(bundle.state.user_type_counts).sum(axis=1)[members.user_idx]
     np.testing.assert_allclose(features[:, FEATURE_NAMES.index("user_events_log")], np.log1p(events))
+    # people the user sees who bought the category in the week before the newest event
+    last = bundle.state.pair_last_purchase.tocsc()[:, items].max(axis=1).toarray().ravel()
+    recent = (last > 0) & (last >= served.reference - 7 * 86_400)
+    friends = np.asarray(bundle.state.user_sees @ recent.astype(float)).ravel()
+    assert friends.max() > 0
+    everyone = np.arange(len(bundle.users))
+    column = FEATURE_NAMES.index("user_target_friends_bought_7d")
+    np.testing.assert_allclose(served.features(served.target(items), everyone)[:, column], np.log1p(friends))
+    # reorder timing: some category of the demo is bought again, so has an interval and due users
+    codes = np.asarray(bundle.state.item_category)
+    assert any(served.target(np.flatnonzero(codes == code)).due.any() for code in np.unique(codes[codes >= 0]))
     model = bundle.manifest.propensity["category"]
     np.testing.assert_allclose(members.scores, model.probability(features), rtol=1e-5)
     # and the segment is the model's best 60 of all users (retrieval reaches them)
-    everyone = model.probability(training.features(training.target(items), np.arange(len(bundle.users))))
-    assert len(set(np.argsort(-everyone)[:60].tolist()) & set(members.user_idx.tolist())) >= 57
+    best = model.probability(training.features(training.target(items), everyone))
+    assert len(set(np.argsort(-best)[:60].tolist()) & set(members.user_idx.tolist())) >= 57
 
 
 def test_a_bundle_without_the_model_answers_with_the_fixed_formula(bundle: Bundle, tmp_path: Path) -> None:
@@ -238,6 +249,9 @@ def test_due_columns_count_reorders_by_the_targets_interval() -> None:
     tea = context.target(np.flatnonzero(np.asarray(window.state.item_category) == window.categories.index("tea")))
     assert tea.interval_days == pytest.approx(10.0)
     # every tea buyer bought it on two occasions: a repeat share of 1, so each column counts items
+    # recent intent: the last touch of tea on a 3-day half-life (the early group bought it 2.4 days ago)
+    early = context.features(tea, window.users.indexes(users["early"]))
+    np.testing.assert_allclose(early[:, FEATURE_NAMES.index("user_target_touch_recency_3d")], 0.5 ** (2.4 / 3))
     expected = {"due": "now", "early": "early", "late": "late", "viewer": None}
     for group, due_bin in expected.items():
         rows = window.users.indexes(users[group])
