@@ -133,7 +133,8 @@ class Target:
     query: np.ndarray  # the buyer-weighted mean of `vectors`
     mean_scale: tuple[float, float]  # mean and standard deviation of u . query over the sample users
     max_scale: tuple[float, float]  # the same for max over `vectors`
-    due: np.ndarray  # DUE_BINS x users: the user_target_due_* columns
+    due: np.ndarray  # users x DUE_BINS: target items last bought that many intervals ago
+    repeat_share: float  # share of the target's buyer-item pairs bought on two occasions or more
     friends_bought: np.ndarray  # per user: people they see who bought the target in the last FRIENDS_DAYS
     interval_days: float  # the target's reorder interval; NaN when too few pairs were bought again
     buyers_log: float
@@ -170,17 +171,16 @@ def pair_intervals(state: FeatureState) -> tuple[np.ndarray, np.ndarray, np.ndar
     return repeat_pairs, log_sum, pairs
 
 
-def due_counts(last_purchase: sp.csc_matrix, reference: float, interval_days: float, weight: float,
-               n_rows: int) -> np.ndarray:
-    """DUE_BINS x rows: per row, `weight` x the columns whose last purchase is that many intervals before
-    `reference`; all zero without an interval."""
+def due_counts(last_purchase: sp.csc_matrix, reference: float, interval_days: float, n_rows: int) -> np.ndarray:
+    """rows x DUE_BINS: per row, the columns whose last purchase is that many intervals before `reference`;
+    all zero without an interval. Row-major, so the features of a set of rows are one gather."""
     if not np.isfinite(interval_days) or not last_purchase.nnz:
-        return np.zeros((len(DUE_BINS), n_rows))
+        return np.zeros((n_rows, len(DUE_BINS)), dtype=np.int64)
     ratio = (reference - last_purchase.data) / DAY / interval_days
     due_bin = np.searchsorted(np.asarray(DUE_EDGES), ratio, side="right")
-    flat = due_bin * n_rows + last_purchase.indices.astype(np.intp)  # one bincount over (bin, row)
-    counts: np.ndarray = np.bincount(flat, minlength=len(DUE_BINS) * n_rows).reshape(len(DUE_BINS), n_rows)
-    return weight * counts
+    flat = last_purchase.indices.astype(np.intp) * len(DUE_BINS) + due_bin  # one bincount over (row, bin)
+    counts: np.ndarray = np.bincount(flat, minlength=len(DUE_BINS) * n_rows).reshape(n_rows, len(DUE_BINS))
+    return counts
 
 
 def _spread(scores: np.ndarray) -> tuple[float, float]:
@@ -250,7 +250,8 @@ class PropensityContext:
             query=query,
             mean_scale=_spread((users @ query).astype(np.float64)),
             max_scale=_spread((users @ vectors.T).max(axis=1).astype(np.float64) if len(users) else users[:, 0]),
-            due=due_counts(last_purchase, self.reference, interval, repeat_share, n),
+            due=due_counts(last_purchase, self.reference, interval, n),
+            repeat_share=repeat_share,
             interval_days=interval,
             friends_bought=np.bincount(self.seen_by[:, recent_buyers].indices, minlength=n).astype(np.float64),
             buyers_log=float(np.log((np.count_nonzero(purchases) + 1.0) / (n + 1.0))),
@@ -279,7 +280,7 @@ class PropensityContext:
         yield from (decay(touch_days, h) for h in HALF_LIVES_DAYS)
         user_purchases = self.user_purchases[rows]
         yield np.divide(purchases, user_purchases, out=np.zeros(len(rows)), where=user_purchases > 0)
-        yield from target.due[:, rows]
+        yield from (target.repeat_share * np.take(target.due, rows, axis=0)).T
         yield decay(touch_days, INTENT_HALF_LIFE_DAYS)
         yield np.log1p(target.friends_bought[rows])
         # one product for both ALS columns, items x users, so the max runs over contiguous rows
