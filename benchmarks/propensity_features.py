@@ -5,14 +5,18 @@ Same procedure as `propensity_variants.py` (the test part dropped; the category 
 of T0 and labels in [T0, T1), measured over every user of the window as of T1 on [T1, T2)), with the served
 logistic regression throughout and the feature set varied:
 
-- `v1`: the columns of PROPENSITY_VERSION 1 (no reorder timing);
-- `served`: features.propensity.FEATURE_NAMES as they are now;
-- `+own_due`: plus the same due bins with the user's own interval for pairs bought on two occasions or more;
-- `+touch_3d`: plus the recency of the last touch of the target at a 3-day half-life (recent intent);
-- `+friends_7d`: plus log(1 + people the user sees who bought the target in the last 7 days).
+- `v1`: the columns of PROPENSITY_VERSION 1 (no reorder timing, intent or friends);
+- `+due`: the reorder timing bins (user_target_due_*, the target's interval);
+- `+own_due`: the same bins by the user's own interval, for pairs bought on two occasions or more;
+- `+touch_3d`: the recency of the last touch of the target at a 3-day half-life (recent intent);
+- `+friends_7d`: log(1 + people the user sees who bought the target in the last 7 days);
+- `+repeat_x`: the history and ALS columns again, multiplied by the target's repeat share (so consumables
+  and durables can weigh them differently);
+- `served`: features.propensity.FEATURE_NAMES (v1 + due + touch_3d + friends_7d).
 
-    OMP_NUM_THREADS=1 nice -n 10 uv run python benchmarks/propensity_features.py demo=/tmp/pr/demo5k \\
-        demo20k=/tmp/pr/demo20k --out /tmp/pr/pf_demo.csv
+    OMP_NUM_THREADS=1 nice -n 10 uv run python benchmarks/propensity_features.py demo20k=/tmp/pr/demo20k \\
+        demo20k_s11=/tmp/pr/demo20k_s11 demo=/tmp/pr/demo5k epinions=../shared/data/epinions \\
+        amazon=../shared/data/amazon:benchmarks/params/amazon-tuned.yaml --out /tmp/pr/pf.csv   # ~8 min, busy
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import scipy.sparse as sp
 from propensity_variants import fit_lr, lift
 
 from features.dataset import load_dataset
-from features.propensity import DUE_BINS, DUE_EDGES, FEATURE_NAMES, PropensityContext, decay
+from features.propensity import DUE_BINS, DUE_EDGES, FEATURE_NAMES, PropensityContext
 from features.state import DAY
 from features.weights import CONVERSION_TYPES
 from training.bundle import ITEM_META_COLUMNS
@@ -35,28 +39,33 @@ from training.propensity import label_matrix, target_items
 from training.split import time_holdout, validation_cut
 from training.window import fit_window
 
-V1 = [i for i, f in enumerate(FEATURE_NAMES) if not f.startswith("user_target_due_")]
-# history and ALS columns that `+repeat_x` also gives multiplied by the target's repeat share
-INTERACTED = [i for i, f in enumerate(FEATURE_NAMES)
-              if f.startswith(("user_target_purchase", "user_target_items", "user_target_touch", "user_target_als"))]
+NEW = ("user_target_due_", "user_target_touch_recency_3d", "user_target_friends_bought_")
+V1 = [i for i, f in enumerate(FEATURE_NAMES) if not f.startswith(NEW)]
+DUE = [i for i, f in enumerate(FEATURE_NAMES) if f.startswith("user_target_due_")]
+TOUCH = FEATURE_NAMES.index("user_target_touch_recency_3d")
+FRIENDS = FEATURE_NAMES.index("user_target_friends_bought_7d")
+# history and ALS columns that `repeat_x` also gives multiplied by the target's repeat share
+INTERACTED = [i for i in V1 if FEATURE_NAMES[i].startswith(("user_target_purchase", "user_target_items",
+                                                            "user_target_touch", "user_target_als"))]
 N = len(FEATURE_NAMES)
-OWN, TOUCH, FRIENDS, REPEAT = N, N + len(DUE_BINS), N + len(DUE_BINS) + 1, N + len(DUE_BINS) + 2
+OWN = list(range(N, N + len(DUE_BINS)))
+REPEAT = list(range(N + len(DUE_BINS), N + len(DUE_BINS) + len(INTERACTED)))
 FEATURE_SETS: dict[str, list[int]] = {  # columns of the served features followed by extra_columns'
     "v1": V1,
-    "v1+repeat_x": [*V1, *range(REPEAT, REPEAT + len(INTERACTED))],
+    "v1+repeat_x": [*V1, *REPEAT],
+    "v1+due": [*V1, *DUE],
+    "v1+due+own_due": [*V1, *DUE, *OWN],
+    "v1+due+touch_3d": [*V1, *DUE, TOUCH],
+    "v1+due+friends_7d": [*V1, *DUE, FRIENDS],
+    "v1+due+repeat_x": [*V1, *DUE, *REPEAT],
     "served": list(range(N)),
-    "+own_due": list(range(N + len(DUE_BINS))),
-    "+touch_3d": [*range(N), TOUCH],
-    "+friends_7d": [*range(N), FRIENDS],
-    "+repeat_x": [*range(N), *range(REPEAT, REPEAT + len(INTERACTED))],
-    "+touch_3d+friends_7d": [*range(N), TOUCH, FRIENDS],
-    "+own_due+touch_3d+friends_7d": list(range(N + len(DUE_BINS) + 2)),
+    "served+own_due": [*range(N), *OWN],
 }
 
 
 def extra_columns(context: PropensityContext, items: np.ndarray, rows: np.ndarray, served: np.ndarray) -> np.ndarray:
-    """The experimental columns (own-interval due bins, 3-day touch recency, friends' recent purchases, the
-    history and ALS columns x the target's repeat share)."""
+    """The experimental columns: the due bins by the user's own interval, and the history and ALS columns x
+    the target's repeat share."""
     state, n = context.state, context.n_users
     repeat_share = context.item_repeat_pairs[items].sum() / max(context.item_buyer_pairs[items].sum(), 1.0)
     baskets = state.pair_baskets.tocsc()[:, items].tocoo()
@@ -68,17 +77,7 @@ def extra_columns(context: PropensityContext, items: np.ndarray, rows: np.ndarra
     due_bin = np.searchsorted(np.asarray(DUE_EDGES), ratio, side="right")
     own_due = np.zeros((len(DUE_BINS), n))
     np.add.at(own_due, (due_bin[again], baskets.row[again]), 1.0)
-    touched = context.last_touch[:, items]
-    last_touch = np.full(n, np.nan)
-    if touched.nnz:
-        np.fmax.at(last_touch, touched.indices, touched.data)
-    touch_3d = decay((context.reference - last_touch) / DAY, 3.0)
-    last_bought = np.full(n, -np.inf)
-    if last.nnz:
-        np.maximum.at(last_bought, last.row, last.data)
-    recent = (last_bought >= context.reference - 7 * DAY).astype(np.float64)
-    friends = np.log1p(sp.csr_matrix(state.user_sees) @ recent)
-    return np.column_stack([own_due[:, rows].T, touch_3d[rows], friends[rows], repeat_share * served[:, INTERACTED]])
+    return np.column_stack([own_due[:, rows].T, repeat_share * served[:, INTERACTED]])
 
 
 def rows_of(context: PropensityContext, targets: list[np.ndarray], labels: sp.csc_matrix, max_rows: int,
