@@ -3,10 +3,11 @@
 The user and item factors are synthesised (1M x 64 users, 100k x 64 items in 20 categories, low-rank with
 noise, the shape of the serving benchmark's bundle), with purchases and other positive events drawn from each
 user's category taste (3 and 6 per user by default, so a category has about a quarter of the users as past
-buyers or interactors, all of whom a propensity query scores), and a propensity model over the features
-the training fits (`--fixed`: none, the formula of older bundles). The engine is the service's (serving.segments) with
-an in-process online store checking erasure and consent of every member. FAISS runs on one thread, as in
-the service. RSS is sampled every 10 ms while the export streams.
+buyers or interactors, all of whom a propensity query scores), pairs bought more than once spread over 5-30
+day intervals (the reorder timing columns), 10 people each user sees (friends' purchases), and a propensity
+model over the features the training fits (`--fixed`: none, the formula of older bundles). The engine is the
+service's (serving.segments) with an in-process online store checking erasure and consent of every member.
+FAISS runs on one thread, as in the service. RSS is sampled every 10 ms while the export streams.
 
     OMP_NUM_THREADS=1 nice -n 10 uv run python benchmarks/segment_speed.py --users 1000000
 """
@@ -70,7 +71,7 @@ def synthetic_model() -> PropensityModel:
 
 
 def synthetic_bundle(n_users: int, n_items: int, factors: int, categories: int, purchases: float, touches: float,
-                     fitted: bool, seed: int = 0) -> Any:
+                     fitted: bool, friends: int = 10, seed: int = 0) -> Any:
     rng = np.random.default_rng(seed)
     now = time.time()
     topics = rng.normal(size=(categories, factors)).astype(np.float32)
@@ -83,6 +84,14 @@ def synthetic_bundle(n_users: int, n_items: int, factors: int, categories: int, 
     bought, last_bought = _pairs(rng, taste, by_category, purchases, now, 90.0, shape)
     _, last_touch = _pairs(rng, taste, by_category, touches, now, 60.0, shape)
     last_touch = last_touch.maximum(last_bought).tocsr()
+    # reorder timing: a pair bought n times spans n - 1 intervals of 5-30 days before the last purchase
+    first_bought = last_bought.copy()
+    first_bought.data -= (bought.data - 1) * rng.uniform(5, 30, bought.nnz) * 86_400
+    # whom each user sees (friends, followed): `friends` people drawn at random
+    sees = sp.csr_matrix((np.ones(n_users * friends, dtype=np.float32),
+                          (np.repeat(np.arange(n_users), friends), rng.integers(0, n_users, n_users * friends))),
+                         shape=(n_users, n_users))
+    sees.sum_duplicates()
     last_seen = np.asarray(last_touch.max(axis=1).todense()).ravel()
     buyers = np.asarray(bought.getnnz(axis=0), dtype=np.float32)
     type_counts = np.zeros((n_users, len(USER_EVENT_TYPES)), dtype=np.float32)
@@ -91,7 +100,8 @@ def synthetic_bundle(n_users: int, n_items: int, factors: int, categories: int, 
     window_counts = np.repeat(buyers[:, None], len(ITEM_WINDOWS_DAYS) + 1, axis=1)
     state = SimpleNamespace(item_category=item_cat, item_buyers=buyers, item_window_counts=window_counts,
                             pair_purchases=bought, cutoff_seconds=now, pair_last_purchase=last_bought,
-                            pair_last=last_touch, user_type_counts=type_counts,
+                            pair_last=last_touch, user_type_counts=type_counts, pair_baskets=bought,
+                            pair_first_purchase=first_bought, user_sees=sees,
                             user_last_seen=np.where(last_seen > 0, last_seen, np.nan))
     manifest = SimpleNamespace(categories=[f"c{k}" for k in range(categories)], brands=[],
                                propensity={"category": synthetic_model(), "item": synthetic_model().model_copy(
@@ -131,11 +141,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--purchases", type=float, default=3.0, help="purchases per user (Poisson mean)")
     parser.add_argument("--touches", type=float, default=6.0, help="other positive events per user (Poisson mean)")
+    parser.add_argument("--friends", type=int, default=10, help="people each user sees (the social graph)")
     parser.add_argument("--fixed", action="store_true", help="no fitted model: the fixed formula of older bundles")
     args = parser.parse_args()
     faiss.omp_set_num_threads(1)
     started = time.perf_counter()
-    bundle = synthetic_bundle(args.users, args.items, args.factors, 20, args.purchases, args.touches, not args.fixed)
+    bundle = synthetic_bundle(args.users, args.items, args.factors, 20, args.purchases, args.touches, not args.fixed,
+                              args.friends)
     print(f"synthetic bundle built in {time.perf_counter() - started:.0f}s: {bundle.state.pair_purchases.nnz:,} "
           f"bought and {bundle.state.pair_last.nnz:,} touched user-item pairs, "
           f"{'fixed formula' if args.fixed else 'fitted model'}")
@@ -157,7 +169,7 @@ def main() -> None:
         print(f"interactors (past buyers or touchers) per category: {', '.join(f'{r:,}' for r in reached)}, ...")
     for target in ({"category": "c19"}, {"item_id": f"i{args.items - 1}"}):  # per-bundle caches built on first use
         started = time.perf_counter()
-        engine.evaluate(PropensityQuery.model_validate({"kind": "propensity", "size": args.top, **target}), store)
+        engine.evaluate(PropensityQuery.model_validate({"kind": "propensity", "size": args.top, **target}), privacy)
         print(f"first {next(iter(target))} query (builds the per-bundle caches): "
               f"{(time.perf_counter() - started) * 1000:.0f} ms")
     times = {"category": [], "item": [], "category, active filter": []}

@@ -20,11 +20,18 @@ from scipy.special import expit
 
 from features.state import DAY, ITEM_WINDOWS_DAYS, FeatureState
 
-PROPENSITY_VERSION = 1  # bump when FEATURE_NAMES or their definitions change: older models then fall back
+PROPENSITY_VERSION = 2  # bump when FEATURE_NAMES or their definitions change: older models then fall back
 TOP_TARGET_ITEMS = 50  # a category or brand is represented by its this-many most bought items
 SCALE_SAMPLE = 4096  # users (evenly spaced over the vocabulary) that ALS scores are standardised over
 HALF_LIVES_DAYS = (30.0, 365.0)
 TREND_DAYS = 180  # one of features.state.ITEM_WINDOWS_DAYS
+# Reorder timing: days since the user last bought an item of the target over the target's reorder interval,
+# counted in these bins of that ratio (a consumable is bought again about one interval after the last time).
+DUE_EDGES = (0.5, 1.0, 1.5, 2.5)
+DUE_BINS = ("early", "near", "now", "late", "lapsed")  # below 0.5, 0.5-1, 1-1.5, 1.5-2.5, 2.5 and over
+MIN_INTERVAL_PAIRS = 5  # a target's interval needs this many user-item pairs bought on two occasions or more
+INTENT_HALF_LIFE_DAYS = 3.0  # recent intent: the last touch of the target, on a short half-life
+FRIENDS_DAYS = 7  # social: people the user sees who bought the target this recently
 TargetKind = Literal["item", "category", "brand"]
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -33,6 +40,10 @@ FEATURE_NAMES: tuple[str, ...] = (
     "user_target_items_log",  # log(1 + distinct target items with a positive event: views, carts, purchases)
     *(f"user_target_touch_recency_{int(h)}d" for h in HALF_LIVES_DAYS),
     "user_target_purchase_share",  # purchases of the target / all the user's purchases
+    # target items the user last bought that many reorder intervals ago (DUE_EDGES), x the target's repeat share
+    *(f"user_target_due_{name}" for name in DUE_BINS),
+    f"user_target_touch_recency_{int(INTENT_HALF_LIFE_DAYS)}d",
+    f"user_target_friends_bought_{FRIENDS_DAYS}d",  # log(1 + people the user sees who bought it that recently)
     "user_target_als_mean",  # u . (buyer-weighted mean of the target's top items), standardised over users
     "user_target_als_max",  # max over those items of u . v, standardised over users
     "user_purchases_log",
@@ -122,12 +133,54 @@ class Target:
     query: np.ndarray  # the buyer-weighted mean of `vectors`
     mean_scale: tuple[float, float]  # mean and standard deviation of u . query over the sample users
     max_scale: tuple[float, float]  # the same for max over `vectors`
+    due: np.ndarray  # users x DUE_BINS: target items last bought that many intervals ago
+    repeat_share: float  # share of the target's buyer-item pairs bought on two occasions or more
+    friends_bought: np.ndarray  # per user: people they see who bought the target in the last FRIENDS_DAYS
+    interval_days: float  # the target's reorder interval; NaN when too few pairs were bought again
     buyers_log: float
     trend: float
 
     def interactors(self) -> np.ndarray:
         """Users who bought or touched any of the target's items: the candidates retrieval must not miss."""
         return np.flatnonzero((self.purchases > 0) | (self.touched > 0))
+
+
+def _canonical(matrix: sp.csr_matrix) -> sp.coo_matrix:
+    """The pairs in row-major order with sorted columns, whatever order the matrix was built in."""
+    ordered = sp.csr_matrix(matrix, copy=True)
+    ordered.sort_indices()
+    return ordered.tocoo()
+
+
+def pair_intervals(state: FeatureState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per item, over its buyers: the pairs bought on two occasions or more, the sum of the log of their mean
+    days between occasions, and all buyer pairs; sums, so any target's geometric mean interval adds them up."""
+    baskets, first, last = (_canonical(m) for m in (state.pair_baskets, state.pair_first_purchase,
+                                                    state.pair_last_purchase))
+    if not (np.array_equal(baskets.row, first.row) and np.array_equal(baskets.col, first.col)
+            and np.array_equal(baskets.row, last.row) and np.array_equal(baskets.col, last.col)):
+        raise ValueError("the state's purchase occasion matrices do not hold the same pairs")
+    n_items = state.pair_baskets.shape[1]
+    again = baskets.data >= 2
+    # occasions are distinct days, so a pair bought again spans at least most of a day; floor at half a day
+    days = (last.data[again] - first.data[again]) / DAY / (baskets.data[again] - 1)
+    col = baskets.col[again].astype(np.intp)
+    repeat_pairs = np.bincount(col, minlength=n_items).astype(np.float64)
+    log_sum = np.bincount(col, weights=np.log(np.maximum(days, 0.5)), minlength=n_items)
+    pairs = np.bincount(baskets.col.astype(np.intp), minlength=n_items).astype(np.float64)
+    return repeat_pairs, log_sum, pairs
+
+
+def due_counts(last_purchase: sp.csc_matrix, reference: float, interval_days: float, n_rows: int) -> np.ndarray:
+    """rows x DUE_BINS: per row, the columns whose last purchase is that many intervals before `reference`;
+    all zero without an interval. Row-major, so the features of a set of rows are one gather."""
+    if not np.isfinite(interval_days) or not last_purchase.nnz:
+        return np.zeros((n_rows, len(DUE_BINS)), dtype=np.int64)
+    ratio = (reference - last_purchase.data) / DAY / interval_days
+    due_bin = np.searchsorted(np.asarray(DUE_EDGES), ratio, side="right")
+    flat = last_purchase.indices.astype(np.intp) * len(DUE_BINS) + due_bin  # one bincount over (row, bin)
+    counts: np.ndarray = np.bincount(flat, minlength=len(DUE_BINS) * n_rows).reshape(n_rows, len(DUE_BINS))
+    return counts
 
 
 def _spread(scores: np.ndarray) -> tuple[float, float]:
@@ -167,6 +220,8 @@ class PropensityContext:
         self.sample = np.unique(np.linspace(0, max(self.n_users - 1, 0), min(self.n_users, SCALE_SAMPLE)).astype(
             np.int64)) if self.n_users else np.zeros(0, np.int64)
         self.trend_column = ITEM_WINDOWS_DAYS.index(TREND_DAYS)
+        self.item_repeat_pairs, self.item_interval_log_sum, self.item_buyer_pairs = pair_intervals(state)
+        self.seen_by = sp.csc_matrix(state.user_sees)  # column = the user seen: who sees a set of buyers
 
     def target(self, items: np.ndarray) -> Target:
         n = self.n_users
@@ -178,16 +233,27 @@ class PropensityContext:
         users = self.user_factors[self.sample]
         window_counts = np.asarray(self.state.item_window_counts, dtype=np.float64)[items]
         total = float(window_counts[:, -1].sum())
+        last_purchase = self.last_purchase[:, items]
+        repeat_pairs = float(self.item_repeat_pairs[items].sum())
+        interval = (float(np.exp(self.item_interval_log_sum[items].sum() / repeat_pairs))
+                    if repeat_pairs >= MIN_INTERVAL_PAIRS else float("nan"))
+        repeat_share = repeat_pairs / max(float(self.item_buyer_pairs[items].sum()), 1.0)
+        last_bought = _column_max(last_purchase, n)
+        recent_buyers = np.flatnonzero(last_bought >= self.reference - FRIENDS_DAYS * DAY)  # NaN: never
         return Target(
             items=items,
             purchases=purchases,
-            last_purchase=_column_max(self.last_purchase[:, items], n),
+            last_purchase=last_bought,
             touched=np.bincount(touched.indices, minlength=n).astype(np.float64),
             last_touch=_column_max(touched, n),
             vectors=vectors,
             query=query,
             mean_scale=_spread((users @ query).astype(np.float64)),
             max_scale=_spread((users @ vectors.T).max(axis=1).astype(np.float64) if len(users) else users[:, 0]),
+            due=due_counts(last_purchase, self.reference, interval, n),
+            repeat_share=repeat_share,
+            interval_days=interval,
+            friends_bought=np.bincount(self.seen_by[:, recent_buyers].indices, minlength=n).astype(np.float64),
             buyers_log=float(np.log((np.count_nonzero(purchases) + 1.0) / (n + 1.0))),
             trend=float(window_counts[:, self.trend_column].sum() / total) if total > 0 else 0.0,
         )
@@ -214,6 +280,9 @@ class PropensityContext:
         yield from (decay(touch_days, h) for h in HALF_LIVES_DAYS)
         user_purchases = self.user_purchases[rows]
         yield np.divide(purchases, user_purchases, out=np.zeros(len(rows)), where=user_purchases > 0)
+        yield from (target.repeat_share * np.take(target.due, rows, axis=0)).T
+        yield decay(touch_days, INTENT_HALF_LIFE_DAYS)
+        yield np.log1p(target.friends_bought[rows])
         # one product for both ALS columns, items x users, so the max runs over contiguous rows
         als = np.vstack([target.query, target.vectors]) @ np.take(self.user_factors, rows, axis=0).T
         yield (als[0] - target.mean_scale[0]) / target.mean_scale[1]

@@ -4,6 +4,7 @@ formula."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import warnings
@@ -15,7 +16,7 @@ import pytest
 
 from features.dataset import load_dataset
 from features.ledger import ControlLedger
-from features.propensity import FEATURE_NAMES, PROPENSITY_VERSION, PropensityContext, PropensityModel
+from features.propensity import DUE_BINS, FEATURE_NAMES, PROPENSITY_VERSION, PropensityContext, PropensityModel
 from serving.privacy import Privacy
 from serving.segment_schemas import PropensityQuery
 from serving.segments import SegmentEngine
@@ -151,11 +152,22 @@ def test_serving_scores_with_the_features_training_computes(demo_dir: Path, bund
     assert bought.max() > 0
     events = np.asarray(bundle.state.user_type_counts).sum(axis=1)[members.user_idx]
     np.testing.assert_allclose(features[:, FEATURE_NAMES.index("user_events_log")], np.log1p(events))
+    # people the user sees who bought the category in the week before the newest event
+    last = bundle.state.pair_last_purchase.tocsc()[:, items].max(axis=1).toarray().ravel()
+    recent = (last > 0) & (last >= served.reference - 7 * 86_400)
+    friends = np.asarray(bundle.state.user_sees @ recent.astype(float)).ravel()
+    assert friends.max() > 0
+    everyone = np.arange(len(bundle.users))
+    column = FEATURE_NAMES.index("user_target_friends_bought_7d")
+    np.testing.assert_allclose(served.features(served.target(items), everyone)[:, column], np.log1p(friends))
+    # reorder timing: some category of the demo is bought again, so has an interval and due users
+    codes = np.asarray(bundle.state.item_category)
+    assert any(served.target(np.flatnonzero(codes == code)).due.any() for code in np.unique(codes[codes >= 0]))
     model = bundle.manifest.propensity["category"]
     np.testing.assert_allclose(members.scores, model.probability(features), rtol=1e-5)
     # and the segment is the model's best 60 of all users (retrieval reaches them)
-    everyone = model.probability(training.features(training.target(items), np.arange(len(bundle.users))))
-    assert len(set(np.argsort(-everyone)[:60].tolist()) & set(members.user_idx.tolist())) >= 57
+    best = model.probability(training.features(training.target(items), everyone))
+    assert len(set(np.argsort(-best)[:60].tolist()) & set(members.user_idx.tolist())) >= 57
 
 
 def test_a_bundle_without_the_model_answers_with_the_fixed_formula(bundle: Bundle, tmp_path: Path) -> None:
@@ -211,3 +223,64 @@ def test_probability_of_an_extreme_logit_neither_overflows_nor_loses_the_order()
     assert np.all(np.isfinite(p))
     assert p[2] == 1.0
     assert p[0] <= p[1] < p[2]
+
+
+def _reorder_shop() -> tuple[pd.DataFrame, pd.DataFrame, dict[str, list[str]]]:
+    """60 users who reorder tea every 10 days, in three groups of 20 by when they last bought it (as of day
+    30): 11.4 days before (`due`), 2.4 (`early`) and 19.4 (`late`); 20 more only looked at tea. In the label
+    window (days 30-35) the due group buys tea again."""
+    groups = {"due": (8.5, 18.5), "early": (17.5, 27.5), "late": (0.5, 10.5)}
+    users = {name: [f"{name}{k:02d}" for k in range(20)] for name in [*groups, "viewer"]}
+    catalog = pd.DataFrame({"item_id": ["tea", "soap"], "category": ["tea", "soap"]})
+    rows = [(user, "tea", "purchase", day) for name, days in groups.items() for user in users[name] for day in days]
+    rows += [(user, "tea", "view", 3.0) for user in users["viewer"]]
+    rows += [(user, "soap", "purchase", 5.0 + k % 7) for k, user in enumerate(itertools.chain(*users.values()))]
+    rows += [(users["viewer"][0], "soap", "view", 29.9)]  # the newest event: recency is measured from it
+    rows += [(user, "tea", "purchase", 31.0) for user in users["due"]]
+    events = pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "day"])
+    events["ts"] = (DAY0 + pd.to_timedelta(events.pop("day"), unit="D")).astype("datetime64[ns, UTC]")
+    return events.sort_values("ts", kind="stable").reset_index(drop=True), catalog, users
+
+
+def test_due_columns_count_reorders_by_the_targets_interval() -> None:
+    events, catalog, users = _reorder_shop()
+    window = fit_window(events, catalog, PARAMS, CUT, ITEM_META_COLUMNS)
+    context = PropensityContext(window.state, window.models.als_users, window.models.als_items)
+    tea = context.target(np.flatnonzero(np.asarray(window.state.item_category) == window.categories.index("tea")))
+    assert tea.interval_days == pytest.approx(10.0)
+    # every tea buyer bought it on two occasions: a repeat share of 1, so each column counts items
+    # recent intent: the last touch of tea on a 3-day half-life (the early group bought it 2.4 days ago)
+    early = context.features(tea, window.users.indexes(users["early"]))
+    np.testing.assert_allclose(early[:, FEATURE_NAMES.index("user_target_touch_recency_3d")], 0.5 ** (2.4 / 3))
+    expected = {"due": "now", "early": "early", "late": "late", "viewer": None}
+    for group, due_bin in expected.items():
+        rows = window.users.indexes(users[group])
+        features = context.features(tea, rows)
+        for name in DUE_BINS:
+            column = features[:, FEATURE_NAMES.index(f"user_target_due_{name}")]
+            np.testing.assert_array_equal(column, 1.0 if name == due_bin else 0.0, err_msg=f"{group} {name}")
+    # soap was bought on one occasion by everyone: no interval, no due counts
+    soap = context.target(np.flatnonzero(np.asarray(window.state.item_category) == window.categories.index("soap")))
+    assert np.isnan(soap.interval_days)
+    assert not soap.due.any()
+
+
+def test_the_model_ranks_the_users_who_are_due_first() -> None:
+    events, catalog, users = _reorder_shop()
+    window = fit_window(events, catalog, PARAMS, CUT, ITEM_META_COLUMNS)
+    model = fit_propensity(window, events, CUT, END, PARAMS.propensity, say=lambda _: None)["category"]
+    assert model.coef[FEATURE_NAMES.index("user_target_due_now")] > 0
+    scores = _tea_scores(window, model)
+    assert set(scores.nlargest(20).index) == set(users["due"])
+
+
+def test_a_model_of_the_first_feature_set_falls_back_to_the_fixed_formula(bundle: Bundle) -> None:
+    """Bundles written before the reorder timing columns carry version 1 and its 15 features."""
+    first = [f for f in FEATURE_NAMES if not f.startswith("user_target_due_")]
+    n = len(first)
+    old = PropensityModel(version=1, kind="category", features=first, mean=[0.0] * n, scale=[1.0] * n,
+                          coef=[0.1] * n, intercept=-3.0, label_days=6.0, rows=100, positives=10, targets=2)
+    assert not old.usable()
+    manifest = bundle.manifest.model_copy(update={"propensity": {"category": old}})
+    engine = SegmentEngine(Bundle(**{**{f: getattr(bundle, f) for f in Bundle.__slots__}, "manifest": manifest}))
+    assert engine.propensity_model("category") is None
