@@ -41,6 +41,22 @@ def with_positive_groups(
     return RankerData(features[index], labels[index], group_sizes[chosen])
 
 
+def shuffled_within_groups(data: RankerData, seed: int) -> RankerData:
+    """The same groups with their rows in random order (deterministic per seed).
+
+    Candidate rows arrive in merge order, which is already a good ranking; LightGBM's NDCG keeps row order
+    among tied scores, so in the first rounds, when most scores tie, early stopping would credit the model
+    with the merge order and stop after a handful of trees.
+    """
+    rng = np.random.default_rng(seed)
+    ends = np.cumsum(data.group_sizes)
+    order = np.concatenate(
+        [start + rng.permutation(size) for start, size in zip((ends - data.group_sizes).tolist(),
+                                                              data.group_sizes.tolist(), strict=True)]
+    ) if len(data.group_sizes) else np.empty(0, dtype=np.int64)
+    return RankerData(data.features[order], data.labels[order], data.group_sizes)
+
+
 def sample_negatives(data: RankerData, per_group: int, rng: np.random.Generator) -> RankerData:
     """Every positive and at most `per_group` random negatives of each group, order kept."""
     keep: list[np.ndarray] = []
@@ -115,6 +131,7 @@ def fit_ranker(
     callbacks: list[Callable[..., Any]] = []
     valid_sets = []
     if valid is not None and rounds is None and len(valid.group_sizes):
+        valid = shuffled_within_groups(valid, params.seed)
         valid_sets = [lgb.Dataset(valid.features, valid.labels, group=valid.group_sizes, reference=train_set)]
         callbacks.append(lgb.early_stopping(params.early_stopping_rounds, verbose=False))
     booster = lgb.train(
