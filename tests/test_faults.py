@@ -244,9 +244,11 @@ def test_redis_back_with_its_data_gets_the_backlog_once(bundle: Bundle, redis_se
 def test_only_one_worker_rebuilds_an_emptied_store(redis_server: RedisProcess, tmp_path: Path) -> None:
     log_dir = tmp_path / "log"
     now = time.time()
+    # One timestamp for all: trending counts per hour, and spreading them over minutes would let an hour
+    # boundary fall among them (the older ones then decay and the sum is not exactly 300 purchases).
     with EventLog(log_dir) as log:
         log.append([{"event_id": f"e{k}", "user_id": f"u{k % 7}", "item_id": "p1", "event_type": "purchase",
-                     "timestamp": datetime.fromtimestamp(now - k, UTC).isoformat()} for k in range(300)])
+                     "timestamp": datetime.fromtimestamp(now, UTC).isoformat()} for k in range(300)])
     prefix = f"sft:{uuid.uuid4().hex[:8]}:"
     stores = [RedisStore(redis_server.url, prefix) for _ in range(3)]
     workers = [Recovery(s, log_dir, window_seconds=86_400.0, backlog_limit=100, poll_seconds=0.05) for s in stores]
