@@ -103,6 +103,26 @@ def test_privacy_combines_the_ledger_and_the_store(tmp_path: Path) -> None:
     log.close()
 
 
+@pytest.mark.parametrize("purposes", [["marketing"], ["personalization"], ["social_proof", "marketing"], []])
+def test_allowed_answers_what_the_standings_allow(tmp_path: Path, purposes: list[str]) -> None:
+    """`allowed` skips building standings for users without statements; its answers must not differ."""
+    store = MemoryStore()
+    with EventLog(tmp_path) as log:
+        store.erase_user("store-only")
+        store.set_consent("store-says-no", {"marketing": False})
+        log.append([erase_row("log-only", time.time()), consent_row("late", {"marketing": False}, time.time()),
+                    consent_row("both", {"social_proof": False}, time.time())])
+        store.set_consent("both", {"social_proof": False})
+        store.set_consent("stale", {"personalization": False})
+        log.append([consent_row("stale", {"personalization": True}, time.time() + 1)])
+        users = ["store-only", "log-only", "late", "both", "stale", "store-says-no", "nobody", "nobody-2"]
+        fast = Privacy(ControlLedger(tmp_path, max_age_seconds=3600), store).allowed(users, purposes)
+        slow = Privacy(ControlLedger(tmp_path, max_age_seconds=3600), store).standings(users)
+    assert fast == [standing.allows(purposes) for standing in slow]
+    assert fast[:2] == [False, False]
+    assert fast[-2:] == [True, True]
+
+
 class _DownStore(MemoryStore):
     def erased(self, user_ids: object) -> list[bool]:
         raise redis.ConnectionError("down")
