@@ -21,13 +21,12 @@ logistic regression throughout and the feature set varied:
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from propensity_variants import fit_lr, lift
+from propensity_variants import fit_lr, lift, run, summary
 
 from features.dataset import load_dataset
 from features.propensity import DUE_BINS, DUE_EDGES, FEATURE_NAMES, PropensityContext
@@ -145,30 +144,8 @@ def evaluate(name: str, data_dir: Path, params_file: Path | None) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def summary(table: pd.DataFrame) -> str:
-    lines = ["| data | feature set | beats baseline (top 1%) | (top 5%) | mean lift 1% / 5% |", "|---|---|---|---|---|"]
-    for name, part in table.groupby("data", sort=False):
-        lines.append(f"| {name} | baseline | | | {part['baseline_1%'].mean():.1f} / {part['baseline_5%'].mean():.1f} |")
-        for variant in FEATURE_SETS:
-            wins = [int((part[f"{variant}_{s}"] > part[f"baseline_{s}"]).sum()) for s in ("1%", "5%")]
-            lines.append(f"| {name} | {variant} | {wins[0]}/{len(part)} | {wins[1]}/{len(part)} | "
-                         f"{part[f'{variant}_1%'].mean():.1f} / {part[f'{variant}_5%'].mean():.1f} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("datasets", nargs="+", help="name=DATA_DIR[:PARAMS.yaml]")
-    parser.add_argument("--out", type=Path, default=Path("propensity_features.csv"))
-    args = parser.parse_args()
-    tables = []
-    for spec in args.datasets:
-        name, _, rest = spec.partition("=")
-        data_dir, _, params = rest.partition(":")
-        tables.append(evaluate(name, Path(data_dir), Path(params) if params else None))
-    table = pd.concat(tables, ignore_index=True)
-    table.to_csv(args.out, index=False)
-    print(summary(table))
+    run(__doc__, evaluate, Path("propensity_features.csv"), lambda table: summary(table, FEATURE_SETS, "feature set"))
 
 
 if __name__ == "__main__":

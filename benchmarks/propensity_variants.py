@@ -21,7 +21,7 @@ rows; each is fitted at the current row budget (200k per kind) and at 1M (every 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -140,30 +140,38 @@ def evaluate(name: str, data_dir: Path, params_file: Path | None) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def summary(table: pd.DataFrame) -> str:
-    lines = ["| data | variant | beats baseline (top 1%) | (top 5%) | mean lift 1% / 5% |", "|---|---|---|---|---|"]
+def summary(table: pd.DataFrame, variants: Sequence[str] | None = None, label: str = "variant") -> str:
+    """Wins over the baseline and mean lifts per data set; `variants` default to the columns named "x@y"."""
+    lines = [f"| data | {label} | beats baseline (top 1%) | (top 5%) | mean lift 1% / 5% |", "|---|---|---|---|---|"]
     for name, part in table.groupby("data", sort=False):
         lines.append(f"| {name} | baseline | | | {part['baseline_1%'].mean():.1f} / {part['baseline_5%'].mean():.1f} |")
-        for variant in [c[:-3] for c in part.columns if c.endswith("_1%") and "@" in c]:
+        names = variants if variants is not None else [c[:-3] for c in part.columns if c.endswith("_1%") and "@" in c]
+        for variant in names:
             wins = [int((part[f"{variant}_{s}"] > part[f"baseline_{s}"]).sum()) for s in ("1%", "5%")]
             lines.append(f"| {name} | {variant} | {wins[0]}/{len(part)} | {wins[1]}/{len(part)} | "
                          f"{part[f'{variant}_1%'].mean():.1f} / {part[f'{variant}_5%'].mean():.1f} |")
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(doc: str | None, evaluate_one: Callable[[str, Path, Path | None], pd.DataFrame], default_out: Path,
+        summarise: Callable[[pd.DataFrame], str]) -> None:
+    """The command line both comparison scripts share: data sets in, one CSV and a summary table out."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("datasets", nargs="+", help="name=DATA_DIR[:PARAMS.yaml]")
-    parser.add_argument("--out", type=Path, default=Path("propensity_variants.csv"))
+    parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args()
     tables = []
     for spec in args.datasets:
         name, _, rest = spec.partition("=")
         data_dir, _, params = rest.partition(":")
-        tables.append(evaluate(name, Path(data_dir), Path(params) if params else None))
+        tables.append(evaluate_one(name, Path(data_dir), Path(params) if params else None))
     table = pd.concat(tables, ignore_index=True)
     table.to_csv(args.out, index=False)
-    print(summary(table))
+    print(summarise(table))
+
+
+def main() -> None:
+    run(__doc__, evaluate, Path("propensity_variants.csv"), summary)
 
 
 if __name__ == "__main__":
