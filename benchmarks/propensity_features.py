@@ -26,17 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from propensity_variants import fit_lr, lift, run, summary
+from propensity_variants import fit_lr, holdout_lifts, run, summary, validation_window
 
-from features.dataset import load_dataset
 from features.propensity import DUE_BINS, DUE_EDGES, FEATURE_NAMES, PropensityContext
 from features.state import DAY
-from features.weights import CONVERSION_TYPES
-from training.bundle import ITEM_META_COLUMNS
-from training.params import load_params
-from training.propensity import label_matrix, target_items
-from training.split import time_holdout, validation_cut
-from training.window import fit_window
 
 NEW = ("user_target_due_", "user_target_touch_recency_3d", "user_target_friends_bought_")
 V1 = [i for i, f in enumerate(FEATURE_NAMES) if not f.startswith(NEW)]
@@ -96,52 +89,19 @@ def rows_of(context: PropensityContext, targets: list[np.ndarray], labels: sp.cs
 
 
 def evaluate(name: str, data_dir: Path, params_file: Path | None) -> pd.DataFrame:
-    params = load_params(params_file)
-    data = load_dataset(data_dir, params.weights.keys())
-    events = time_holdout(data.events, params.split).train  # the test part is never read
-    holdout = time_holdout(events, params.split)
-    if holdout.cut is None or data.items is None:
-        raise SystemExit(f"{name}: needs time order and item categories")
-    t2, t1 = holdout.cut, validation_cut(holdout, params.split)
-    window = fit_window(events, data.items, params, t1, ITEM_META_COLUMNS, data.social)
-    context = PropensityContext(window.state, window.models.als_users, window.models.als_items)
-    labels = label_matrix(window, events, t1, t2)
-    targets = target_items(window, "category", labels, params.propensity)
-    x, y = rows_of(context, targets, labels, params.propensity.max_rows, np.random.default_rng(params.propensity.seed))
+    setup = validation_window(name, data_dir, params_file)
+    x, y = rows_of(setup.context, setup.targets, setup.labels, setup.params.propensity.max_rows,
+                   np.random.default_rng(setup.params.propensity.seed))
     print(f"{name}: {len(y):,} rows ({int(y.sum()):,} positives)", flush=True)
-    columns = FEATURE_SETS
-    scorers = {variant: fit_lr(x[:, cols], y) for variant, cols in columns.items()}
-    window = fit_window(events, data.items, params, t2, ITEM_META_COLUMNS, data.social)
-    context = PropensityContext(window.state, window.models.als_users, window.models.als_items)
-    state, n = window.state, len(window.users)
-    codes = np.asarray(state.item_category)
-    category_of = data.items.drop_duplicates("item_id").set_index("item_id")["category"].astype(str)
-    bought = holdout.test.loc[holdout.test["event_type"].isin(CONVERSION_TYPES)]
-    buyer = window.users.indexes(bought["user_id"])
-    bought_category = category_of.reindex(bought["item_id"]).to_numpy(dtype=object)
-    purchases, last_purchase = state.pair_purchases.tocsc(), state.pair_last_purchase.tocsc()
-    activity = np.nan_to_num(np.asarray(state.user_last_seen, dtype=np.float64), nan=0.0)
-    span = max(float(activity.max() - activity.min()), 1.0)
-    everyone = np.arange(n)
-    rows = []
-    for category in pd.Series(bought_category[buyer >= 0]).value_counts().index:
-        future = np.zeros(n, dtype=bool)
-        future[buyer[(buyer >= 0) & (bought_category == category)]] = True
-        if future.sum() < 50 or category not in window.categories:
-            continue
-        items = np.flatnonzero(codes == window.categories.index(category))
-        counts = np.asarray(purchases[:, items].sum(axis=1)).ravel()
-        last = last_purchase[:, items].max(axis=1).toarray().ravel()
-        baseline = np.where(counts > 0, 2.0 + counts + last / (last.max() + 1.0), (activity - activity.min()) / span)
+    scorers = {variant: fit_lr(x[:, cols], y) for variant, cols in FEATURE_SETS.items()}
+
+    def score(context: PropensityContext, items: np.ndarray) -> dict[str, np.ndarray]:
+        everyone = np.arange(context.n_users)
         served = context.features(context.target(items), everyone)
         features = np.hstack([served, extra_columns(context, items, everyone, served)])
-        row: dict[str, object] = {"data": name, "category": category}
-        for share in (0.01, 0.05):
-            row[f"baseline_{share:.0%}"] = lift(baseline, future, share)
-            for variant, score in scorers.items():
-                row[f"{variant}_{share:.0%}"] = lift(score(features[:, columns[variant]]), future, share)
-        rows.append(row)
-    return pd.DataFrame(rows)
+        return {variant: scorer(features[:, FEATURE_SETS[variant]]) for variant, scorer in scorers.items()}
+
+    return holdout_lifts(name, setup, score)
 
 
 def main() -> None:

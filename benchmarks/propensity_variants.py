@@ -22,19 +22,21 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from features.dataset import load_dataset
+from features.dataset import Dataset, load_dataset
 from features.propensity import FEATURE_NAMES, PropensityContext
 from features.weights import CONVERSION_TYPES
 from training.bundle import ITEM_META_COLUMNS
-from training.params import load_params
+from training.params import TrainParams, load_params
 from training.propensity import label_matrix, target_items, training_rows
-from training.split import time_holdout, validation_cut
+from training.split import Holdout, time_holdout, validation_cut
 from training.window import fit_window
 
 MIN_BUYERS = 50
@@ -91,7 +93,19 @@ def lift(scores: np.ndarray, future: np.ndarray, share: float) -> float:
     return float(future[np.argpartition(-scores, k - 1)[:k]].mean() / future.mean())
 
 
-def evaluate(name: str, data_dir: Path, params_file: Path | None) -> pd.DataFrame:
+@dataclass(frozen=True, slots=True)
+class ValidationWindow:
+    """Window A of a data set's training part (the test part is never read): what the variants are fitted on."""
+
+    params: TrainParams
+    data: Dataset
+    holdout: Holdout  # the split of the training part: its cut is T2, its test part the reported window
+    context: PropensityContext
+    labels: sp.csc_matrix
+    targets: list[np.ndarray]
+
+
+def validation_window(name: str, data_dir: Path, params_file: Path | None) -> ValidationWindow:
     params = load_params(params_file)
     data = load_dataset(data_dir, params.weights.keys())
     events = time_holdout(data.events, params.split).train  # the test part is never read
@@ -102,14 +116,18 @@ def evaluate(name: str, data_dir: Path, params_file: Path | None) -> pd.DataFram
     window = fit_window(events, data.items, params, t1, ITEM_META_COLUMNS, data.social)
     context = PropensityContext(window.state, window.models.als_users, window.models.als_items)
     labels = label_matrix(window, events, t1, t2)
-    targets = target_items(window, "category", labels, params.propensity)
-    scorers: dict[str, Scorer] = {}
-    for budget in ROW_BUDGETS:
-        x, y, _ = training_rows(context, targets, labels, budget, np.random.default_rng(params.propensity.seed))
-        print(f"{name}: {len(y):,} rows ({int(y.sum()):,} positives) at a budget of {budget:,}", flush=True)
-        for variant, fit in VARIANTS.items():
-            scorers[f"{variant}@{budget // 1000}k"] = fit(x, y)
-    window = fit_window(events, data.items, params, t2, ITEM_META_COLUMNS, data.social)
+    return ValidationWindow(params, data, holdout, context, labels,
+                            target_items(window, "category", labels, params.propensity))
+
+
+def holdout_lifts(name: str, setup: ValidationWindow,
+                  score: Callable[[PropensityContext, np.ndarray], dict[str, np.ndarray]]) -> pd.DataFrame:
+    """Per category with MIN_BUYERS buyers after T2: the top 1% / 5% lift of the baseline and of each variant;
+    `score(context, items)` gives every variant's score of all users for the category's items, as of T2."""
+    data, holdout, params = setup.data, setup.holdout, setup.params
+    assert holdout.cut is not None
+    assert data.items is not None
+    window = fit_window(holdout.train, data.items, params, holdout.cut, ITEM_META_COLUMNS, data.social)
     context = PropensityContext(window.state, window.models.als_users, window.models.als_items)
     state, n = window.state, len(window.users)
     codes = np.asarray(state.item_category)
@@ -130,14 +148,31 @@ def evaluate(name: str, data_dir: Path, params_file: Path | None) -> pd.DataFram
         counts = np.asarray(purchases[:, items].sum(axis=1)).ravel()
         last = last_purchase[:, items].max(axis=1).toarray().ravel()
         baseline = np.where(counts > 0, 2.0 + counts + last / (last.max() + 1.0), (activity - activity.min()) / span)
-        x = context.features(context.target(items), np.arange(n))
+        scores = score(context, items)
         row: dict[str, object] = {"data": name, "category": category}
         for share in (0.01, 0.05):
             row[f"baseline_{share:.0%}"] = lift(baseline, future, share)
-            for variant, score in scorers.items():
-                row[f"{variant}_{share:.0%}"] = lift(score(x), future, share)
+            for variant, values in scores.items():
+                row[f"{variant}_{share:.0%}"] = lift(values, future, share)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def evaluate(name: str, data_dir: Path, params_file: Path | None) -> pd.DataFrame:
+    setup = validation_window(name, data_dir, params_file)
+    scorers: dict[str, Scorer] = {}
+    for budget in ROW_BUDGETS:
+        x, y, _ = training_rows(setup.context, setup.targets, setup.labels, budget,
+                                np.random.default_rng(setup.params.propensity.seed))
+        print(f"{name}: {len(y):,} rows ({int(y.sum()):,} positives) at a budget of {budget:,}", flush=True)
+        for variant, fit in VARIANTS.items():
+            scorers[f"{variant}@{budget // 1000}k"] = fit(x, y)
+
+    def score(context: PropensityContext, items: np.ndarray) -> dict[str, np.ndarray]:
+        x = context.features(context.target(items), np.arange(context.n_users))
+        return {variant: scorer(x) for variant, scorer in scorers.items()}
+
+    return holdout_lifts(name, setup, score)
 
 
 def summary(table: pd.DataFrame, variants: Sequence[str] | None = None, label: str = "variant") -> str:
