@@ -53,14 +53,21 @@ class Privacy:
         if not user_ids:
             return []
         self.ledger.maybe_refresh()
-        if self.store is None:
+        answers = self._store_answers(user_ids)
+        if answers is None:
             return self.from_ledger(user_ids)
+        erased, consents = answers
+        return self.combine(user_ids, erased, consents, self.clock())
+
+    def _store_answers(self, user_ids: Sequence[str]) -> tuple[list[bool], list[dict[str, bool]]] | None:
+        """The store's tombstones and consent (one round trip); None without a store or while it is down."""
+        if self.store is None:
+            return None
         try:
-            erased, consents = self.store.standings(user_ids)  # one round trip
+            return self.store.standings(user_ids)
         except STORE_ERRORS:
             log.warning("online store unavailable: consent and erasure from the event log alone", exc_info=True)
-            return self.from_ledger(user_ids)
-        return self.combine(user_ids, erased, consents, self.clock())
+            return None
 
     def standing(self, user_id: str) -> Standing:
         return self.standings([user_id])[0]
@@ -76,13 +83,10 @@ class Privacy:
         if not user_ids:
             return []
         self.ledger.maybe_refresh()
-        if self.store is None:
+        answers = self._store_answers(user_ids)
+        if answers is None:
             return [standing.allows(purposes) for standing in self.from_ledger(user_ids)]
-        try:
-            store_erased, store_consents = self.store.standings(user_ids)  # one round trip
-        except STORE_ERRORS:
-            log.warning("online store unavailable: consent and erasure from the event log alone", exc_info=True)
-            return [standing.allows(purposes) for standing in self.from_ledger(user_ids)]
+        store_erased, store_consents = answers
         answered_at = self.clock()
         out: list[bool] = []
         stated_users: list[int] = []
