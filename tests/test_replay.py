@@ -16,7 +16,18 @@ from features.ranking import FEATURE_NAMES, SOCIAL_COLUMNS
 from tests.event_frames import T0, social_events
 from training.bundle import ITEM_META_COLUMNS
 from training.params import ALSParams, BPRParams, EvalParams, TrainParams, load_params
-from training.replay import known_events, slice_starts, slice_targets, unsliceable, window_as_of
+from training.ranker import Ranker
+from training.replay import (
+    known_events,
+    run_replay,
+    serving_ranker,
+    slice_starts,
+    slice_targets,
+    unsliceable,
+    window_as_of,
+)
+from training.split import time_holdout
+from training.twostage import evaluate_two_stage
 from training.window import Window, candidate_rows, fit_window
 
 PARAMS = TrainParams(als=ALSParams(factors=8, iterations=4), bpr=BPRParams(factors=8, iterations=10))
@@ -142,3 +153,32 @@ def test_bucketed_times_cannot_be_replayed() -> None:
     assert "2 distinct times for 24 slices" in problem
     timed = social_events([(f"u{k}", "i0", "view", k / 24, None, None) for k in range(48)])
     assert unsliceable(timed, T0, end, 2.0) is None
+
+
+def test_the_bundle_ranker_is_trained_the_way_replay_kept(demo_dir: Path) -> None:
+    params = PARAMS.model_copy(update={"evaluation": EvalParams(social_ablation=True, replay_hours=6.0,
+                                                                replay_max_slices=6)})
+    data = load_dataset(demo_dir, params.weights.keys())
+    holdout = time_holdout(data.events, params.split)
+    two_stage = evaluate_two_stage(data.events, data.items, holdout, params, ITEM_META_COLUMNS, lambda _: None,
+                                   social=data.social)
+    result = run_replay(two_stage, data.events, params, data.social, lambda _: None)
+    assert result is not None
+    training = result.training
+    assert training is not None
+    assert training.modes["ranker"] in ("static", "replay", "stacked")
+    assert training.groups["ranker"], "window A gave request-time groups"
+
+    def served(mode: str) -> tuple[Ranker, str]:
+        kept = replace(result, training=replace(training, modes={**training.modes, "ranker": mode}))
+        return serving_ranker(two_stage, kept, data.events, params, data.social)
+
+    assert serving_ranker(two_stage, None, data.events, params, data.social) == (two_stage.ranker, "static")
+    assert served("static") == (two_stage.ranker, "static")  # the two-stage evaluation's static refit
+    (request_time, mode_a), (stacked, mode_b) = served("replay"), served("stacked")
+    assert (mode_a, mode_b) == ("replay", "stacked")
+    assert request_time.rounds == stacked.rounds == training.rankers["ranker"].rounds
+    rows = two_stage.serving_data.features
+    scores = [r.predict(rows) for r in (two_stage.ranker, request_time, stacked)]
+    assert not np.allclose(scores[0], scores[1])
+    assert not np.allclose(scores[1], scores[2])

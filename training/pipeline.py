@@ -51,7 +51,7 @@ from training.evaluate import (
 )
 from training.index import build_item_index, index_kind
 from training.params import TrainParams
-from training.replay import replay_lines, run_replay
+from training.replay import replay_lines, run_replay, serving_ranker
 from training.settings import TrainingSettings
 from training.split import Holdout, time_holdout
 from training.twostage import UNION_SIZE, evaluate_two_stage
@@ -164,16 +164,20 @@ class Evaluation:
     holdout: Holdout
     report: EvalReport
     ranker_text: str | None  # the ranker refit for serving; None without time order
+    ranker_training: str  # how that ranker was trained: static, replay or stacked (training.replay)
     windows: dict[str, str]
     propensity: dict[str, PropensityModel]  # segments' model per target kind; empty without time order
 
 
-def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callable[[str], None]) -> Evaluation:
-    """The holdout table: the two-stage ranker and every baseline on the same users."""
+def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callable[[str], None], *,
+              for_serving: bool = False) -> Evaluation:
+    """The holdout table: the two-stage ranker and every baseline on the same users; `for_serving` also
+    refits the ranker for the bundle the request-time way when replay kept a request-time trained one."""
     events = data.events
     holdout = time_holdout(events, params.split)
     say(f"holdout: {holdout.note}; train {len(holdout.train):,} / test {len(holdout.test):,} events")
     ranker_text: str | None = None
+    ranker_training = "static"
     windows: dict[str, str] = {}
     propensity: dict[str, PropensityModel] = {}
     if holdout.cut is not None:
@@ -187,6 +191,12 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
                 replay = run_replay(two_stage, events, params, data.social, say)
             if replay is not None:
                 report.replay_rows, report.replay = replay.rows, replay.summary
+            if for_serving:
+                with clock.stage("request-time ranker for serving"):
+                    served, ranker_training = serving_ranker(two_stage, replay, events, params, data.social)
+                ranker_text = served.to_string()
+                say(f"the bundle's ranker is trained {ranker_training} ({served.rounds} rounds), the way kept on "
+                    "the request-time validation groups")
     else:
         say("no time order: the ranker needs one, so only ALS and popularity are evaluated and served")
         report = evaluate_on_holdout(data, holdout, params, clock)
@@ -204,7 +214,7 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
     if report.replay:
         for line in replay_lines(report.replay_rows, report.replay):
             say(line)
-    return Evaluation(holdout, report, ranker_text, windows, propensity)
+    return Evaluation(holdout, report, ranker_text, ranker_training, windows, propensity)
 
 
 def evaluate(data_dir: Path, params: TrainParams, settings: TrainingSettings, *, rejects_path: Path,
@@ -238,7 +248,7 @@ def train(
 
     with tracking.tracked_run(settings, run_name=f"train {Path(data_dir).name}") as run_id:
         tracking.log_params(params.flat() | {"data_dir": str(data_dir), "now": now.isoformat()})
-        evaluation = _evaluate(data, params, clock, say)
+        evaluation = _evaluate(data, params, clock, say, for_serving=True)
         holdout, report = evaluation.holdout, evaluation.report
         ranker_text, windows = evaluation.ranker_text, evaluation.windows
 
@@ -295,7 +305,8 @@ def train(
             )
             manifest = write_bundle(out, bundle, manifest)
         tracking.log_metrics(report.flat_metrics() | {f"time.{k}_s": v for k, v in clock.seconds.items()})
-        tracking.set_tags({"bundle_version": manifest.bundle_version, "holdout": holdout.kind})
+        tracking.set_tags({"bundle_version": manifest.bundle_version, "holdout": holdout.kind,
+                           "ranker_training": evaluation.ranker_training})
         tracking.log_metric_curves(report.curves, CURVE_K)
         tracking.log_artifacts(rejects_path, "validation")
         tracking.log_artifacts(out, "bundle")

@@ -22,7 +22,7 @@ from features.state import build_state, cell_values
 from features.weights import CONVERSION_TYPES
 from training.evaluate import Targets, bootstrap_ratio, holdout_targets, per_user_metrics, score_lists
 from training.params import TrainParams
-from training.ranker import Ranker, RankerData, fit_ranker, with_positive_groups
+from training.ranker import Ranker, RankerData, fit_ranker, sample_negatives, with_positive_groups
 from training.twostage import (
     UNION_SIZE,
     TwoStageResult,
@@ -31,6 +31,7 @@ from training.twostage import (
     held_out_users,
     per_user_lists,
     ranked_rows,
+    stack,
     training_groups,
     without_social,
 )
@@ -49,9 +50,18 @@ TRAINING_MODES = ("static", "replay", "stacked")
 
 
 @dataclass(frozen=True, slots=True)
+class ReplayTraining:
+    rankers: dict[str, Ranker]  # per ranker, the one kept on validation
+    modes: dict[str, str]  # per ranker, how the kept one was trained: one of TRAINING_MODES
+    groups: dict[str, Groups]  # window A's request-time groups, per ranker
+    notes: dict[str, float | str]  # validation scores per mode, groups, cost
+
+
+@dataclass(frozen=True, slots=True)
 class ReplayResult:
     rows: dict[str, dict[str, float]]  # model -> metrics over (user, slice) groups
     summary: dict[str, float | str]  # ratio of social over no-social with its interval, groups, cost
+    training: ReplayTraining | None = None  # how the rankers were trained, when request-time training ran
 
 
 def known_events(events: pd.DataFrame, window: Window) -> pd.DataFrame:
@@ -87,22 +97,23 @@ def _sampled(starts: list[pd.Timestamp], params: TrainParams) -> list[pd.Timesta
 
 
 def replay_label_groups(window: Window, events: pd.DataFrame, end: pd.Timestamp, params: TrainParams,
-                        social: pd.DataFrame | None) -> dict[str, Groups]:
+                        social: pd.DataFrame | None, names: tuple[str, ...] = ("ranker", "ranker_no_social"),
+                        ) -> dict[str, Groups]:
     """Ranker groups the request-time way over [window.cutoff, end): per slice, the known users who buy or
     cart in it, candidates and features as of the slice start, labels from the slice; for the social and
     the no-social ranker (candidates of `without_social`, social columns blank), from the same states."""
     hours = params.evaluation.replay_hours
     known = known_events(events, window)
-    plain = without_social(params)
-    out: dict[str, Groups] = {"ranker": [], "ranker_no_social": []}
+    settings = {"ranker": params, "ranker_no_social": without_social(params)}
+    out: dict[str, Groups] = {name: [] for name in names}
     for start in _sampled(slice_starts(window.cutoff, end, hours), params):
         labels = labels_between(events, start, min(start + pd.Timedelta(hours=hours), end))  # never past `end`
         users = sorted(u for u in labels["user_id"].unique().tolist() if u in window.users)
         if not users:
             continue
         current = window_as_of(window, known, start, params, social)
-        for name, chosen in (("ranker", params), ("ranker_no_social", plain)):
-            rows = candidate_rows(current, users, chosen, UNION_SIZE)
+        for name in names:
+            rows = candidate_rows(current, users, settings[name], UNION_SIZE)
             if name == "ranker_no_social" or not params.ranker.social:
                 blank_social(rows)
             out[name].append((rows, attach_labels(rows, current, labels)))
@@ -126,8 +137,7 @@ def _group_ndcg(ranker: Ranker, data: RankerData, k: int) -> float:
 
 
 def train_replay_rankers(two_stage: TwoStageResult, events: pd.DataFrame, end: pd.Timestamp, params: TrainParams,
-                         social: pd.DataFrame | None, say: Callable[[str], None]
-                         ) -> tuple[dict[str, Ranker], dict[str, float | str]]:
+                         social: pd.DataFrame | None, say: Callable[[str], None]) -> ReplayTraining:
     """Per ranker, the static one of window A or one trained on window A's request-time groups (alone or
     stacked with the static groups), whichever has the best NDCG@max(K) on the request-time groups of the
     users held out for early stopping. The same procedure and held-out users for both rankers."""
@@ -137,28 +147,54 @@ def train_replay_rankers(two_stage: TwoStageResult, events: pd.DataFrame, end: p
                           np.random.default_rng(params.ranker.seed))  # the static rankers' own draw
     k = max(params.evaluation.k)
     chosen: dict[str, Ranker] = {}
+    modes: dict[str, str] = {}
     notes: dict[str, float | str] = {}
     for name, own in (("ranker", params), ("ranker_no_social", without_social(params))):
         valid = [with_positive_groups(rows.features, labels, rows.group_sizes,
                                       np.asarray([held.get(u, False) for u in rows.user_ids], dtype=bool))
                  for rows, labels in replay[name]]
-        valid_data = RankerData(np.concatenate([v.features for v in valid]),
-                                np.concatenate([v.labels for v in valid]),
-                                np.concatenate([v.group_sizes for v in valid]))
+        valid_data = stack(valid)
         candidates = {"static": two_stage.rankers[name]}
         for mode, groups in (("replay", replay[name]), ("stacked", [*two_stage.label_groups[name], *replay[name]])):
             train, stop = training_groups(groups, own, np.random.default_rng(params.ranker.seed), held)
             candidates[mode] = fit_ranker(train, own.ranker, stop)
         scores = {mode: _group_ndcg(ranker, valid_data, k) for mode, ranker in candidates.items()}
         best = max(TRAINING_MODES, key=lambda mode: scores[mode])
-        chosen[name] = candidates[best]
+        chosen[name], modes[name] = candidates[best], best
         notes[f"{name}_training"] = best
         notes |= {f"{name}_valid_ndcg_{mode}": value for mode, value in scores.items()}
         say(f"{name} for replay: validation NDCG@{k} on {len(valid_data.group_sizes):,} request-time groups "
             + ", ".join(f"{mode} {scores[mode]:.4f} ({candidates[mode].rounds} rounds)" for mode in TRAINING_MODES)
             + f": keeps {best}")
     notes["train_groups"] = float(sum(len(rows.user_ids) for rows, _ in replay["ranker"]))
-    return chosen, notes
+    return ReplayTraining(chosen, modes, replay, notes)
+
+
+def serving_ranker(two_stage: TwoStageResult, replay: ReplayResult | None, events: pd.DataFrame,
+                   params: TrainParams, social: pd.DataFrame | None) -> tuple[Ranker, str]:
+    """The social ranker for the bundle and how it was trained: the static refit of the two-stage
+    evaluation (`two_stage.ranker`) unless request-time training kept a request-time trained one.
+
+    As the static ranker is refit on window B's groups plus window A's, for the rounds chosen on A, the
+    request-time one is refit on the request-time groups of window B (slices of [T2, end)) plus window A's,
+    with the static groups of both windows added when the kept one was stacked: serving reads a state that
+    moves with every event, which is what these groups were built as."""
+    training = replay.training if replay is not None else None
+    mode = training.modes["ranker"] if training is not None else "static"
+    if training is None or mode == "static":
+        return two_stage.ranker, "static"
+    end = events["ts"].max() + pd.Timedelta(1, "ns")
+    later = replay_label_groups(two_stage.test_window, events, end, params, social, names=("ranker",))["ranker"]
+    rng = np.random.default_rng(params.ranker.seed)
+    parts = [sample_negatives(with_positive_groups(rows.features, labels, rows.group_sizes),
+                              params.ranker.negatives_per_group, rng)
+             for rows, labels in [*training.groups["ranker"], *later]]
+    if mode == "stacked":
+        parts.append(two_stage.serving_data)
+    data = stack(parts)
+    if not len(data.group_sizes):
+        return two_stage.ranker, "static"
+    return fit_ranker(data, params.ranker, rounds=training.rankers["ranker"].rounds), mode
 
 
 def slice_targets(events: pd.DataFrame, window: Window, end: pd.Timestamp, weights: dict[str, float]) -> Targets:
@@ -288,15 +324,15 @@ def run_replay(two_stage: TwoStageResult, events: pd.DataFrame, params: TrainPar
     if problem is not None:
         say(f"request-time replay skipped: {problem}")
         return None
-    rankers, notes = two_stage.rankers, dict[str, float | str]()
+    rankers, notes, training = two_stage.rankers, dict[str, float | str](), None
     if params.evaluation.replay_training:
         started = time.perf_counter()
-        rankers, notes = train_replay_rankers(two_stage, events, window.cutoff, params, social, say)
-        notes["train_seconds"] = time.perf_counter() - started
+        training = train_replay_rankers(two_stage, events, window.cutoff, params, social, say)
+        rankers, notes = training.rankers, training.notes | {"train_seconds": time.perf_counter() - started}
     result = evaluate_replay(window, events, end, rankers, params, social, say)
     if result is None:
         return None
-    return ReplayResult(result.rows, result.summary | notes)
+    return ReplayResult(result.rows, result.summary | notes, training)
 
 
 def replay_lines(rows: dict[str, dict[str, float]], summary: dict[str, float | str]) -> list[str]:

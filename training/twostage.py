@@ -53,6 +53,7 @@ class TwoStageResult:
     rankers: dict[str, Ranker]  # trained on window A: "ranker" and, with the ablation, "ranker_no_social"
     label_window: Window  # window A, with the label groups of each of those rankers (for request-time training)
     label_groups: dict[str, list[tuple[CandidateRows, np.ndarray]]]
+    serving_data: RankerData  # the sampled groups `ranker` was refit on (window B's and window A's)
 
 
 def _popularity_scores(window: Window, name: str) -> np.ndarray:
@@ -181,7 +182,7 @@ def _share_metrics(lists: list[np.ndarray], targets: Targets, bought_via_share: 
             f"share_recall_at_{k}": hits / max(len(bought_via_share), 1)}
 
 
-def _stack(parts: list[RankerData]) -> RankerData:
+def stack(parts: list[RankerData]) -> RankerData:
     return RankerData(
         np.concatenate([p.features for p in parts]),
         np.concatenate([p.labels for p in parts]),
@@ -213,7 +214,7 @@ def training_groups(
             rng,
         ))
         valid.append(with_positive_groups(rows.features, labels, rows.group_sizes, valid_groups))
-    return _stack(train), _stack(valid)
+    return stack(train), stack(valid)
 
 
 def evaluate_two_stage(
@@ -347,7 +348,7 @@ def evaluate_two_stage(
             } | {"users": float(mask.sum())}
 
     labels_b = attach_labels(rows, window_b, labels_between(events, t2, None))
-    final_data = _stack([
+    final_data = stack([
         sample_negatives(with_positive_groups(r.features, lab, r.group_sizes), params.ranker.negatives_per_group, rng)
         for r, lab in [(rows, labels_b), *stacked]
     ])
@@ -359,4 +360,4 @@ def evaluate_two_stage(
         "T3": events["ts"].max().isoformat(),
     }
     return TwoStageResult(report, ranker, windows, popularity_window, propensity, window_b, rankers_a,
-                          window_a, groups_a)
+                          window_a, groups_a, final_data)
