@@ -225,6 +225,9 @@ class PropensityContext:
         self.trend_column = ITEM_WINDOWS_DAYS.index(TREND_DAYS)
         self.item_repeat_pairs, self.item_interval_log_sum, self.item_buyer_pairs = pair_intervals(state)
         self.seen_by = sp.csc_matrix(state.user_sees)  # column = the user seen: who sees a set of buyers
+        # USER_FEATURES x users, computed once: a query gathers its candidates' columns (32 bytes per user)
+        self.user_table = np.vstack([np.log1p(self.user_purchases), np.log1p(self.user_events),
+                                     *(decay(self.user_days, h) for h in HALF_LIVES_DAYS)])
 
     def target(self, items: np.ndarray) -> Target:
         n = self.n_users
@@ -301,18 +304,14 @@ class PropensityContext:
 
     def _user_columns(self, rows: np.ndarray) -> Iterator[np.ndarray]:
         """USER_FEATURES: the part of FEATURE_NAMES that does not depend on the target."""
-        yield np.log1p(self.user_purchases[rows])
-        yield np.log1p(self.user_events[rows])
-        user_days = self.user_days[rows]
-        yield from (decay(user_days, h) for h in HALF_LIVES_DAYS)
+        yield from np.take(self.user_table, rows, axis=1)
 
     def user_logit(self, model: PropensityModel) -> np.ndarray:
         """Every user's logit contribution from USER_FEATURES under `model`: for a user who never touched
         the target, this and the ALS terms are all that vary, so retrieval takes the top of both."""
         weights = model.weights()
         out = np.zeros(self.n_users)
-        rows = np.arange(self.n_users)
-        for name, column in zip(USER_FEATURES, self._user_columns(rows), strict=True):
+        for name, column in zip(USER_FEATURES, self.user_table, strict=True):
             out += weights[FEATURE_NAMES.index(name)] * column
         return out
 
