@@ -92,6 +92,7 @@ class Privacy:
         stated_users: list[int] = []
         ledger_erased = self.ledger.erased(user_ids)
         stated = self.ledger.statements(user_ids)
+        single = purposes[0] if len(purposes) == 1 else None
         for at, (gone, in_store, said, stored) in enumerate(
             zip(ledger_erased, store_erased, stated, store_consents, strict=True)
         ):
@@ -100,6 +101,8 @@ class Privacy:
             elif said:
                 out.append(False)  # decided below, with the ledger
                 stated_users.append(at)
+            elif single is not None:  # one purpose (marketing), the usual case: no generator per user
+                out.append(bool(stored.get(single, True)))
             else:
                 out.append(all(stored.get(purpose, True) for purpose in purposes))
         if stated_users:

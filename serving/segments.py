@@ -424,7 +424,7 @@ def take_allowed(fetch: Fetch, size: int | None, ids: np.ndarray, privacy: Priva
         cand, scores = fetch(n)
         for start in range(checked, len(cand), CONSENT_CHUNK):
             part = cand[start:start + CONSENT_CHUNK]
-            ok = allowed_users([str(u) for u in ids[part]], privacy, purposes)
+            ok = allowed_users(ids[part].tolist(), privacy, purposes)  # the vocabulary holds str objects
             kept_idx.append(part[ok])
             kept_scores.append(scores[start:start + CONSENT_CHUNK][ok])
             kept += int(ok.sum())
