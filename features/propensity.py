@@ -279,6 +279,15 @@ class PropensityContext:
                 raise RuntimeError(f"{filled} propensity columns computed, {len(FEATURE_NAMES)} named")
         return out
 
+    def probability(self, model: PropensityModel, target: Target, rows: np.ndarray) -> np.ndarray:
+        """`model.probability(self.features(target, rows))`, a block of rows at a time: serving scores a
+        quarter of a million candidates per query without holding their feature matrix."""
+        out = np.empty(len(rows))
+        for start in range(0, len(rows), FEATURE_ROWS):
+            block = rows[start:start + FEATURE_ROWS]
+            out[start:start + len(block)] = model.probability(self.features(target, block))
+        return out
+
     def _columns(self, target: Target, rows: np.ndarray) -> Iterator[np.ndarray | float]:
         """FEATURE_NAMES in order, one column at a time."""
         purchases = target.purchases[rows]

@@ -239,7 +239,7 @@ class SegmentEngine:
             found, _ = retrieve(n)
             others = np.unique(np.concatenate([found, active[:n]]))
             cand = np.concatenate([known, others[~is_known[others]]])
-            return best_unique(cand, model.probability(context.features(target, cand)), n, min_score)
+            return best_unique(cand, context.probability(model, target, cand), n, min_score)
         return fetch
 
     def _fixed_propensity(self, items: np.ndarray, mask: np.ndarray | None, min_score: float | None) -> Fetch:
