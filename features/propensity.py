@@ -130,7 +130,7 @@ class Target:
     items: np.ndarray
     purchases: np.ndarray  # per user
     last_purchase: np.ndarray  # per user, epoch seconds; NaN if never
-    touched: np.ndarray  # per user, distinct items with a positive event
+    touched: np.ndarray  # per user, distinct items with a positive event (int64: counts stay counts)
     last_touch: np.ndarray  # per user, epoch seconds; NaN if never
     vectors: np.ndarray  # top items x factors
     query: np.ndarray  # the buyer-weighted mean of `vectors`
@@ -138,7 +138,7 @@ class Target:
     max_scale: tuple[float, float]  # the same for max over `vectors`
     due: np.ndarray  # users x DUE_BINS: target items last bought that many intervals ago
     repeat_share: float  # share of the target's buyer-item pairs bought on two occasions or more
-    friends_bought: np.ndarray  # per user: people they see who bought the target in the last FRIENDS_DAYS
+    friends_bought: np.ndarray  # per user (int64): people they see who bought the target in the last FRIENDS_DAYS
     interval_days: float  # the target's reorder interval; NaN when too few pairs were bought again
     buyers_log: float
     trend: float
@@ -250,7 +250,7 @@ class PropensityContext:
             items=items,
             purchases=purchases,
             last_purchase=last_bought,
-            touched=np.bincount(touched.indices, minlength=n).astype(np.float64),
+            touched=np.bincount(touched.indices, minlength=n),
             last_touch=_column_max(touched, n),
             vectors=vectors,
             query=query,
@@ -259,7 +259,7 @@ class PropensityContext:
             due=due_counts(last_purchase, self.reference, interval, n),
             repeat_share=repeat_share,
             interval_days=interval,
-            friends_bought=np.bincount(self.seen_by[:, recent_buyers].indices, minlength=n).astype(np.float64),
+            friends_bought=np.bincount(self.seen_by[:, recent_buyers].indices, minlength=n),
             buyers_log=float(np.log((np.count_nonzero(purchases) + 1.0) / (n + 1.0))),
             trend=float(window_counts[:, self.trend_column].sum() / total) if total > 0 else 0.0,
         )
