@@ -116,10 +116,10 @@ def mean_query(vectors: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def decay(days: np.ndarray, half_life: float) -> np.ndarray:
     """0.5 ** (days / half_life); 0 where there was no event (NaN days)."""
-    out: np.ndarray = np.maximum(days, 0.0)  # NaN stays NaN, +inf gives 0
+    out: np.ndarray = np.asarray(np.maximum(days, 0.0))  # NaN stays NaN, +inf gives 0
     np.divide(out, -half_life, out=out)  # in place: one temporary, the same numbers as -(days / half_life)
     np.exp2(out, out=out)
-    out[np.isnan(out)] = 0.0
+    np.fmax(out, 0.0, out=out)  # NaN (no event) to 0 in one pass; every other value is already in [0, 1]
     return out
 
 
