@@ -88,20 +88,20 @@ class Privacy:
             return [standing.allows(purposes) for standing in self.from_ledger(user_ids)]
         store_erased, store_consents = answers
         answered_at = self.clock()
-        out: list[bool] = []
-        stated_users: list[int] = []
         ledger_erased = self.ledger.erased(user_ids)
         stated = self.ledger.statements(user_ids)
-        for at, (gone, in_store, said, stored) in enumerate(
-            zip(ledger_erased, store_erased, stated, store_consents, strict=True)
-        ):
-            if gone or in_store:
-                out.append(False)
-            elif said:
-                out.append(False)  # decided below, with the ledger
-                stated_users.append(at)
-            else:
-                out.append(all(stored.get(purpose, True) for purpose in purposes))
+        rows = zip(ledger_erased, store_erased, stated, store_consents, strict=True)
+        # one comprehension per batch (a user with statements is False here and decided below, with the ledger)
+        if len(purposes) == 1:  # marketing, the usual case: no generator per user
+            purpose = purposes[0]
+            out = [not (gone or in_store or said) and bool(stored.get(purpose, True))
+                   for gone, in_store, said, stored in rows]
+        else:
+            out = [not (gone or in_store or said) and all(stored.get(p, True) for p in purposes)
+                   for gone, in_store, said, stored in rows]
+        stated_users = [at for at, (gone, in_store, said)
+                        in enumerate(zip(ledger_erased, store_erased, stated, strict=True))
+                        if said and not (gone or in_store)]
         if stated_users:
             settled = self.combine([user_ids[at] for at in stated_users], [False] * len(stated_users),
                                    [store_consents[at] for at in stated_users], answered_at)

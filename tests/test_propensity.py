@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from features import propensity
 from features.dataset import load_dataset
 from features.ledger import ControlLedger
 from features.propensity import DUE_BINS, FEATURE_NAMES, PROPENSITY_VERSION, PropensityContext, PropensityModel
@@ -168,6 +169,21 @@ def test_serving_scores_with_the_features_training_computes(demo_dir: Path, bund
     # and the segment is the model's best 60 of all users (retrieval reaches them)
     best = model.probability(training.features(training.target(items), everyone))
     assert len(set(np.argsort(-best)[:60].tolist()) & set(members.user_idx.tolist())) >= 57
+
+
+def test_features_and_scores_do_not_depend_on_the_block_size(bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Features are computed FEATURE_ROWS users at a time, and serving scores block by block: any block size
+    gives the same columns (the ALS pair up to float32 rounding) and the same probabilities."""
+    context = PropensityContext(bundle.state, bundle.user_factors, bundle.item_factors)
+    target = context.target(_top_category(bundle)[1])
+    rows = np.arange(len(bundle.users))[::-1].copy()  # any order of any users
+    model = bundle.manifest.propensity["category"]
+    monkeypatch.setattr(propensity, "FEATURE_ROWS", len(rows) + 1)  # one block
+    whole = context.features(target, rows)
+    monkeypatch.setattr(propensity, "FEATURE_ROWS", 7)  # many blocks, the last one short
+    assert len(rows) % 7
+    np.testing.assert_allclose(context.features(target, rows), whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(context.probability(model, target, rows), model.probability(whole), rtol=1e-5)
 
 
 def test_a_bundle_without_the_model_answers_with_the_fixed_formula(bundle: Bundle, tmp_path: Path) -> None:
