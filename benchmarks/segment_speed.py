@@ -5,7 +5,8 @@ noise, the shape of the serving benchmark's bundle), with purchases and other po
 user's category taste (3 and 6 per user by default, so a category has about a quarter of the users as past
 buyers or interactors, all of whom a propensity query scores), pairs bought more than once spread over 5-30
 day intervals (the reorder timing columns), 10 people each user sees (friends' purchases), and a propensity
-model over the features the training fits (`--fixed`: none, the formula of older bundles). The engine is the
+model over the features the training fits, with the coefficients fitted on demo 5k (DEMO_COEF; `--fixed`: none,
+the formula of older bundles). The engine is the
 service's (serving.segments) with an in-process online store checking erasure and consent of every member.
 FAISS runs on one thread, as in the service. RSS is sampled every 10 ms while the export streams.
 
@@ -30,7 +31,7 @@ import scipy.sparse as sp
 
 from features.ledger import ControlLedger
 from features.online import MemoryStore
-from features.propensity import FEATURE_NAMES, PROPENSITY_VERSION, PropensityModel
+from features.propensity import FEATURE_NAMES, PROPENSITY_VERSION, PropensityContext, PropensityModel
 from features.state import ITEM_WINDOWS_DAYS, USER_EVENT_TYPES
 from features.vocab import Vocabulary
 from serving.privacy import Privacy
@@ -62,11 +63,23 @@ def _pairs(rng: np.random.Generator, taste: np.ndarray, by_category: list[np.nda
     return count, last
 
 
-def synthetic_model() -> PropensityModel:
-    """A model over the features the service computes; its coefficients are arbitrary (they cost nothing)."""
-    k = len(FEATURE_NAMES)
-    return PropensityModel(version=PROPENSITY_VERSION, kind="category", features=list(FEATURE_NAMES),
-                           mean=[0.0] * k, scale=[1.0] * k, coef=list(np.linspace(0.5, -0.2, k)), intercept=-5.0,
+# Per standard deviation, the category model `sharefeed train` fitted on demo 5k (feature version 2): weight on
+# both ALS columns, which is what decides how many candidates a query can skip (PropensityContext.best_probability).
+DEMO_COEF = (0.05, 0.05, 0.15, 0.24, 0.40, 0.45, -0.06, 0.05, 0.06, 0.05, 0.02, 0.02, -0.03, 0.15, 0.16, 0.17, -0.05,
+             -0.11, -0.08, -0.09, -0.03, 0.0)
+
+
+def synthetic_model(state: Any, user_factors: np.ndarray, item_factors: np.ndarray, kind: str) -> PropensityModel:
+    """The demo model's coefficients (per standard deviation) on this bundle's features: their means and scales
+    are those of the features of 50,000 users drawn at random, against the first category."""
+    context = PropensityContext(state, user_factors, item_factors)
+    codes = np.asarray(state.item_category)
+    sample = np.sort(np.random.default_rng(1).choice(len(user_factors), min(50_000, len(user_factors)), replace=False))
+    x = context.features(context.target(np.flatnonzero(codes == 0)), sample)
+    scale = x.std(axis=0)
+    scale[scale == 0] = 1.0
+    return PropensityModel(version=PROPENSITY_VERSION, kind=kind, features=list(FEATURE_NAMES),  # type: ignore[arg-type]
+                           mean=x.mean(axis=0).tolist(), scale=scale.tolist(), coef=list(DEMO_COEF), intercept=-5.0,
                            label_days=30.0, rows=0, positives=0, targets=0)
 
 
@@ -103,10 +116,12 @@ def synthetic_bundle(n_users: int, n_items: int, factors: int, categories: int, 
                             pair_last=last_touch, user_type_counts=type_counts, pair_baskets=bought,
                             pair_first_purchase=first_bought, user_sees=sees,
                             user_last_seen=np.where(last_seen > 0, last_seen, np.nan))
+    users = users.astype(np.float32)
+    model = synthetic_model(state, users, items, "category") if fitted else None
     manifest = SimpleNamespace(categories=[f"c{k}" for k in range(categories)], brands=[],
-                               propensity={"category": synthetic_model(), "item": synthetic_model().model_copy(
-                                   update={"kind": "item"})} if fitted else {})
-    return SimpleNamespace(user_factors=users.astype(np.float32), item_factors=items, state=state, manifest=manifest,
+                               propensity={"category": model, "item": model.model_copy(update={"kind": "item"})}
+                               if model is not None else {})
+    return SimpleNamespace(user_factors=users, item_factors=items, state=state, manifest=manifest,
                            users=Vocabulary.from_ids(pd.Series([f"u{k}" for k in range(n_users)])),
                            items=Vocabulary.from_ids(pd.Series([f"i{k}" for k in range(n_items)])),
                            version="synthetic", path=Path("/nonexistent"))

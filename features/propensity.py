@@ -55,6 +55,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     f"target_trend_{TREND_DAYS}d",  # share of the target's positive events in the last TREND_DAYS
 )
 
+ALS_MEAN, ALS_MAX = FEATURE_NAMES.index("user_target_als_mean"), FEATURE_NAMES.index("user_target_als_max")
 USER_FEATURES = ("user_purchases_log", "user_events_log", *(f"user_recency_{int(h)}d" for h in HALF_LIVES_DAYS))
 
 
@@ -223,6 +224,7 @@ class PropensityContext:
         self.sample = np.unique(np.linspace(0, max(self.n_users - 1, 0), min(self.n_users, SCALE_SAMPLE)).astype(
             np.int64)) if self.n_users else np.zeros(0, np.int64)
         self.trend_column = ITEM_WINDOWS_DAYS.index(TREND_DAYS)
+        self._user_norms: np.ndarray | None = None
         self.item_repeat_pairs, self.item_interval_log_sum, self.item_buyer_pairs = pair_intervals(state)
         self.seen_by = sp.csc_matrix(state.user_sees)  # column = the user seen: who sees a set of buyers
         # USER_FEATURES x users, computed once: a query gathers its candidates' columns (32 bytes per user)
@@ -288,8 +290,50 @@ class PropensityContext:
             out[start:start + len(block)] = model.probability(self.features(target, block))
         return out
 
-    def _columns(self, target: Target, rows: np.ndarray) -> Iterator[np.ndarray | float]:
-        """FEATURE_NAMES in order, one column at a time."""
+    def best_probability(self, model: PropensityModel, target: Target, rows: np.ndarray,
+                         n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rows that can be among the `n` most probable, with their exact probabilities: the others are
+        skipped without computing their ALS max column, the costliest one (50 products per user).
+
+        u . q (q the targets' buyer-weighted mean vector) is at most the max over the target's vectors, and
+        u . v = u . q + u . (v - q) <= u . q + |u| r with r the largest |v - q|. So each row's logit lies in
+        an interval known from the other columns; rows whose upper end falls below the n-th largest lower
+        end cannot reach the top n (ties included), and only the rest are scored in full."""
+        weight = float(model.weights()[ALS_MAX])
+        if n <= 0:
+            return rows[:0], np.zeros(0)
+        if len(rows) <= n or weight == 0.0:
+            return rows, self.probability(model, target, rows)
+        partial = np.empty(len(rows))  # the logit without the ALS max column, and u . q
+        mean_dot = np.empty(len(rows))
+        for start in range(0, len(rows), FEATURE_ROWS):
+            block = rows[start:start + FEATURE_ROWS]
+            x = np.empty((len(block), len(FEATURE_NAMES)), order="F")
+            for column, values in enumerate(self._columns(target, block, with_max=False)):
+                x[:, column] = values
+            mean_dot[start:start + len(block)] = x[:, ALS_MEAN] * target.mean_scale[1] + target.mean_scale[0]
+            x[:, ALS_MAX] = 0.0
+            partial[start:start + len(block)] = model.logit(x)
+        norms = self.user_norms()[rows]
+        reach = float(np.linalg.norm(target.vectors - target.query, axis=1).max()) if len(target.vectors) else 0.0
+        slack = 1e-4 * norms * (reach + float(np.linalg.norm(target.query)) + 1.0)  # float32 rounding, generously
+        per_unit = weight / target.max_scale[1]
+        low_dot, high_dot = mean_dot - slack, mean_dot + norms * reach + slack
+        ends = (partial + per_unit * (low_dot - target.max_scale[0]),
+                partial + per_unit * (high_dot - target.max_scale[0]))
+        low, high = ends if per_unit > 0 else ends[::-1]
+        threshold = np.partition(low, len(low) - n)[len(low) - n]
+        kept = rows[high >= threshold]
+        return kept, self.probability(model, target, kept)
+
+    def user_norms(self) -> np.ndarray:
+        """|u| per user, computed on first use (4 bytes per user)."""
+        if self._user_norms is None:
+            self._user_norms = np.linalg.norm(self.user_factors, axis=1).astype(np.float64)
+        return self._user_norms
+
+    def _columns(self, target: Target, rows: np.ndarray, with_max: bool = True) -> Iterator[np.ndarray | float]:
+        """FEATURE_NAMES in order, one column at a time; `with_max=False` leaves the ALS max column at 0."""
         purchases = target.purchases[rows]
         purchase_days = (self.reference - target.last_purchase[rows]) / DAY
         yield np.log1p(purchases)
@@ -302,10 +346,14 @@ class PropensityContext:
         yield from (target.repeat_share * np.take(target.due, rows, axis=0)).T
         yield decay(touch_days, INTENT_HALF_LIFE_DAYS)
         yield np.log1p(target.friends_bought[rows])
-        # one product for both ALS columns, items x users, so the max runs over contiguous rows
-        als = np.vstack([target.query, target.vectors]) @ np.take(self.user_factors, rows, axis=0).T
-        yield (als[0] - target.mean_scale[0]) / target.mean_scale[1]
-        yield (als[1:].max(axis=0) - target.max_scale[0]) / target.max_scale[1]
+        factors = np.take(self.user_factors, rows, axis=0)
+        if with_max:  # one product for both ALS columns, items x users, so the max runs over contiguous rows
+            als = np.vstack([target.query, target.vectors]) @ factors.T
+            yield (als[0] - target.mean_scale[0]) / target.mean_scale[1]
+            yield (als[1:].max(axis=0) - target.max_scale[0]) / target.max_scale[1]
+        else:
+            yield (factors @ target.query - target.mean_scale[0]) / target.mean_scale[1]
+            yield np.zeros(len(rows))
         yield from self._user_columns(rows)
         yield target.buyers_log
         yield target.trend

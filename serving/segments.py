@@ -241,8 +241,9 @@ class SegmentEngine:
             others = np.zeros(self.n_users, dtype=bool)
             others[found] = True
             others[active[:n]] = True
-            cand = np.concatenate([known, np.flatnonzero(others & unknown)])
-            return best_unique(cand, context.probability(model, target, cand), n, min_score)
+            cand, scores = context.best_probability(model, target, np.concatenate(
+                [known, np.flatnonzero(others & unknown)]), n)
+            return best_unique(cand, scores, n, min_score)
         return fetch
 
     def _fixed_propensity(self, items: np.ndarray, mask: np.ndarray | None, min_score: float | None) -> Fetch:

@@ -20,7 +20,7 @@ from features.ledger import ControlLedger
 from features.propensity import DUE_BINS, FEATURE_NAMES, PROPENSITY_VERSION, PropensityContext, PropensityModel
 from serving.privacy import Privacy
 from serving.segment_schemas import PropensityQuery
-from serving.segments import SegmentEngine
+from serving.segments import SegmentEngine, best_unique
 from training.bundle import ITEM_META_COLUMNS, MANIFEST, Bundle, load_bundle
 from training.params import ALSParams, BPRParams, PropensityParams, TrainParams
 from training.pipeline import TrainResult
@@ -184,6 +184,30 @@ def test_features_and_scores_do_not_depend_on_the_block_size(bundle: Bundle, mon
     assert len(rows) % 7
     np.testing.assert_allclose(context.features(target, rows), whole, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(context.probability(model, target, rows), model.probability(whole), rtol=1e-5)
+
+
+@pytest.mark.parametrize("als_max_weight", [0.9, -0.9, 3.0])
+def test_skipping_rows_that_cannot_reach_the_top_changes_no_answer(bundle: Bundle, als_max_weight: float) -> None:
+    """`best_probability` computes the ALS max column only for rows whose logit bounds reach the top n: the
+    n best (ids and probabilities) are those of scoring every row, with the ALS max column weighing either
+    way (the same ids, the probabilities up to float32 rounding); and rows are skipped, so the check can fail."""
+    context = PropensityContext(bundle.state, bundle.user_factors, bundle.item_factors)
+    target = context.target(_top_category(bundle)[1])
+    rows = np.arange(len(bundle.users))
+    fitted = bundle.manifest.propensity["category"]
+    coef = list(fitted.coef)
+    coef[propensity.ALS_MAX] = als_max_weight
+    model = fitted.model_copy(update={"coef": coef})
+    skipped = 0
+    for n in (1, 5, 40, len(rows) // 3):
+        kept, scores = context.best_probability(model, target, rows, n)
+        skipped += len(rows) - len(kept)
+        np.testing.assert_allclose(scores, context.probability(model, target, kept), rtol=1e-5)
+        every = best_unique(rows, context.probability(model, target, rows), n, None)
+        found = best_unique(kept, scores, n, None)
+        np.testing.assert_array_equal(found[0], every[0])
+        np.testing.assert_allclose(found[1], every[1], rtol=1e-5)  # the ALS pair up to float32 rounding
+    assert skipped > 0
 
 
 def test_a_bundle_without_the_model_answers_with_the_fixed_formula(bundle: Bundle, tmp_path: Path) -> None:
