@@ -27,6 +27,7 @@ bought, as proposed by the neighbours' vectors and by ALS (could the neighbours 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,8 +261,11 @@ def _feeds(part: Part, ranked: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def ranker_ratio(train: list[Part], test: Part, names: tuple[str, ...], params: TrainParams, seed: int) -> float:
-    """The variant's ranker NDCG@20 over the repeat baseline's on `test`, trained on `train`."""
+def ranker_ratio(train: list[Part], test: Part, names: tuple[str, ...], params: TrainParams, seed: int,
+                 settings: Mapping[str, object] | None = None) -> float:
+    """The variant's ranker NDCG@20 over the repeat baseline's on `test`, trained on `train`.
+
+    `settings`: LightGBM settings over the ranker's own (`fit_ranker`)."""
     rng = np.random.default_rng(seed)
     users = sorted({u for part in train for u in part.rows.user_ids})
     held = dict(zip(users, (rng.random(len(users)) < params.ranker.validation_share).tolist(), strict=True))
@@ -273,7 +277,8 @@ def ranker_ratio(train: list[Part], test: Part, names: tuple[str, ...], params: 
                                         params.ranker.negatives_per_group, rng))
         stopping.append(with_positive_groups(features, part.labels, part.rows.group_sizes, valid))
     ranker_params = params.ranker.model_copy(update={"seed": seed})
-    ranker = fit_ranker(_stack(fitting), ranker_params, _stack(stopping), feature_names=(*FEATURE_NAMES, *names))
+    ranker = fit_ranker(_stack(fitting), ranker_params, _stack(stopping), feature_names=(*FEATURE_NAMES, *names),
+                        settings=settings)
     scores = ranker.predict(_features(test, names))
     ranked = [test.rows.items[s][np.argsort(-scores[s], kind="stable")] for s in test.rows.group_slices()]
     ours = per_user_metrics(_feeds(test, ranked), test.targets, N)

@@ -59,8 +59,11 @@ class CandidateParams(_Strict):
 
 
 class RankerParams(_Strict):
-    """LightGBM LambdaRank over the union of candidates."""
+    """LightGBM over the union of candidates: LambdaRank by default."""
 
+    # lambdarank: pairwise, NDCG-weighted; rank_xendcg: listwise cross-entropy; binary: pointwise logloss on
+    # "bought or carted" (label > 0), scores taken as they come
+    objective: Literal["lambdarank", "rank_xendcg", "binary"] = "lambdarank"
     num_leaves: int = Field(31, ge=2)
     learning_rate: float = Field(0.05, gt=0.0)
     max_rounds: int = Field(400, ge=1)

@@ -1,4 +1,4 @@
-"""The second stage: LightGBM LambdaRank over the candidate union, one query group per user.
+"""The second stage: LightGBM over the candidate union, one query group per user (LambdaRank by default).
 
 Groups without a positive label are dropped (they would score a perfect NDCG and inflate validation),
 rows of a group stay contiguous, and the feature order is pinned by `features.ranking.FEATURE_NAMES`.
@@ -6,7 +6,7 @@ rows of a group stay contiguous, and the feature order is pinned by `features.ra
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,13 +103,16 @@ def fit_ranker(
     valid: RankerData | None = None,
     rounds: int | None = None,
     feature_names: tuple[str, ...] = FEATURE_NAMES,
+    settings: Mapping[str, Any] | None = None,
 ) -> Ranker:
-    """LambdaRank; early stopping on `valid` NDCG@20 unless a fixed number of `rounds` is given.
+    """`params.objective`; early stopping on `valid` NDCG@20 unless a fixed number of `rounds` is given.
 
-    `feature_names` names the columns; only benchmarks that try extra columns pass anything but the served ones.
+    The binary objective learns "bought or carted" (label > 0); early stopping still reads the graded labels.
+    `feature_names` names the columns and `settings` adds LightGBM settings over the ones built here; only
+    benchmarks pass anything but the defaults.
     """
-    settings = {
-        "objective": "lambdarank",
+    lgb_settings: dict[str, Any] = {
+        "objective": params.objective,
         "metric": "ndcg",
         "ndcg_eval_at": [20],
         "num_leaves": params.num_leaves,
@@ -124,9 +127,11 @@ def fit_ranker(
         "verbosity": -1,
         "deterministic": True,
         "force_row_wise": True,
+        **(settings or {}),
     }
+    labels = (train.labels > 0).astype(np.int32) if params.objective == "binary" else train.labels
     train_set = lgb.Dataset(
-        train.features, train.labels, group=train.group_sizes, feature_name=list(feature_names), free_raw_data=False
+        train.features, labels, group=train.group_sizes, feature_name=list(feature_names), free_raw_data=False
     )
     callbacks: list[Callable[..., Any]] = []
     valid_sets = []
@@ -135,7 +140,7 @@ def fit_ranker(
         valid_sets = [lgb.Dataset(valid.features, valid.labels, group=valid.group_sizes, reference=train_set)]
         callbacks.append(lgb.early_stopping(params.early_stopping_rounds, verbose=False))
     booster = lgb.train(
-        settings, train_set, num_boost_round=rounds or params.max_rounds, valid_sets=valid_sets, callbacks=callbacks
+        lgb_settings, train_set, num_boost_round=rounds or params.max_rounds, valid_sets=valid_sets, callbacks=callbacks
     )
     best = booster.best_iteration if booster.best_iteration > 0 else booster.current_iteration()
     return Ranker(booster, best)
