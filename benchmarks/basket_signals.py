@@ -44,8 +44,9 @@ from features.weights import CONVERSION_TYPES
 from training.bundle import ITEM_META_COLUMNS
 from training.evaluate import Targets, holdout_targets, per_user_metrics
 from training.params import TrainParams, load_params
-from training.ranker import RankerData, fit_ranker, sample_negatives, with_positive_groups
+from training.ranker import fit_ranker, sample_negatives, with_positive_groups
 from training.split import time_holdout, validation_cut
+from training.twostage import stack
 from training.window import CandidateRows, Window, attach_labels, candidate_rows, fit_window, labels_between
 
 DECAY = 0.9
@@ -237,11 +238,6 @@ def _features(part: Part, names: tuple[str, ...]) -> np.ndarray:
     return np.column_stack([part.rows.features, *(part.extra[name] for name in names)]).astype(np.float32)
 
 
-def _stack(parts: list[RankerData]) -> RankerData:
-    return RankerData(np.concatenate([p.features for p in parts]), np.concatenate([p.labels for p in parts]),
-                      np.concatenate([p.group_sizes for p in parts]))
-
-
 def _feeds(part: Part, ranked: list[np.ndarray]) -> list[np.ndarray]:
     """Each user's list then the trending fallback, blocked items removed (as the evaluation composes them)."""
     state = part.window.state
@@ -277,7 +273,7 @@ def ranker_ratio(train: list[Part], test: Part, names: tuple[str, ...], params: 
                                         params.ranker.negatives_per_group, rng))
         stopping.append(with_positive_groups(features, part.labels, part.rows.group_sizes, valid))
     ranker_params = params.ranker.model_copy(update={"seed": seed})
-    ranker = fit_ranker(_stack(fitting), ranker_params, _stack(stopping), feature_names=(*FEATURE_NAMES, *names),
+    ranker = fit_ranker(stack(fitting), ranker_params, stack(stopping), feature_names=(*FEATURE_NAMES, *names),
                         settings=settings)
     scores = ranker.predict(_features(test, names))
     ranked = [test.rows.items[s][np.argsort(-scores[s], kind="stable")] for s in test.rows.group_slices()]
