@@ -314,14 +314,22 @@ class PropensityContext:
             mean_dot[start:start + len(block)] = x[:, ALS_MEAN] * target.mean_scale[1] + target.mean_scale[0]
             x[:, ALS_MAX] = 0.0
             partial[start:start + len(block)] = model.logit(x)
+        if not (np.isfinite(partial).all() and np.isfinite(mean_dot).all()):
+            return rows, self.probability(model, target, rows)  # no bound to trust: score every row
         norms = self.user_norms()[rows]
         reach = float(np.linalg.norm(target.vectors - target.query, axis=1).max()) if len(target.vectors) else 0.0
-        slack = 1e-4 * norms * (reach + float(np.linalg.norm(target.query)) + 1.0)  # float32 rounding, generously
+        # float32 rounding of the dot products, generously: relative to |u| |v| and to the columns' means
+        slack = (1e-4 * norms * (reach + float(np.linalg.norm(target.query)) + 1.0)
+                 + 1e-5 * (abs(target.mean_scale[0]) + abs(target.max_scale[0])))
         per_unit = weight / target.max_scale[1]
         low_dot, high_dot = mean_dot - slack, mean_dot + norms * reach + slack
         ends = (partial + per_unit * (low_dot - target.max_scale[0]),
                 partial + per_unit * (high_dot - target.max_scale[0]))
         low, high = ends if per_unit > 0 else ends[::-1]
+        # the ALS mean column is rounded differently here than in the full product: widen in logit space too
+        mean_unit = abs(float(model.weights()[ALS_MEAN]) / target.mean_scale[1])
+        tolerance = mean_unit * slack + 1e-6 * (1.0 + np.abs(partial))
+        low, high = low - tolerance, high + tolerance
         threshold = np.partition(low, len(low) - n)[len(low) - n]
         kept = rows[high >= threshold]
         return kept, self.probability(model, target, kept)

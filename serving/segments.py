@@ -420,22 +420,25 @@ def take_allowed(fetch: Fetch, size: int | None, ids: np.ndarray, privacy: Priva
     """The first `size` candidates privacy allows (all when size is None), fetching more as needed."""
     want = size if size is not None else None
     n = (want + want // 5 + 100) if want is not None else len(ids)
-    checked = 0
+    checked = np.zeros(len(ids), dtype=bool)  # by user: a larger fetch may order near-ties differently
     kept_idx: list[np.ndarray] = []
     kept_scores: list[np.ndarray] = []
     kept = 0
     while True:
         cand, scores = fetch(n)
-        for start in range(checked, len(cand), CONSENT_CHUNK):
+        fetched = len(cand)
+        fresh = ~checked[cand]
+        cand, scores = cand[fresh], scores[fresh]
+        for start in range(0, len(cand), CONSENT_CHUNK):
             part = cand[start:start + CONSENT_CHUNK]
+            checked[part] = True
             ok = allowed_users(ids[part].tolist(), privacy, purposes)  # the vocabulary holds str objects
             kept_idx.append(part[ok])
             kept_scores.append(scores[start:start + CONSENT_CHUNK][ok])
             kept += int(ok.sum())
-            checked = start + len(part)
             if want is not None and kept >= want:
                 break
-        if (want is not None and kept >= want) or len(cand) < n or n >= len(ids):
+        if (want is not None and kept >= want) or fetched < n or n >= len(ids):
             break
         n = min(n * 2, len(ids))
     user_idx = np.concatenate(kept_idx) if kept_idx else np.zeros(0, np.int64)

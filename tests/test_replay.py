@@ -162,7 +162,7 @@ def test_the_bundle_ranker_is_trained_the_way_replay_kept(demo_dir: Path) -> Non
     holdout = time_holdout(data.events, params.split)
     two_stage = evaluate_two_stage(data.events, data.items, holdout, params, ITEM_META_COLUMNS, lambda _: None,
                                    social=data.social)
-    result = run_replay(two_stage, data.events, params, data.social, lambda _: None)
+    result = run_replay(two_stage, data.events, params, data.social, lambda _: None, keep_groups=True)
     assert result is not None
     training = result.training
     assert training is not None

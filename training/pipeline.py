@@ -188,10 +188,10 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
         propensity = two_stage.propensity
         if params.evaluation.replay_hours > 0:
             with clock.stage("request-time replay"):
-                replay = run_replay(two_stage, events, params, data.social, say)
+                replay = run_replay(two_stage, events, params, data.social, say, keep_groups=for_serving)
             if replay is not None:
                 report.replay_rows, report.replay = replay.rows, replay.summary
-            if for_serving:
+            if for_serving and replay is not None:
                 with clock.stage("request-time ranker for serving"):
                     served, ranker_training = serving_ranker(two_stage, replay, events, params, data.social)
                 ranker_text = served.to_string()

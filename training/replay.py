@@ -53,7 +53,7 @@ TRAINING_MODES = ("static", "replay", "stacked")
 class ReplayTraining:
     rankers: dict[str, Ranker]  # per ranker, the one kept on validation
     modes: dict[str, str]  # per ranker, how the kept one was trained: one of TRAINING_MODES
-    groups: dict[str, Groups]  # window A's request-time groups, per ranker
+    groups: dict[str, Groups]  # window A's request-time groups of "ranker", when kept for the bundle's refit
     notes: dict[str, float | str]  # validation scores per mode, groups, cost
 
 
@@ -137,7 +137,8 @@ def _group_ndcg(ranker: Ranker, data: RankerData, k: int) -> float:
 
 
 def train_replay_rankers(two_stage: TwoStageResult, events: pd.DataFrame, end: pd.Timestamp, params: TrainParams,
-                         social: pd.DataFrame | None, say: Callable[[str], None]) -> ReplayTraining:
+                         social: pd.DataFrame | None, say: Callable[[str], None],
+                         keep_groups: bool = False) -> ReplayTraining:
     """Per ranker, the static one of window A or one trained on window A's request-time groups (alone or
     stacked with the static groups), whichever has the best NDCG@max(K) on the request-time groups of the
     users held out for early stopping. The same procedure and held-out users for both rankers."""
@@ -167,7 +168,8 @@ def train_replay_rankers(two_stage: TwoStageResult, events: pd.DataFrame, end: p
             + ", ".join(f"{mode} {scores[mode]:.4f} ({candidates[mode].rounds} rounds)" for mode in TRAINING_MODES)
             + f": keeps {best}")
     notes["train_groups"] = float(sum(len(rows.user_ids) for rows, _ in replay["ranker"]))
-    return ReplayTraining(chosen, modes, replay, notes)
+    kept = {"ranker": replay["ranker"]} if keep_groups else {}  # only the bundle's refit reads them
+    return ReplayTraining(chosen, modes, kept, notes)
 
 
 def serving_ranker(two_stage: TwoStageResult, replay: ReplayResult | None, events: pd.DataFrame,
@@ -183,6 +185,8 @@ def serving_ranker(two_stage: TwoStageResult, replay: ReplayResult | None, event
     mode = training.modes["ranker"] if training is not None else "static"
     if training is None or mode == "static":
         return two_stage.ranker, "static"
+    if "ranker" not in training.groups:
+        raise ValueError("the request-time groups were not kept: run_replay(..., keep_groups=True)")
     end = events["ts"].max() + pd.Timedelta(1, "ns")
     later = replay_label_groups(two_stage.test_window, events, end, params, social, names=("ranker",))["ranker"]
     rng = np.random.default_rng(params.ranker.seed)
@@ -315,9 +319,10 @@ def unsliceable(events: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, ho
 
 
 def run_replay(two_stage: TwoStageResult, events: pd.DataFrame, params: TrainParams, social: pd.DataFrame | None,
-               say: Callable[[str], None]) -> ReplayResult | None:
+               say: Callable[[str], None], keep_groups: bool = False) -> ReplayResult | None:
     """Request-time evaluation of the two rankers on window B, after training them the request-time way
-    too when `evaluation.replay_training` is on; None (with the reason said) when time cannot be sliced."""
+    too when `evaluation.replay_training` is on; None (with the reason said) when time cannot be sliced.
+    `keep_groups` keeps window A's request-time groups of the social ranker for `serving_ranker`."""
     window = two_stage.test_window
     end = events["ts"].max() + pd.Timedelta(1, "ns")
     problem = unsliceable(events, window.cutoff, end, params.evaluation.replay_hours)
@@ -327,7 +332,7 @@ def run_replay(two_stage: TwoStageResult, events: pd.DataFrame, params: TrainPar
     rankers, notes, training = two_stage.rankers, dict[str, float | str](), None
     if params.evaluation.replay_training:
         started = time.perf_counter()
-        training = train_replay_rankers(two_stage, events, window.cutoff, params, social, say)
+        training = train_replay_rankers(two_stage, events, window.cutoff, params, social, say, keep_groups)
         rankers, notes = training.rankers, training.notes | {"train_seconds": time.perf_counter() - started}
     result = evaluate_replay(window, events, end, rankers, params, social, say)
     if result is None:
