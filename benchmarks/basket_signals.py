@@ -36,7 +36,7 @@ import pandas as pd
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from features.dataset import load_dataset
+from features.dataset import Dataset, load_dataset
 from features.feed import Candidates, Source, compose_feed
 from features.ranking import FEATURE_NAMES
 from features.state import DAY, cell_values
@@ -234,6 +234,23 @@ def build_part(events: pd.DataFrame, catalog: pd.DataFrame | None, social: pd.Da
     return Part(window, rows, labels, targets, extra_columns(events, window, rows))
 
 
+def label_window_parts(data: Dataset, params: TrainParams, windows: int) -> list[Part]:
+    """Parts as of T2 (the test), T1 (validation) and `windows` earlier cut-offs one validation span apart
+    (those after the first event), each labelled up to the next cut-off; says the cut-offs and group counts."""
+    events = data.events
+    holdout = time_holdout(events, params.split)
+    assert holdout.cut is not None
+    t2 = holdout.cut
+    t1 = validation_cut(holdout, params.split)
+    span = t2 - t1
+    cuts = [c for c in [t2, t1, *(t1 - back * span for back in range(1, windows + 1))] if c > events["ts"].min()]
+    parts = [build_part(events, data.items, data.social, params, cut, cut + span if cut < t2 else None)
+             for cut in cuts]
+    print(f"windows as of {', '.join(c.date().isoformat() for c in cuts)}; "
+          f"label groups {', '.join(str(len(p.rows.user_ids)) for p in parts)}", flush=True)
+    return parts
+
+
 def _features(part: Part, names: tuple[str, ...]) -> np.ndarray:
     return np.column_stack([part.rows.features, *(part.extra[name] for name in names)]).astype(np.float32)
 
@@ -290,20 +307,10 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     data = load_dataset(args.data, params.weights.keys())
-    events = data.events
-    holdout = time_holdout(events, params.split)
-    assert holdout.cut is not None
-    t2 = holdout.cut
-    t1 = validation_cut(holdout, params.split)
-    span = t2 - t1
     with threadpool_limits(1, "blas"):
-        cuts = [t2, t1, t1 - span, t1 - 2 * span, t1 - 3 * span]
-        parts = [build_part(events, data.items, data.social, params, cut, cut + span if cut < t2 else None)
-                 for cut in cuts]
-        print(f"windows as of {', '.join(c.date().isoformat() for c in cuts)}; "
-              f"label groups {', '.join(str(len(p.rows.user_ids)) for p in parts)}")
+        parts = label_window_parts(data, params, 3)
         print("test hits per user among 10 never-bought items:",
-              {k: round(v, 3) for k, v in unbought_hits(parts[0], events).items()})
+              {k: round(v, 3) for k, v in unbought_hits(parts[0], data.events).items()})
         seeds = [params.ranker.seed + s for s in range(args.seeds)]
         for name, columns in VARIANTS.items():
             validation = [ranker_ratio(parts[2:5], parts[1], columns, params, s) for s in seeds]

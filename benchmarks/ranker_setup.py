@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from basket_signals import N, Part, build_part, ranker_ratio
+from basket_signals import N, label_window_parts, ranker_ratio
 from threadpoolctl import threadpool_limits
 
 from features.dataset import load_dataset
 from training.params import TrainParams, load_params
-from training.split import time_holdout, validation_cut
 
 ALL_NEGATIVES = 10_000  # above the candidate union (250): every candidate row of a group is a training row
 SMALL_DATA: dict[str, object] = {  # fewer, smaller trees, more of them, stopped later
@@ -71,20 +70,9 @@ def main() -> None:
     base = load_params(args.params)
     setups = [s for s in SETUPS if args.only is None or s.name in args.only]
     data = load_dataset(args.data, base.weights.keys())
-    events = data.events
-    holdout = time_holdout(events, base.split)
-    assert holdout.cut is not None
-    t2 = holdout.cut
-    t1 = validation_cut(holdout, base.split)
-    span = t2 - t1
     windows = max(int(s.ranker.get("label_windows", base.ranker.label_windows)) for s in setups)  # type: ignore[call-overload]
-    cuts = [t2, t1, *(t1 - back * span for back in range(1, windows + 1))]
-    cuts = [c for c in cuts if c > events["ts"].min()]
     with threadpool_limits(1, "blas"):
-        parts: list[Part] = [build_part(events, data.items, data.social, base, cut, cut + span if cut < t2 else None)
-                             for cut in cuts]
-        print(f"windows as of {', '.join(c.date().isoformat() for c in cuts)}; "
-              f"label groups {', '.join(str(len(p.rows.user_ids)) for p in parts)}", flush=True)
+        parts = label_window_parts(data, base, windows)
         seeds = [base.ranker.seed + s for s in range(args.seeds)]
         for setup in setups:
             started = time.perf_counter()
