@@ -230,6 +230,46 @@ def test_erased_and_opted_out_users_appear_nowhere(client: TestClient, bundle: B
         assert len(frame) == 39
 
 
+def _every_kind(bundle: Bundle) -> dict[str, dict[str, Any]]:
+    """One definition of each kind and signal (EVERY_KIND), on this bundle's data."""
+    item = bundle.items.id_of(int(np.argmax(bundle.state.item_buyers)))
+    sharer = bundle.users.id_of(int(np.argmax(bundle.state.user_type_counts[:, 3])))
+    return {
+        "propensity category": {"kind": "propensity", "category": _top_category(bundle), "size": 30},
+        "propensity item": {"kind": "propensity", "item_id": item, "size": 30},
+        "propensity brand": {"kind": "propensity", "brand": bundle.manifest.brands[0], "size": 30},
+        "lookalike": {"kind": "lookalike", "seed_user_ids": [bundle.users.id_of(0)], "size": 30},
+        "lifecycle": {"kind": "lifecycle", "size": 30},
+        "top sharers": {"kind": "social", "signal": "top_sharers", "size": 30},
+        "influencers": {"kind": "social", "signal": "influencers", "size": 30},
+        "friends of buyers": {"kind": "social", "signal": "friends_of_buyers", "item_id": item, "size": 30},
+        "community": {"kind": "social", "signal": "community", "user_id": sharer, "size": 30},
+    }
+
+
+EVERY_KIND = ("propensity category", "propensity item", "propensity brand", "lookalike", "lifecycle", "top sharers",
+              "influencers", "friends of buyers", "community")
+
+
+@pytest.mark.parametrize("name", EVERY_KIND)
+def test_an_erased_member_leaves_every_kind_of_segment(client: TestClient, bundle: Bundle, store: MemoryStore,
+                                                       name: str) -> None:
+    definition = _every_kind(bundle)[name]
+    before = _query(client, definition)
+    anchors = {definition.get("user_id"), *definition.get("seed_user_ids", [])}
+    erased = next(m["user_id"] for m in before["items"] if m["user_id"] not in anchors)
+    store.erase_user(erased)
+    after = _query(client, definition)
+    assert after["items"], "the segment still has members"
+    assert erased not in _all_ids(client, after["segment_id"])
+    exported = client.get(f"/v1/segments/{after['segment_id']}/export", params={"format": "csv"})
+    frame = pd.read_csv(io.BytesIO(exported.content), comment="#", dtype={"user_id": str})
+    assert len(frame) > 0
+    assert erased not in set(frame["user_id"])
+    # and from the snapshot taken before the erasure
+    assert erased not in _all_ids(client, before["segment_id"])
+
+
 def test_exports_carry_ids_scores_and_definition_only(client: TestClient, bundle: Bundle) -> None:
     definition = {"kind": "propensity", "category": _top_category(bundle), "size": 150}
     body = _query(client, definition)
