@@ -5,8 +5,11 @@ suggestions recover the shares people went on to make.
     against truth.json's planted influencers, with the planted decoys (many friends, no conversions) present;
     the share of decoys in each top k beside it. Everything as of the end of the data.
 (b) Share suggestions: split at the last `--test-days`; the graph, the attribution and an ALS fit
-    (training.als.fit_als) see only the past. For every user who shares in the test window and is known in
-    the past, `serving.share_suggestions.suggest_shares` proposes k items x f friends; the baseline proposes
+    (training.als.fit_als) see only the past, and so does a bundle `sharefeed train` writes from the past
+    events (default parameters). For every user who shares in the test window and is known in the past,
+    `serving.share_suggestions.suggest_shares` proposes k items x f friends: as served (the bundle's share
+    inputs, items in the order of the user's ranked feed) and with the share-propensity formula that
+    bundles without a ranker use (weights picked on the week before the test); the baseline proposes
     the user's most popular recent purchases (padded with their most popular viewed items, then the most
     popular items) to f random people they reach. A test share is recovered at item level when its
     (sharer, item) was proposed, at recipient level when (sharer, item, recipient) was. Same users, same k, f.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,9 +37,13 @@ from features.dataset import load_dataset
 from features.interactions import user_items_matrix
 from features.social import EdgeKind, build_social_graph
 from features.vocab import Vocabulary
-from serving.share_suggestions import ShareInputs, ShareWeights, open_rates, suggest_shares
+from serving.recommender import Recommender
+from serving.share_suggestions import ShareInputs, ShareWeights, open_rates, ranked_feed, suggest_shares
 from training.als import fit_als
+from training.bundle import load_bundle
 from training.params import TrainParams
+from training.pipeline import train
+from training.settings import TrainingSettings
 
 K_INFLUENCE = (10, 25, 50, 100, 200)
 
@@ -121,14 +129,47 @@ def baseline_lists(inputs: ShareInputs, past: pd.DataFrame, sharers: np.ndarray,
     return lists
 
 
+Served = tuple[ShareInputs, Recommender]
+
+
 def model_lists(inputs: ShareInputs, sharers: np.ndarray, k: int, per_item: int,
-                weights: ShareWeights) -> dict[int, list[tuple[int, list[int]]]]:
+                weights: ShareWeights, served: Served | None = None) -> dict[int, list[tuple[int, list[int]]]]:
+    """Per sharer (an index of `inputs`), the suggestions as indexes of `inputs`: from `inputs` with the
+    share-propensity formula, or as the service makes them from a bundle (`served`: its inputs and ranker)."""
     lists = {}
     for u in sharers:
-        found = suggest_shares(inputs, int(u), k, per_item, weights)
-        lists[int(u)] = [(int(inputs.items.index_of(i.item_id) or 0),
-                          [int(inputs.graph.users.index_of(f.user_id) or 0) for f in i.friends]) for i in found.items]
+        if served is None:
+            found = suggest_shares(inputs, int(u), k, per_item, weights)
+        else:
+            own, recommender = served
+            user_id = inputs.users.id_of(int(u))
+            found = suggest_shares(own, own.users.index_of(user_id), k, per_item,
+                                   ranked=ranked_feed(recommender, user_id, own))
+        item_of, user_of = inputs.items.index_of, inputs.graph.users.index_of
+        lists[int(u)] = [(_index(item_of(i.item_id)), [_index(user_of(f.user_id)) for f in i.friends])
+                         for i in found.items]
     return lists
+
+
+def _index(found: int | None) -> int:
+    return -1 if found is None else int(found)
+
+
+def past_bundle(events: pd.DataFrame, tables: dict[str, pd.DataFrame | None], cut: pd.Timestamp,
+                workdir: Path) -> Served:
+    """`sharefeed train` (default parameters) on the events before `cut` and the other tables as they are;
+    the bundle's share inputs and a recommender over it, as the service holds them."""
+    data = workdir / "past"
+    data.mkdir()
+    past = events.loc[events["ts"] < cut].rename(columns={"ts": "timestamp"})
+    past.to_parquet(data / "events.parquet", index=False)
+    for name, frame in tables.items():
+        if frame is not None:
+            frame.to_parquet(data / f"{name}.parquet", index=False)
+    result = train(data, workdir / "bundle", TrainParams(), TrainingSettings(home=workdir / "home", mlflow_uri=None),
+                   say=lambda _: None)
+    bundle = load_bundle(result.bundle_path)
+    return ShareInputs.from_bundle(bundle), Recommender(bundle)
 
 
 def recovered(lists: dict[int, list[tuple[int, list[int]]]], test: pd.DataFrame) -> pd.DataFrame:
@@ -187,31 +228,38 @@ def pick_weights(events: pd.DataFrame, social: pd.DataFrame | None, cut: pd.Time
     return best[1], best[0]
 
 
-def suggestion_table(events: pd.DataFrame, social: pd.DataFrame | None, test_days: float, ks: list[int],
-                     per_item: int, seed: int) -> dict[str, Any]:
+def suggestion_table(events: pd.DataFrame, tables: dict[str, pd.DataFrame | None], test_days: float,
+                     ks: list[int], per_item: int, seed: int) -> dict[str, Any]:
+    social = tables["social"]
     cut = (events["ts"].max() - pd.Timedelta(days=test_days)).floor("D")
     params = TrainParams()
     weights, valid_hits = pick_weights(events, social, cut, test_days, ks, per_item, params)
     started = time.perf_counter()
     inputs, past = past_inputs(events, social, cut, params)
     fit_seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory(prefix="social-eval-") as workdir:
+        started = time.perf_counter()
+        served = past_bundle(events, tables, cut, Path(workdir))
+        train_seconds = time.perf_counter() - started
     test, all_test = _shares_after(events, inputs, cut)
     sharers = np.unique(test["sharer"].to_numpy())
     rng = np.random.default_rng(seed)
     rows = []
     for k in ks:
-        started = time.perf_counter()
-        model = recovered(model_lists(inputs, sharers, k, per_item, weights), test)
-        per_user_ms = (time.perf_counter() - started) / max(len(sharers), 1) * 1000
         base = recovered(baseline_lists(inputs, past, sharers, k, per_item, rng), test)
-        row: dict[str, Any] = {"k": k, "friends_per_item": per_item, "suggest_ms_per_user": per_user_ms}
-        for column in ("item_hit", "recipient_hit"):
-            point, low, high = _ratio_ci(model, base, column, rng)
-            row |= {f"model {column}s": int(model[column].sum()), f"baseline {column}s": int(base[column].sum()),
-                    f"{column} ratio": point, f"{column} ratio ci": [low, high]}
+        row: dict[str, Any] = {"k": k, "friends_per_item": per_item}
+        for name, way in (("served", served), ("formula", None)):
+            started = time.perf_counter()
+            model = recovered(model_lists(inputs, sharers, k, per_item, weights, way), test)
+            row[f"{name} ms_per_user"] = (time.perf_counter() - started) / max(len(sharers), 1) * 1000
+            for column in ("item_hit", "recipient_hit"):
+                point, low, high = _ratio_ci(model, base, column, rng)
+                row |= {f"{name} {column}s": int(model[column].sum()), f"{name} {column} ratio": point,
+                        f"{name} {column} ratio ci": [low, high]}
+        row |= {f"baseline {column}s": int(base[column].sum()) for column in ("item_hit", "recipient_hit")}
         rows.append(row)
     return {"cut": cut.isoformat(), "test_days": test_days, "weights": asdict(weights),
-            "validation_item_hits": valid_hits,
+            "validation_item_hits": valid_hits, "train_seconds": train_seconds,
             "test_shares": all_test,
             "test_shares_by_known_sharers": len(test), "sharers": len(sharers),
             "recipient_known_in_past_share": float((test["recipient"] >= 0).mean()) if len(test) else 0.0,
@@ -233,8 +281,8 @@ def main() -> None:
     started = time.perf_counter()
     influence = influence_table(args.data, data.events, data.social)
     influence_seconds = time.perf_counter() - started
-    suggestions = suggestion_table(data.events, data.social, args.test_days, args.k, args.friends_per_item,
-                                   args.seed)
+    tables = {"items": data.items, "users": data.users, "social": data.social}
+    suggestions = suggestion_table(data.events, tables, args.test_days, args.k, args.friends_per_item, args.seed)
     result = {"data": str(args.data), "events": len(data.events),
               "social_rows": 0 if data.social is None else len(data.social),
               "influence_seconds": influence_seconds, "influence": influence, "share_suggestions": suggestions}

@@ -1,12 +1,17 @@
 """Share suggestions: which items a user should share and to which friends.
 
-An item is worth suggesting when the user is likely to share it at all and when sharing it converts. The
-first is a share propensity from the user's own behaviour: how recently they interacted with the item,
-how often they bought it, how close it is to their taste (their ALS score) and how popular it is — weights
-chosen on a validation window by `benchmarks/social_eval.py`. The second is the expected conversions of
-sending it to the best friends for it: P(friend opens a share from this user) (the user's attributed share
-history, smoothed towards the shop's rate) x P(friend buys the item) (the friend's ALS affinity, clipped to
-[0, 1]); friends who already bought an item are left out for it. Numpy only.
+An item is worth suggesting when the user is likely to share it at all and when sharing it converts. People
+share what they are about to buy or look at, so where the bundle has a ranker the items are the user's own
+ranked feed, in its order (`ranked`: the two-stage model's best guess at their next purchases; on demo-data
+it recovers about 1.2x the held-out shares of the baseline, against 1.05-1.1x for the formula below, see
+docs/benchmarks.md). Without a ranker, a share propensity from the user's own behaviour orders the user's
+recent and bought items and their top ALS items: how recently they interacted with the item, how often they
+bought it, how close it is to their taste (their ALS score) and how popular it is, weights chosen on a
+validation window by `benchmarks/social_eval.py`, plus the expected conversions of sending it. Those are, for
+every item either way: P(friend opens a share from this user) (the user's attributed share history, smoothed
+towards the shop's rate) x P(friend buys the item) (the friend's ALS affinity, clipped to [0, 1]) over the
+best friends for it; friends who already bought an item are left out for it, and an item no friend would buy
+is not suggested. Numpy only.
 
 The service suggests nothing to a user who withheld personalization or was erased, and never names a friend
 who withheld `social_proof` or was erased (`serving.privacy`).
@@ -25,12 +30,14 @@ from features.social import SocialGraph
 from features.vocab import Vocabulary
 from serving.bodies import StrictJSONRoute
 from serving.deps import PrivacyDep, RequestId
+from serving.recommender import Recommender, UserContext
 from serving.settings import ServingSettings
 from training.bundle import Bundle
 
 MAX_FRIENDS = 300  # strongest ties scored per request
 RECENT_CANDIDATES = 50
 ALS_CANDIDATES = 50
+RANKED_CANDIDATES = 50  # items of the user's feed considered, best first
 RECENCY_HALF_LIFE_DAYS = 7.0
 
 
@@ -97,7 +104,7 @@ class SuggestedFriend:
 class SuggestedItem:
     item_id: str
     expected_conversions: float  # summed over the suggested friends
-    source: str  # "recent" (the user's own recent item) or "als" (one of their top items)
+    source: str  # "feed" (the user's ranked feed), else "recent" (their own recent item) or "als" (a top item)
     friends: tuple[SuggestedFriend, ...]
 
 
@@ -152,8 +159,10 @@ def _friends(inputs: ShareInputs, user_idx: int) -> np.ndarray:
 
 def suggest_shares(inputs: ShareInputs, user_idx: int | None, n: int = 10, friends_per_item: int = 3,
                    weights: ShareWeights = ShareWeights(),
-                   visible: Callable[[list[str]], list[bool]] | None = None) -> ShareSuggestions:
-    """The `n` best items by share propensity and expected conversions, each with its best friends;
+                   visible: Callable[[list[str]], list[bool]] | None = None,
+                   ranked: np.ndarray | None = None) -> ShareSuggestions:
+    """The `n` best items, each with its best friends: in the order of `ranked` (item indexes, the user's
+    feed, best first) when given and not empty, else by share propensity and expected conversions.
     `visible` says which friends may be suggested (all when None)."""
     if user_idx is None or user_idx >= len(inputs.users):
         return ShareSuggestions((), 0.0, "unknown user: no history or social ties in the model")
@@ -163,7 +172,13 @@ def suggest_shares(inputs: ShareInputs, user_idx: int | None, n: int = 10, frien
         friends = friends[np.asarray(visible([inputs.users.id_of(int(f)) for f in friends]), dtype=bool)]
     if len(friends) == 0:
         return ShareSuggestions((), open_rate, "no friends or followers in the social graph")
-    items, from_recent = _candidate_items(inputs, user_idx)
+    from_feed = ranked is not None and len(ranked) > 0
+    if from_feed:
+        assert ranked is not None
+        items = np.asarray(ranked, dtype=np.int64)[:RANKED_CANDIDATES]
+        from_recent = np.zeros(len(items), dtype=bool)
+    else:
+        items, from_recent = _candidate_items(inputs, user_idx)
     if len(items) == 0:
         return ShareSuggestions((), open_rate, "no candidate items")
     affinity = np.clip(inputs.user_factors[friends] @ inputs.item_factors[items].T, 0.0, 1.0)
@@ -173,14 +188,17 @@ def suggest_shares(inputs: ShareInputs, user_idx: int | None, n: int = 10, frien
     best = np.argsort(-affinity, axis=0, kind="stable")[:per]  # per item, its best friends
     best_affinity = np.take_along_axis(affinity, best, axis=0)
     value = open_rate * best_affinity.sum(axis=0)
-    rank = share_propensity(inputs, user_idx, items, weights) + weights.conversions * _standard(value)
-    order = [int(j) for j in np.argsort(-rank, kind="stable")[:n] if value[j] > 0]
+    if from_feed:
+        order = [int(j) for j in np.flatnonzero(value > 0)[:n]]
+    else:
+        rank = share_propensity(inputs, user_idx, items, weights) + weights.conversions * _standard(value)
+        order = [int(j) for j in np.argsort(-rank, kind="stable")[:n] if value[j] > 0]
     out = []
     for j in order:
         chosen = [(int(friends[best[r, j]]), float(best_affinity[r, j])) for r in range(per) if best_affinity[r, j] > 0]
         out.append(SuggestedItem(
             item_id=inputs.items.id_of(int(items[j])), expected_conversions=float(value[j]),
-            source="recent" if from_recent[j] else "als",
+            source="feed" if from_feed else "recent" if from_recent[j] else "als",
             friends=tuple(SuggestedFriend(inputs.users.id_of(f), open_rate * a, a) for f, a in chosen),
         ))
     reason = None if out else "every friend already has the candidate items, or none fits them"
@@ -209,6 +227,18 @@ class ShareSuggestionsOut(BaseModel):
     reason: str | None = None
 
 
+def ranked_feed(recommender: object, user_id: str, inputs: ShareInputs,
+                context: UserContext | None = None) -> np.ndarray | None:
+    """The user's feed as item indexes, best first, when the bundle's ranker ordered it; else None."""
+    if not isinstance(recommender, Recommender):
+        return None
+    result = recommender.feed(user_id, RANKED_CANDIDATES, context=context)
+    if not result.ranked:
+        return None
+    codes: np.ndarray = inputs.items.indexes([i.item_id for i in result.items])
+    return codes[codes >= 0]
+
+
 def _inputs(request: Request) -> tuple[Bundle, ShareInputs]:
     """The served bundle and its share inputs, built on first use and kept beside it on app.state."""
     recommender = getattr(request.app.state, "recommender", None)
@@ -235,11 +265,14 @@ def share_router(settings: ServingSettings) -> APIRouter:
     @router.get("/v1/users/{user_id}/share-suggestions", response_model=ShareSuggestionsOut,
                 response_model_exclude_none=True)
     def share_suggestions(user_id: UserIdPath, loaded: InputsDep, privacy: PrivacyDep, request_id: RequestId,
-                          n: N = 10, friends_per_item: PerItem = 3) -> ShareSuggestionsOut:
+                          request: Request, n: N = 10, friends_per_item: PerItem = 3) -> ShareSuggestionsOut:
         bundle, inputs = loaded
         if privacy.standing(user_id).allows(["personalization"]):
+            service = getattr(request.app.state, "service", None)  # the online context, as the feed reads it
+            context = service.user_view(user_id).context if service is not None else None
+            ranked = ranked_feed(request.app.state.recommender, user_id, inputs, context)
             found = suggest_shares(inputs, inputs.users.index_of(user_id), n, friends_per_item,
-                                   visible=lambda ids: privacy.allowed(ids, ["social_proof"]))
+                                   visible=lambda ids: privacy.allowed(ids, ["social_proof"]), ranked=ranked)
         else:
             found = ShareSuggestions((), 0.0, "no suggestions: personalization withheld or the user erased")
         items = [ShareItemOut(item_id=i.item_id, expected_conversions=i.expected_conversions, source=i.source,

@@ -22,8 +22,9 @@ from features.ledger import ControlLedger
 from features.online import MemoryStore
 from features.social import build_social_graph
 from serving.privacy import Privacy
+from serving.recommender import Recommender
 from serving.settings import ServingSettings
-from serving.share_suggestions import ShareInputs, share_router, suggest_shares
+from serving.share_suggestions import RANKED_CANDIDATES, ShareInputs, share_router, suggest_shares
 from training.bundle import MANIFEST, Bundle, BundleError, load_bundle
 from training.params import TrainParams
 from training.pipeline import TrainResult
@@ -73,6 +74,34 @@ def test_suggestions_rank_items_for_reachable_friends(client: TestClient, bundle
         assert user not in {f["user_id"] for f in item["friends"]}
         assert item["expected_conversions"] == pytest.approx(sum(f["expected_conversions"] for f in item["friends"]))
         assert item["source"] in ("recent", "als")
+
+
+def test_with_a_ranker_the_items_follow_the_users_feed(bundle: Bundle, tmp_path: Path) -> None:
+    app = FastAPI()
+    app.include_router(share_router(ServingSettings(max_n=50)))
+    recommender = Recommender(bundle)
+    app.state.recommender = recommender
+    app.state.privacy = Privacy(ControlLedger(tmp_path / "log"), MemoryStore())
+    user = _sharer(bundle)
+    feed = recommender.feed(user, RANKED_CANDIDATES)
+    assert feed.ranked > 0, "the session's bundle has a ranker"
+    with TestClient(app) as client:
+        body = _get(client, user, n=8, friends_per_item=2)
+    items = [item["item_id"] for item in body["items"]]
+    assert len(items) == 8
+    assert {item["source"] for item in body["items"]} == {"feed"}
+    # the feed's items in the feed's order, skipping only those no friend would buy
+    in_feed = [i.item_id for i in feed.items]
+    positions = [in_feed.index(item) for item in items]
+    assert positions == sorted(positions)
+    inputs = ShareInputs.from_bundle(bundle)
+    formula = [i.item_id for i in suggest_shares(inputs, bundle.users.index_of(user), 8, 2).items]
+    assert items != formula  # the served list is not the no-ranker formula's
+    reach = set(bundle.social_graph.reach_of(user))
+    for item in body["items"]:
+        assert 1 <= len(item["friends"]) <= 2
+        assert {f["user_id"] for f in item["friends"]} <= reach
+        assert item["expected_conversions"] > 0
 
 
 def test_expected_conversions_are_open_rate_times_als_affinity(client: TestClient, bundle: Bundle) -> None:
