@@ -137,7 +137,7 @@ def shared_candidates(state: FeatureState, user: int, k: int, blocked: np.ndarra
     cols, seconds = state.pair_shared_last.indices[row].astype(np.int64), state.pair_shared_last.data[row]
     sharer = cell_values(state.pair_shared_by, np.full(len(cols), user), cols).astype(np.int64) - 1
     boost = 1.0 + np.log1p(np.where(sharer >= 0, state.social.influence[np.maximum(sharer, 0)], 0.0))
-    return _decayed_sum(boost, cols, seconds, state.cutoff_seconds, SHARED_DAYS, SHARED_HALF_LIFE_DAYS, k, blocked)
+    return _decayed_sum(boost, cols, seconds, state.social_seconds, SHARED_DAYS, SHARED_HALF_LIFE_DAYS, k, blocked)
 
 
 def friends_bought_candidates(state: FeatureState, user: int, k: int, blocked: np.ndarray | None
@@ -147,7 +147,7 @@ def friends_bought_candidates(state: FeatureState, user: int, k: int, blocked: n
     if not len(friends):
         return _empty()
     _, cols, seconds = row_cells(state.social.bought, friends)
-    return _decayed_sum(np.ones(len(cols)), cols, seconds, state.cutoff_seconds, FRIENDS_DAYS, 14.0, k, blocked)
+    return _decayed_sum(np.ones(len(cols)), cols, seconds, state.social_seconds, FRIENDS_DAYS, 14.0, k, blocked)
 
 
 def friends_trending_candidates(state: FeatureState, user: int, k: int, blocked: np.ndarray | None
@@ -158,7 +158,7 @@ def friends_trending_candidates(state: FeatureState, user: int, k: int, blocked:
         return _empty()
     people, weight = community_of(friends, state.social.sees)
     owner, cols, seconds = row_cells(state.social.touched, people)
-    return _decayed_sum(weight[owner], cols, seconds, state.cutoff_seconds, COMMUNITY_DAYS, 7.0, k, blocked)
+    return _decayed_sum(weight[owner], cols, seconds, state.social_seconds, COMMUNITY_DAYS, 7.0, k, blocked)
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,7 +195,7 @@ def _reorder_timing(state: FeatureState, rows: np.ndarray, item_idx: np.ndarray)
 
 def _social(state: FeatureState, rows: np.ndarray, item_idx: np.ndarray) -> list[np.ndarray]:
     """Friends' purchases, shares and views of the item in windows; the last share of it to the user."""
-    now = state.cutoff_seconds
+    now = state.social_seconds
     since = (*(now - d * DAY for d in FRIEND_WINDOWS_DAYS), -np.inf)
     social = state.social
     columns = friend_window_counts(state.user_sees, (social.bought, social.shared, social.touched), rows, item_idx,

@@ -32,6 +32,14 @@ class SocialView:
     shared: sp.csr_matrix  # users x items: epoch seconds of the last share of the item BY the user
     influence: np.ndarray  # per user idx: sharer influence from attribution as of the cut (0: none)
     sees: sp.csr_matrix  # users x users (the state's user_sees): for whom the user's friends see
+    newest: float = float("nan")  # epoch seconds of the newest cell in the rows above; NaN when all are empty
+
+    @classmethod
+    def of(cls, touched: sp.csr_matrix, bought: sp.csr_matrix, shared: sp.csr_matrix, influence: np.ndarray,
+           sees: sp.csr_matrix) -> SocialView:
+        """The view, with the time of its newest cell (friends' windows are measured back from it)."""
+        newest = max((float(m.data.max()) for m in (touched, bought, shared) if m.nnz), default=float("nan"))
+        return cls(touched, bought, shared, influence, sees, newest)
 
 
 @dataclass(frozen=True, slots=True)

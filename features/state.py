@@ -76,6 +76,14 @@ class FeatureState:
     def cutoff_seconds(self) -> float:
         return float(self.cutoff.value) / 1e9
 
+    @property
+    def social_seconds(self) -> float:
+        """Where friends' activity windows end: the newest event in everyone's rows (the cut-off when there is
+        none). Minutes before the cut-off on continuous data; on bucketed data, where every event carries its
+        bucket's start, it keeps the latest bucket inside "the last days" instead of half a year behind."""
+        newest = self.social.newest
+        return newest if np.isfinite(newest) and newest < self.cutoff_seconds else self.cutoff_seconds
+
 
 def cell_values(matrix: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """matrix[rows[k], cols[k]] for every k, 0 where the cell is empty or an index is -1."""
@@ -293,7 +301,7 @@ def build_state(
         user_sees=friends.user_sees,
         pair_shared_last=friends.pair_shared_last,
         pair_shared_by=friends.pair_shared_by,
-        social=SocialView(pair_last, pair_last_purchase, friends.shared, friends.influence, friends.user_sees),
+        social=SocialView.of(pair_last, pair_last_purchase, friends.shared, friends.influence, friends.user_sees),
     )
 
 
@@ -348,6 +356,6 @@ def load_state(directory: Path) -> FeatureState:
     for name in _SPARSE_FIELDS:
         values[name] = sp.load_npz(directory / f"state_{name}.npz").tocsr()
     shared = sp.load_npz(directory / "state_social_shared.npz").tocsr()
-    values["social"] = SocialView(values["pair_last"], values["pair_last_purchase"],
-                                  shared, influence, values["user_sees"])
+    values["social"] = SocialView.of(values["pair_last"], values["pair_last_purchase"],
+                                     shared, influence, values["user_sees"])
     return FeatureState(**values)  # type: ignore[arg-type]

@@ -1,0 +1,66 @@
+"""Friends' activity windows end at the newest event the state holds: on bucketed data (every event at its
+bucket's start, the cut-off at the next bucket's start) the latest bucket is "recent", not half a year old."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.candidates import friends_bought_candidates
+from features.ranking import FEATURE_NAMES, pair_features
+from features.state import build_state
+from features.vocab import Vocabulary
+from training.bundle import ITEM_META_COLUMNS
+from training.window import item_meta_frame
+
+BUCKETS = [pd.Timestamp(day, tz="UTC") for day in ("2004-01-01", "2004-07-01", "2005-01-01")]
+SOCIAL = pd.DataFrame({"user_id": ["ann"], "friend_id": ["ben"], "kind": ["friend"]})
+
+
+def _events(times: list[pd.Timestamp]) -> pd.DataFrame:
+    """Ben bought a lamp in the first period and a rug in the second; Ann viewed the lamp in the first."""
+    rows = [("ben", "lamp", "purchase", times[0]), ("ann", "lamp", "view", times[0]),
+            ("ben", "rug", "purchase", times[1])]
+    return pd.DataFrame({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                         "event_type": [r[2] for r in rows],
+                         "ts": pd.Series([r[3] for r in rows], dtype="datetime64[ns, UTC]")})
+
+
+def _ann_sees(times: list[pd.Timestamp], cutoff: pd.Timestamp) -> tuple[dict[str, np.ndarray], list[str], float]:
+    users, items = Vocabulary.from_ids(["ann", "ben"]), Vocabulary.from_ids(["lamp", "rug"])
+    meta = item_meta_frame(items, None, ITEM_META_COLUMNS)
+    state = build_state(_events(times), users, items, meta, {"purchase": 5.0, "view": 1.0}, cutoff, [], [], SOCIAL)
+    matrix = pair_features(state, np.asarray([0, 0]), np.asarray([0, 1]), {}, {})
+    found, _ = friends_bought_candidates(state, 0, 10, None)
+    return ({name: matrix[:, k] for k, name in enumerate(FEATURE_NAMES)}, [items.id_of(int(i)) for i in found],
+            state.social_seconds)
+
+
+def test_on_bucketed_data_the_latest_bucket_is_recent() -> None:
+    features, proposed, end = _ann_sees(BUCKETS[:2], cutoff=BUCKETS[2])
+    assert end == BUCKETS[1].value / 1e9  # the newest event, not the cut-off half a year later
+    for days in (1, 3, 7, 30):  # the rug (latest bucket) in every window, the lamp (a bucket before) in none
+        assert features[f"friends_bought_{days}d"].tolist() == [0.0, 1.0]
+    assert features["friends_bought_all"].tolist() == [1.0, 1.0]
+    assert proposed == ["rug"]
+
+
+def test_on_continuous_data_the_windows_end_minutes_before_the_cut() -> None:
+    cutoff = pd.Timestamp("2024-03-10", tz="UTC")
+    times = [cutoff - pd.Timedelta(days=20), cutoff - pd.Timedelta(minutes=30)]
+    features, proposed, end = _ann_sees(times, cutoff)
+    assert end == pytest.approx(times[1].value / 1e9)
+    assert features["friends_bought_1d"].tolist() == [0.0, 1.0]
+    assert features["friends_bought_30d"].tolist() == [1.0, 1.0]
+    assert set(proposed) == {"lamp", "rug"}
+
+
+def test_nothing_after_the_cut_moves_the_windows() -> None:
+    later = pd.DataFrame({"user_id": ["ben"], "item_id": ["lamp"], "event_type": ["purchase"],
+                          "ts": pd.Series([BUCKETS[2]], dtype="datetime64[ns, UTC]")})
+    users, items = Vocabulary.from_ids(["ann", "ben"]), Vocabulary.from_ids(["lamp", "rug"])
+    meta = item_meta_frame(items, None, ITEM_META_COLUMNS)
+    events = pd.concat([_events(BUCKETS[:2]), later], ignore_index=True)
+    state = build_state(events, users, items, meta, {"purchase": 5.0, "view": 1.0}, BUCKETS[2], [], [], SOCIAL)
+    assert state.social_seconds == BUCKETS[1].value / 1e9
