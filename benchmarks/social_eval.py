@@ -25,6 +25,7 @@ import json
 import tempfile
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -144,15 +145,14 @@ def model_lists(inputs: ShareInputs, sharers: np.ndarray, k: int, per_item: int,
             own, recommender = served
             user_id = inputs.users.id_of(int(u))
             found = suggest_shares(own, own.users.index_of(user_id), k, per_item,
-                                   ranked=ranked_feed(recommender, user_id, own))
+                                   ranked=partial(ranked_feed, recommender, user_id, own))
+        # Only items and people the past knows, as the formula and the baseline propose: an id the past does
+        # not know has no index to match a test share's with (those map to -1 and would all match each other).
         item_of, user_of = inputs.items.index_of, inputs.graph.users.index_of
-        lists[int(u)] = [(_index(item_of(i.item_id)), [_index(user_of(f.user_id)) for f in i.friends])
-                         for i in found.items]
+        proposed = [(item_of(i.item_id), [user_of(f.user_id) for f in i.friends]) for i in found.items]
+        lists[int(u)] = [(int(item), [int(f) for f in friends if f is not None])
+                         for item, friends in proposed if item is not None]
     return lists
-
-
-def _index(found: int | None) -> int:
-    return -1 if found is None else int(found)
 
 
 def past_bundle(events: pd.DataFrame, tables: dict[str, pd.DataFrame | None], cut: pd.Timestamp,
@@ -164,6 +164,8 @@ def past_bundle(events: pd.DataFrame, tables: dict[str, pd.DataFrame | None], cu
     past = events.loc[events["ts"] < cut].rename(columns={"ts": "timestamp"})
     past.to_parquet(data / "events.parquet", index=False)
     for name, frame in tables.items():
+        if frame is not None and name == "items" and "created_at" in frame.columns:
+            frame = frame.loc[~(frame["created_at"] >= cut)]  # the catalog as of the cut (unknown dates kept)
         if frame is not None:
             frame.to_parquet(data / f"{name}.parquet", index=False)
     result = train(data, workdir / "bundle", TrainParams(), TrainingSettings(home=workdir / "home", mlflow_uri=None),

@@ -17,7 +17,7 @@ The service suggests nothing to a user who withheld personalization or was erase
 who withheld `social_proof` or was erased (`serving.privacy`).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -30,6 +30,7 @@ from features.social import SocialGraph
 from features.vocab import Vocabulary
 from serving.bodies import StrictJSONRoute
 from serving.deps import PrivacyDep, RequestId
+from serving.merchandising import Rule
 from serving.recommender import Recommender, UserContext
 from serving.settings import ServingSettings
 from training.bundle import Bundle
@@ -160,10 +161,10 @@ def _friends(inputs: ShareInputs, user_idx: int) -> np.ndarray:
 def suggest_shares(inputs: ShareInputs, user_idx: int | None, n: int = 10, friends_per_item: int = 3,
                    weights: ShareWeights = ShareWeights(),
                    visible: Callable[[list[str]], list[bool]] | None = None,
-                   ranked: np.ndarray | None = None) -> ShareSuggestions:
-    """The `n` best items, each with its best friends: in the order of `ranked` (item indexes, the user's
-    feed, best first) when given and not empty, else by share propensity and expected conversions.
-    `visible` says which friends may be suggested (all when None)."""
+                   ranked: Callable[[], np.ndarray | None] | None = None) -> ShareSuggestions:
+    """The `n` best items, each with its best friends: in the order `ranked` gives (item indexes, the user's
+    feed, best first; asked only once the user and some visible friend are known) when it gives any, else by
+    share propensity and expected conversions. `visible` says which friends may be suggested (all when None)."""
     if user_idx is None or user_idx >= len(inputs.users):
         return ShareSuggestions((), 0.0, "unknown user: no history or social ties in the model")
     open_rate = float(inputs.open_rate[user_idx])
@@ -172,10 +173,11 @@ def suggest_shares(inputs: ShareInputs, user_idx: int | None, n: int = 10, frien
         friends = friends[np.asarray(visible([inputs.users.id_of(int(f)) for f in friends]), dtype=bool)]
     if len(friends) == 0:
         return ShareSuggestions((), open_rate, "no friends or followers in the social graph")
-    from_feed = ranked is not None and len(ranked) > 0
+    feed = ranked() if ranked is not None else None
+    from_feed = feed is not None and len(feed) > 0
     if from_feed:
-        assert ranked is not None
-        items = np.asarray(ranked, dtype=np.int64)[:RANKED_CANDIDATES]
+        assert feed is not None
+        items = np.asarray(feed, dtype=np.int64)[:RANKED_CANDIDATES]
         from_recent = np.zeros(len(items), dtype=bool)
     else:
         items, from_recent = _candidate_items(inputs, user_idx)
@@ -227,20 +229,21 @@ class ShareSuggestionsOut(BaseModel):
     reason: str | None = None
 
 
-def ranked_feed(recommender: object, user_id: str, inputs: ShareInputs,
-                context: UserContext | None = None) -> np.ndarray | None:
-    """The user's feed as item indexes, best first, when the bundle's ranker ordered it; else None."""
+def ranked_feed(recommender: object, user_id: str, inputs: ShareInputs, context: UserContext | None = None,
+                rules: Sequence[Rule] = ()) -> np.ndarray | None:
+    """The user's feed (merchandising rules applied: a banned item is never suggested) as item indexes of
+    `inputs`, best first, when the bundle's ranker ordered it; else None."""
     if not isinstance(recommender, Recommender):
         return None
-    result = recommender.feed(user_id, RANKED_CANDIDATES, context=context)
+    result = recommender.feed(user_id, RANKED_CANDIDATES, context=context, rules=rules)
     if not result.ranked:
         return None
     codes: np.ndarray = inputs.items.indexes([i.item_id for i in result.items])
     return codes[codes >= 0]
 
 
-def _inputs(request: Request) -> tuple[Bundle, ShareInputs]:
-    """The served bundle and its share inputs, built on first use and kept beside it on app.state."""
+def _inputs(request: Request) -> tuple[Bundle, ShareInputs, object]:
+    """The served bundle, its share inputs (built on first use and kept on app.state) and the recommender."""
     recommender = getattr(request.app.state, "recommender", None)
     if recommender is None:
         raise HTTPException(status_code=503, detail="no model bundle is loaded")
@@ -249,10 +252,10 @@ def _inputs(request: Request) -> tuple[Bundle, ShareInputs]:
     if cached is None or cached[0] is not bundle:
         cached = (bundle, ShareInputs.from_bundle(bundle))
         request.app.state.share_inputs = cached
-    return cached[0], cached[1]
+    return bundle, cached[1], recommender
 
 
-InputsDep = Annotated[tuple[Bundle, ShareInputs], Depends(_inputs)]
+InputsDep = Annotated[tuple[Bundle, ShareInputs, object], Depends(_inputs)]
 UserIdPath = Annotated[str, Path(min_length=1, max_length=256)]
 
 
@@ -266,11 +269,16 @@ def share_router(settings: ServingSettings) -> APIRouter:
                 response_model_exclude_none=True)
     def share_suggestions(user_id: UserIdPath, loaded: InputsDep, privacy: PrivacyDep, request_id: RequestId,
                           request: Request, n: N = 10, friends_per_item: PerItem = 3) -> ShareSuggestionsOut:
-        bundle, inputs = loaded
+        bundle, inputs, recommender = loaded
         if privacy.standing(user_id).allows(["personalization"]):
-            service = getattr(request.app.state, "service", None)  # the online context, as the feed reads it
-            context = service.user_view(user_id).context if service is not None else None
-            ranked = ranked_feed(request.app.state.recommender, user_id, inputs, context)
+            service = getattr(request.app.state, "service", None)
+
+            def ranked() -> np.ndarray | None:  # the feed as a feed request makes it: online context, rules
+                if service is None or not isinstance(recommender, Recommender):
+                    return ranked_feed(recommender, user_id, inputs)
+                return ranked_feed(recommender, user_id, inputs, service.user_view(user_id).context,
+                                   service.merchandising(recommender))
+
             found = suggest_shares(inputs, inputs.users.index_of(user_id), n, friends_per_item,
                                    visible=lambda ids: privacy.allowed(ids, ["social_proof"]), ranked=ranked)
         else:

@@ -21,10 +21,11 @@ from features.dataset import load_dataset
 from features.ledger import ControlLedger
 from features.online import MemoryStore
 from features.social import build_social_graph
+from serving.merchandising import Rule, RuleAction
 from serving.privacy import Privacy
 from serving.recommender import Recommender
 from serving.settings import ServingSettings
-from serving.share_suggestions import RANKED_CANDIDATES, ShareInputs, share_router, suggest_shares
+from serving.share_suggestions import RANKED_CANDIDATES, ShareInputs, ranked_feed, share_router, suggest_shares
 from training.bundle import MANIFEST, Bundle, BundleError, load_bundle
 from training.params import TrainParams
 from training.pipeline import TrainResult
@@ -76,14 +77,18 @@ def test_suggestions_rank_items_for_reachable_friends(client: TestClient, bundle
         assert item["source"] in ("recent", "als")
 
 
-def test_with_a_ranker_the_items_follow_the_users_feed(bundle: Bundle, tmp_path: Path) -> None:
+def _ranked_app(bundle: Bundle, store: MemoryStore, directory: Path) -> FastAPI:
     app = FastAPI()
     app.include_router(share_router(ServingSettings(max_n=50)))
-    recommender = Recommender(bundle)
-    app.state.recommender = recommender
-    app.state.privacy = Privacy(ControlLedger(tmp_path / "log"), MemoryStore())
+    app.state.recommender = Recommender(bundle)
+    app.state.privacy = Privacy(ControlLedger(directory / "log"), store)
+    return app
+
+
+def test_with_a_ranker_the_items_follow_the_users_feed(bundle: Bundle, tmp_path: Path) -> None:
+    app = _ranked_app(bundle, MemoryStore(), tmp_path)
     user = _sharer(bundle)
-    feed = recommender.feed(user, RANKED_CANDIDATES)
+    feed = app.state.recommender.feed(user, RANKED_CANDIDATES)
     assert feed.ranked > 0, "the session's bundle has a ranker"
     with TestClient(app) as client:
         body = _get(client, user, n=8, friends_per_item=2)
@@ -102,6 +107,30 @@ def test_with_a_ranker_the_items_follow_the_users_feed(bundle: Bundle, tmp_path:
         assert 1 <= len(item["friends"]) <= 2
         assert {f["user_id"] for f in item["friends"]} <= reach
         assert item["expected_conversions"] > 0
+
+
+def test_the_ranker_path_keeps_consent_erasure_and_bans(bundle: Bundle, tmp_path: Path) -> None:
+    store = MemoryStore()
+    app = _ranked_app(bundle, store, tmp_path)
+    user = _sharer(bundle)
+    with TestClient(app) as client:
+        first = _get(client, user, n=5, friends_per_item=3)
+        named = first["items"][0]["friends"][0]["user_id"]
+        store.erase_user(named)
+        assert named not in {f["user_id"] for i in _get(client, user, n=50, friends_per_item=50)["items"]
+                             for f in i["friends"]}
+        store.set_consent(user, {"personalization": False})
+        withheld = _get(client, user)
+        assert withheld["items"] == []
+        assert "personalization withheld" in withheld["reason"]
+    # a banned item is not in the feed the suggestions are taken from
+    inputs = ShareInputs.from_bundle(bundle)
+    top = first["items"][0]["item_id"]
+    ban = Rule(id="no-top", action=RuleAction.BAN, item_ids=[top])
+    banned = ranked_feed(app.state.recommender, user, inputs, rules=[ban])
+    assert banned is not None
+    assert bundle.items.index_of(top) not in set(banned.tolist())
+    assert bundle.items.index_of(top) in set(ranked_feed(app.state.recommender, user, inputs).tolist())
 
 
 def test_expected_conversions_are_open_rate_times_als_affinity(client: TestClient, bundle: Bundle) -> None:
