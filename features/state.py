@@ -25,6 +25,7 @@ USER_EVENT_TYPES = ("view", "add_to_cart", "purchase", "share", "like", "refund"
 DAY = 86_400.0
 RECENT_BASKETS = 5  # "recently bought": in the user's last five purchase occasions
 BASKET_DECAY = 0.8  # weight of an occasion n occasions before the user's last: BASKET_DECAY ** n
+SOCIAL_GAP_DAYS = 1.0  # friends' windows end at the newest event when nothing happened for longer before the cut
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +79,14 @@ class FeatureState:
 
     @property
     def social_seconds(self) -> float:
-        """Where friends' activity windows end: the newest event in everyone's rows (the cut-off when there is
-        none). Minutes before the cut-off on continuous data; on bucketed data, where every event carries its
-        bucket's start, it keeps the latest bucket inside "the last days" instead of half a year behind."""
+        """Where friends' activity windows end: the cut-off, unless the newest event in everyone's rows is over
+        SOCIAL_GAP_DAYS older, then that event. On bucketed data (every event at its bucket's start, the
+        cut-off at the next bucket's) this keeps the latest bucket inside "the last days" instead of half a
+        year behind them; on continuous or daily data nothing changes."""
         newest = self.social.newest
-        return newest if np.isfinite(newest) and newest < self.cutoff_seconds else self.cutoff_seconds
+        if np.isfinite(newest) and newest < self.cutoff_seconds - SOCIAL_GAP_DAYS * DAY:
+            return newest
+        return self.cutoff_seconds
 
 
 def cell_values(matrix: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

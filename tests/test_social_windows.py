@@ -1,5 +1,6 @@
-"""Friends' activity windows end at the newest event the state holds: on bucketed data (every event at its
-bucket's start, the cut-off at the next bucket's start) the latest bucket is "recent", not half a year old."""
+"""Friends' activity windows end at the cut-off, or at the newest event when that is over a day older: on
+bucketed data (every event at its bucket's start, the cut-off at the next bucket's start) the latest bucket is
+"recent", not half a year old; on continuous and daily data the windows are as they were."""
 
 from __future__ import annotations
 
@@ -46,14 +47,25 @@ def test_on_bucketed_data_the_latest_bucket_is_recent() -> None:
     assert proposed == ["rug"]
 
 
-def test_on_continuous_data_the_windows_end_minutes_before_the_cut() -> None:
+@pytest.mark.parametrize("last_hours", [0.5, 23.0])
+def test_on_continuous_or_daily_data_the_windows_end_at_the_cut(last_hours: float) -> None:
     cutoff = pd.Timestamp("2024-03-10", tz="UTC")
-    times = [cutoff - pd.Timedelta(days=20), cutoff - pd.Timedelta(minutes=30)]
+    times = [cutoff - pd.Timedelta(days=20), cutoff - pd.Timedelta(hours=last_hours)]
     features, proposed, end = _ann_sees(times, cutoff)
-    assert end == pytest.approx(times[1].value / 1e9)
+    assert end == cutoff.value / 1e9
     assert features["friends_bought_1d"].tolist() == [0.0, 1.0]
+    assert features["friends_bought_3d"].tolist() == [0.0, 1.0]
     assert features["friends_bought_30d"].tolist() == [1.0, 1.0]
     assert set(proposed) == {"lamp", "rug"}
+
+
+def test_after_a_pause_of_days_the_windows_end_at_the_newest_event() -> None:
+    cutoff = pd.Timestamp("2024-03-10", tz="UTC")
+    times = [cutoff - pd.Timedelta(days=8), cutoff - pd.Timedelta(days=5)]
+    features, _, end = _ann_sees(times, cutoff)
+    assert end == times[1].value / 1e9
+    assert features["friends_bought_1d"].tolist() == [0.0, 1.0]  # 0 days before the newest event
+    assert features["friends_bought_7d"].tolist() == [1.0, 1.0]
 
 
 def test_nothing_after_the_cut_moves_the_windows() -> None:
