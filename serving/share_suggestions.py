@@ -3,7 +3,7 @@
 An item is worth suggesting when the user is likely to share it at all and when sharing it converts. People
 share what they are about to buy or look at, so where the bundle has a ranker the items are the user's own
 ranked feed, in its order (`ranked`: the two-stage model's best guess at their next purchases; on demo-data
-it recovers about 1.2x the held-out shares of the baseline, against 1.05-1.1x for the formula below, see
+it recovers 1.1-1.3x the held-out shares of the baseline, against 1.0-1.2x for the formula below, see
 docs/benchmarks.md). Without a ranker, a share propensity from the user's own behaviour orders the user's
 recent and bought items and their top ALS items: how recently they interacted with the item, how often they
 bought it, how close it is to their taste (their ALS score) and how popular it is, weights chosen on a
