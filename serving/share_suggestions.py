@@ -19,6 +19,7 @@ who withheld `social_proof` or was erased (`serving.privacy`).
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated
 
 import numpy as np
@@ -161,7 +162,7 @@ def _friends(inputs: ShareInputs, user_idx: int) -> np.ndarray:
 def suggest_shares(inputs: ShareInputs, user_idx: int | None, n: int = 10, friends_per_item: int = 3,
                    weights: ShareWeights = ShareWeights(),
                    visible: Callable[[list[str]], list[bool]] | None = None,
-                   ranked: Callable[[], np.ndarray | None] | None = None) -> ShareSuggestions:
+                   ranked: Callable[[], np.ndarray] | None = None) -> ShareSuggestions:
     """The `n` best items, each with its best friends: in the order `ranked` gives (item indexes, the user's
     feed, best first; asked only once the user and some visible friend are known) when it gives any, else by
     share propensity and expected conversions. `visible` says which friends may be suggested (all when None)."""
@@ -173,14 +174,9 @@ def suggest_shares(inputs: ShareInputs, user_idx: int | None, n: int = 10, frien
         friends = friends[np.asarray(visible([inputs.users.id_of(int(f)) for f in friends]), dtype=bool)]
     if len(friends) == 0:
         return ShareSuggestions((), open_rate, "no friends or followers in the social graph")
-    feed = ranked() if ranked is not None else None
-    from_feed = feed is not None and len(feed) > 0
-    if from_feed:
-        assert feed is not None
-        items = np.asarray(feed, dtype=np.int64)[:RANKED_CANDIDATES]
-        from_recent = np.zeros(len(items), dtype=bool)
-    else:
-        items, from_recent = _candidate_items(inputs, user_idx)
+    feed = (ranked() if ranked is not None else np.zeros(0))[:RANKED_CANDIDATES].astype(np.int64)
+    from_feed = len(feed) > 0
+    items, from_recent = (feed, np.zeros(len(feed), bool)) if from_feed else _candidate_items(inputs, user_idx)
     if len(items) == 0:
         return ShareSuggestions((), open_rate, "no candidate items")
     affinity = np.clip(inputs.user_factors[friends] @ inputs.item_factors[items].T, 0.0, 1.0)
@@ -229,21 +225,20 @@ class ShareSuggestionsOut(BaseModel):
     reason: str | None = None
 
 
-def ranked_feed(recommender: object, user_id: str, inputs: ShareInputs, context: UserContext | None = None,
-                rules: Sequence[Rule] = ()) -> np.ndarray | None:
+def ranked_feed(recommender: Recommender, user_id: str, inputs: ShareInputs, context: UserContext | None = None,
+                rules: Sequence[Rule] = ()) -> np.ndarray:
     """The user's feed (merchandising rules applied: a banned item is never suggested) as item indexes of
-    `inputs`, best first, when the bundle's ranker ordered it; else None."""
-    if not isinstance(recommender, Recommender):
-        return None
+    `inputs`, best first, when the bundle's ranker ordered it; else empty."""
     result = recommender.feed(user_id, RANKED_CANDIDATES, context=context, rules=rules)
     if not result.ranked:
-        return None
+        return np.zeros(0, dtype=np.int64)
     codes: np.ndarray = inputs.items.indexes([i.item_id for i in result.items])
     return codes[codes >= 0]
 
 
-def _inputs(request: Request) -> tuple[Bundle, ShareInputs, object]:
-    """The served bundle, its share inputs (built on first use and kept on app.state) and the recommender."""
+def _inputs(request: Request) -> tuple[Bundle, ShareInputs, Recommender | None]:
+    """The served bundle, its share inputs (built on first use and kept on app.state) and the recommender
+    that ranks feeds (None when the app holds a bare bundle: the formula then orders the items)."""
     recommender = getattr(request.app.state, "recommender", None)
     if recommender is None:
         raise HTTPException(status_code=503, detail="no model bundle is loaded")
@@ -252,10 +247,10 @@ def _inputs(request: Request) -> tuple[Bundle, ShareInputs, object]:
     if cached is None or cached[0] is not bundle:
         cached = (bundle, ShareInputs.from_bundle(bundle))
         request.app.state.share_inputs = cached
-    return bundle, cached[1], recommender
+    return bundle, cached[1], recommender if isinstance(recommender, Recommender) else None
 
 
-InputsDep = Annotated[tuple[Bundle, ShareInputs, object], Depends(_inputs)]
+InputsDep = Annotated[tuple[Bundle, ShareInputs, Recommender | None], Depends(_inputs)]
 UserIdPath = Annotated[str, Path(min_length=1, max_length=256)]
 
 
@@ -271,16 +266,17 @@ def share_router(settings: ServingSettings) -> APIRouter:
                           request: Request, n: N = 10, friends_per_item: PerItem = 3) -> ShareSuggestionsOut:
         bundle, inputs, recommender = loaded
         if privacy.standing(user_id).allows(["personalization"]):
-            service = getattr(request.app.state, "service", None)
+            service = getattr(request.app.state, "service", None)  # online context and rules, as a feed reads
 
-            def ranked() -> np.ndarray | None:  # the feed as a feed request makes it: online context, rules
-                if service is None or not isinstance(recommender, Recommender):
-                    return ranked_feed(recommender, user_id, inputs)
-                return ranked_feed(recommender, user_id, inputs, service.user_view(user_id).context,
-                                   service.merchandising(recommender))
+            def ranked(feeds: Recommender) -> np.ndarray:
+                if service is None:
+                    return ranked_feed(feeds, user_id, inputs)
+                return ranked_feed(feeds, user_id, inputs, service.user_view(user_id).context,
+                                   service.merchandising(feeds))
 
             found = suggest_shares(inputs, inputs.users.index_of(user_id), n, friends_per_item,
-                                   visible=lambda ids: privacy.allowed(ids, ["social_proof"]), ranked=ranked)
+                                   visible=lambda ids: privacy.allowed(ids, ["social_proof"]),
+                                   ranked=partial(ranked, recommender) if recommender is not None else None)
         else:
             found = ShareSuggestions((), 0.0, "no suggestions: personalization withheld or the user erased")
         items = [ShareItemOut(item_id=i.item_id, expected_conversions=i.expected_conversions, source=i.source,

@@ -128,7 +128,7 @@ def test_the_ranker_path_keeps_consent_erasure_and_bans(bundle: Bundle, tmp_path
     top = first["items"][0]["item_id"]
     ban = Rule(id="no-top", action=RuleAction.BAN, item_ids=[top])
     banned = ranked_feed(app.state.recommender, user, inputs, rules=[ban])
-    assert banned is not None
+    assert len(banned) > 0  # the ranker ordered a feed
     assert bundle.items.index_of(top) not in set(banned.tolist())
     assert bundle.items.index_of(top) in set(ranked_feed(app.state.recommender, user, inputs).tolist())
 
