@@ -1,7 +1,7 @@
 """The request path's array forms agree with the plain definitions they replace, on any input.
 
 `merge_candidates` (reciprocal rank fusion of the sources' lists), `cell_values` (a request's cells of a
-user's row) and `friend_activity` (friends' recent activity per candidate) run per request in serving
+user's row) and `friend_window_counts` (friends' recent activity per candidate) run per request in serving
 and per user in training; each is checked here against a per-item loop that states the definition.
 """
 
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from features.candidates import RRF_K, SOURCE_ORDER, merge_candidates, top_scores
 from features.feed import Candidates
 from features.ranking import SOURCE_FEATURES
-from features.social_state import COMMUNITY_CAP, community_of, friend_activity, row_cells, sorted_unique
+from features.social_state import COMMUNITY_CAP, community_of, friend_window_counts, row_cells, sorted_unique
 from features.state import cell_values
 from serving.social_proof import _bought
 
@@ -131,23 +131,18 @@ def friends_and_activity(draw: st.DrawFn) -> tuple[sp.csr_matrix, list[sp.csr_ma
 
 
 @PROPERTY
-@given(friends_and_activity(), st.booleans())
-def test_friend_activity_counts_weighs_and_dates_the_friends(
-        case: tuple[sp.csr_matrix, list[sp.csr_matrix], np.ndarray, np.ndarray], weighted: bool) -> None:
+@given(friends_and_activity())
+def test_friend_window_counts_count_the_friends(case: tuple[sp.csr_matrix, list[sp.csr_matrix], np.ndarray,
+                                                             np.ndarray]) -> None:
     sees, matrices, rows, items = case
     since = (30.0, 10.0, -np.inf)
-    weights = np.linspace(0.5, 2.0, sees.shape[0]) if weighted else None
-    got = friend_activity(sees, matrices, rows, items, since, weights)
-    for matrix, activity in zip(matrices, got, strict=True):
+    got = friend_window_counts(sees, matrices, rows, items, since)
+    for matrix, counts in zip(matrices, got, strict=True):
         dense = matrix.toarray()
         for pair, (user, item) in enumerate(zip(rows.tolist(), items.tolist(), strict=True)):
             friends = sees.indices[sees.indptr[user] : sees.indptr[user + 1]] if user >= 0 else []
-            cells = [(f, dense[f, item]) for f in friends if dense[f, item]]
-            weight = {f: (1.0 if weights is None else weights[f]) for f, _ in cells}
-            np.testing.assert_array_equal(activity.counts[pair], [sum(1 for _, v in cells if v >= t) for t in since])
-            np.testing.assert_allclose(activity.weighted[pair],
-                                       [sum(weight[f] for f, v in cells if v >= t) for t in since])
-            assert activity.latest[pair] == max((v for _, v in cells), default=0.0)
+            want = [sum(1 for f in friends if dense[f, item] and dense[f, item] >= t) for t in since]
+            np.testing.assert_array_equal(counts[pair], want)
 
 
 @PROPERTY
