@@ -146,7 +146,7 @@ def friends_bought_candidates(state: FeatureState, user: int, k: int, blocked: n
     friends = friends_of(state.user_sees, user)
     if not len(friends):
         return _empty()
-    _, cols, seconds = row_cells(state.social.bought, friends)
+    _, cols, seconds = state.social.bought_cells(friends)
     return _decayed_sum(np.ones(len(cols)), cols, seconds, state.social_seconds, FRIENDS_DAYS, 14.0, k, blocked)
 
 
@@ -157,7 +157,7 @@ def friends_trending_candidates(state: FeatureState, user: int, k: int, blocked:
     if not len(friends):
         return _empty()
     people, weight = community_of(friends, state.social.sees)
-    owner, cols, seconds = row_cells(state.social.touched, people)
+    owner, cols, seconds = state.social.touched_cells(people)
     return _decayed_sum(weight[owner], cols, seconds, state.social_seconds, COMMUNITY_DAYS, 7.0, k, blocked)
 
 

@@ -40,13 +40,17 @@ class Keys:
         """Hash: item id -> second of the last purchase."""
         return f"{self.prefix}p:{user_id}"
 
+    def inbox(self, user_id: str) -> str:
+        """List of packed share records (who shared which item with the user), newest first (INBOX_CAP kept)."""
+        return f"{self.prefix}i:{user_id}"
+
     def consent(self, user_id: str) -> str:
         """Hash: purpose -> "1" / "0"; an absent purpose is consent."""
         return f"{self.prefix}c:{user_id}"
 
-    def user_keys(self, user_id: str) -> tuple[str, str, str]:
+    def user_keys(self, user_id: str) -> tuple[str, str, str, str]:
         """Every key holding this user's personal state (what an erasure deletes)."""
-        return self.recent(user_id), self.purchases(user_id), self.consent(user_id)
+        return self.recent(user_id), self.purchases(user_id), self.inbox(user_id), self.consent(user_id)
 
     @property
     def tombstones(self) -> str:

@@ -29,6 +29,7 @@ from features.schema import EventType
 from features.store import (
     CLAIM_TAKEOVER_SECONDS,
     CONSENT_PURPOSES,
+    INBOX_CAP,
     RECENT_CAP,
     TRENDING_BUCKET_SECONDS,
     TRENDING_BUCKETS_KEPT,
@@ -69,6 +70,30 @@ def unpack_event(user_id: str, record: bytes) -> OnlineEvent:
     return OnlineEvent(user_id=user_id, item_id=rest.decode(), event_type=event_type, ts=float(second))
 
 
+_SHARE_HEAD = struct.Struct(">IH")
+
+
+def pack_share(sharer: str, item_id: str, ts: float) -> bytes:
+    """An inbox record: second, the sharer id's length, the sharer id, the item id."""
+    sharer_bytes = sharer.encode()
+    return _SHARE_HEAD.pack(int(ts), len(sharer_bytes)) + sharer_bytes + item_id.encode()
+
+
+def unpack_share(recipient: str, record: bytes) -> OnlineEvent:
+    second, length = _SHARE_HEAD.unpack_from(record)
+    rest = record[_SHARE_HEAD.size :]
+    return OnlineEvent(user_id=rest[:length].decode(), item_id=rest[length:].decode(), event_type=EventType.SHARE,
+                       ts=float(second), target_user_id=recipient)
+
+
+def inbox_record(event: OnlineEvent) -> bytes | None:
+    """The record a share puts in its recipient's inbox; None for other events and shares to nobody else."""
+    target = event.target_user_id
+    if event.event_type != EventType.SHARE or not target or target == event.user_id:
+        return None
+    return pack_share(event.user_id, event.item_id, event.ts)
+
+
 def _positive_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
     """Event types that make an item trend, with how much (refunds and impressions do not)."""
     chosen = DEFAULT_EVENT_WEIGHTS if weights is None else weights
@@ -89,11 +114,12 @@ def _check_purposes(purposes: Mapping[str, bool]) -> None:
         raise ValueError(f"{len(unknown)} unknown consent purpose(s); expected some of {list(CONSENT_PURPOSES)}")
 
 
-def _insert_recent(recent: list[bytes], record: bytes) -> None:
-    """Insert a packed record into a newest-first list, the way the Redis script does.
+def _insert_recent(recent: list[bytes], record: bytes, cap: int = RECENT_CAP) -> None:
+    """Insert a packed record (it starts with its second) into a newest-first list, the way the Redis
+    script does.
 
     It goes before the first record of the same second or older (so a later arrival of the same second comes
-    first); a record already there is not added twice; the list keeps RECENT_CAP records.
+    first); a record already there is not added twice; the list keeps `cap` records.
     """
     second = _HEAD.unpack_from(record)[0]
     if not recent or _HEAD.unpack_from(recent[0])[0] < second:
@@ -101,7 +127,7 @@ def _insert_recent(recent: list[bytes], record: bytes) -> None:
     elif record not in recent:
         at = next((i for i, r in enumerate(recent) if _HEAD.unpack_from(r)[0] <= second), len(recent))
         recent.insert(at, record)
-    del recent[RECENT_CAP:]
+    del recent[cap:]
 
 
 def _best_first(scores: Mapping[str, float], n: int) -> list[tuple[str, float]]:
@@ -120,6 +146,7 @@ class MemoryStore:
         self._hits: dict[tuple[str, int], int] = {}
         self._claims: dict[str, _Held] = {}
         self._recent: dict[str, list[bytes]] = {}  # packed records, newest first
+        self._inbox: dict[str, list[bytes]] = {}  # packed share records, newest first
         self._purchases: dict[str, dict[str, int]] = {}
         self._consent: dict[str, dict[str, bool]] = {}
         self._erased: set[str] = set()
@@ -195,6 +222,9 @@ class MemoryStore:
                 second = int(event.ts)
                 recent = self._recent.setdefault(event.user_id, [])
                 _insert_recent(recent, pack_event(event.item_id, event.event_type, second))
+                shared = inbox_record(event)
+                if shared is not None and event.target_user_id not in self._erased:
+                    _insert_recent(self._inbox.setdefault(str(event.target_user_id), []), shared, INBOX_CAP)
                 if event.event_type == EventType.PURCHASE:
                     bought = self._purchases.setdefault(event.user_id, {})
                     bought[event.item_id] = max(second, bought.get(event.item_id, second))
@@ -221,10 +251,12 @@ class MemoryStore:
         with self._lock:
             return {item: float(ts) for item, ts in self._purchases.get(user_id, {}).items()}
 
-    def snapshot(self, user_id: str) -> UserSnapshot:
+    def snapshot(self, user_id: str, friends: Sequence[str] = ()) -> UserSnapshot:
         with self._lock:
+            shared = [unpack_share(user_id, record) for record in self._inbox.get(user_id, [])]
+            bought = {friend: self.purchased(friend) for friend in friends if self._purchases.get(friend)}
             return UserSnapshot(self.recent(user_id), self.purchased(user_id), self.consent(user_id),
-                                user_id in self._erased)
+                                user_id in self._erased, shared, bought)
 
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:
         with self._lock:
@@ -258,7 +290,7 @@ class MemoryStore:
 
     def erase_user(self, user_id: str) -> None:
         with self._lock:
-            for table in (self._recent, self._purchases, self._consent):
+            for table in (self._recent, self._purchases, self._inbox, self._consent):
                 table.pop(user_id, None)
             self._erased.add(user_id)
 
@@ -314,7 +346,7 @@ class MemoryStore:
     def user_bytes(self, user_id: str) -> int:
         """Payload bytes only (records, item ids, purposes): a lower bound of what Redis would spend."""
         with self._lock:
-            recent = sum(len(record) for record in self._recent.get(user_id, []))
+            recent = sum(len(record) for record in (*self._recent.get(user_id, []), *self._inbox.get(user_id, [])))
             bought = sum(len(item.encode()) + 4 for item in self._purchases.get(user_id, {}))
             given = sum(len(purpose) + 1 for purpose in self._consent.get(user_id, {}))
         return recent + bought + given
@@ -376,30 +408,37 @@ def _catalog_row(item: Mapping[str, object]) -> tuple[str, dict[str, object]]:
 # one again when the event has no category). ARGV: cap, user ttl, bucket ttl, clock member, then per event:
 # user, record, second, item, action ("p" purchase, "r" refund, "-"), trending weight ("0" for none).
 _RECORD = """
-local cap, user_ttl, bucket_ttl = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local cap, user_ttl, bucket_ttl, inbox_cap = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[5])
 local erased = {}
-for i = 0, (#KEYS - 2) / 4 - 1 do
-  local k, a = 3 + 4 * i, 5 + 6 * i
-  local user, second, item = ARGV[a], ARGV[a + 2], ARGV[a + 3]
+local function is_erased(user)
   if erased[user] == nil then erased[user] = redis.call('SISMEMBER', KEYS[1], user) == 1 end
-  if not erased[user] then
-    local record, at = ARGV[a + 1], tonumber(second)
-    local head = redis.call('LINDEX', KEYS[k], 0)
-    if not head or struct.unpack('>I4', head) < at then
-      redis.call('LPUSH', KEYS[k], record)
-    else
-      local pivot, seen = nil, false
-      for _, kept in ipairs(redis.call('LRANGE', KEYS[k], 0, -1)) do
-        if kept == record then seen = true break end
-        if pivot == nil and struct.unpack('>I4', kept) <= at then pivot = kept end
-      end
-      if not seen then
-        if pivot then redis.call('LINSERT', KEYS[k], 'BEFORE', pivot, record)
-        else redis.call('RPUSH', KEYS[k], record) end
-      end
+  return erased[user]
+end
+-- newest first by second; before the first record of the same second or older; never twice
+local function insert(key, record, limit)
+  local at = struct.unpack('>I4', record)
+  local head = redis.call('LINDEX', key, 0)
+  if not head or struct.unpack('>I4', head) < at then
+    redis.call('LPUSH', key, record)
+  else
+    local pivot, seen = nil, false
+    for _, kept in ipairs(redis.call('LRANGE', key, 0, -1)) do
+      if kept == record then seen = true break end
+      if pivot == nil and struct.unpack('>I4', kept) <= at then pivot = kept end
     end
-    redis.call('LTRIM', KEYS[k], 0, cap - 1)
-    redis.call('EXPIRE', KEYS[k], user_ttl)
+    if not seen then
+      if pivot then redis.call('LINSERT', key, 'BEFORE', pivot, record)
+      else redis.call('RPUSH', key, record) end
+    end
+  end
+  redis.call('LTRIM', key, 0, limit - 1)
+  redis.call('EXPIRE', key, user_ttl)
+end
+for i = 0, (#KEYS - 2) / 5 - 1 do
+  local k, a = 3 + 5 * i, 6 + 8 * i
+  local user, second, item = ARGV[a], ARGV[a + 2], ARGV[a + 3]
+  if not is_erased(user) then
+    insert(KEYS[k], ARGV[a + 1], cap)
     local action = ARGV[a + 4]
     if action == 'p' then
       local last = redis.call('HGET', KEYS[k + 1], item)
@@ -417,6 +456,8 @@ for i = 0, (#KEYS - 2) / 4 - 1 do
         redis.call('EXPIRE', KEYS[k + 3], bucket_ttl)
       end
     end
+    local target = ARGV[a + 6]
+    if target ~= '' and not is_erased(target) then insert(KEYS[k + 4], ARGV[a + 7], inbox_cap) end
     redis.call('ZADD', KEYS[2], 'GT', second, ARGV[4])
   end
 end
@@ -593,21 +634,24 @@ class RedisStore:
         if not events:
             return
         keys: list[str] = [self.keys.tombstones, self.keys.clock]
-        args: list[Any] = [RECENT_CAP, USER_TTL_SECONDS, TRENDING_TTL_SECONDS, CLOCK_MEMBER]
+        args: list[Any] = [RECENT_CAP, USER_TTL_SECONDS, TRENDING_TTL_SECONDS, CLOCK_MEMBER, INBOX_CAP]
         for event in events:
             second = int(event.ts)
             hour = hour_of(second)
             everywhere = self.keys.trending_bucket(hour)
+            shared = inbox_record(event)
+            target = str(event.target_user_id) if shared is not None else ""
             keys += [
                 self.keys.recent(event.user_id),
                 self.keys.purchases(event.user_id),
                 everywhere,
                 everywhere if event.category is None else self.keys.trending_bucket(hour, event.category),
+                self.keys.inbox(target) if target else self.keys.recent(event.user_id),  # unused without a target
             ]
             action = _ACTIONS.get(event.event_type, "-")
             weight = self._weights.get(event.event_type, 0.0)
             args += [event.user_id, pack_event(event.item_id, event.event_type, second), second, event.item_id,
-                     action, repr(weight) if weight else "0"]
+                     action, repr(weight) if weight else "0", target, shared or b""]
         self._record(keys=keys, args=args)
 
     def recent(self, user_id: str, limit: int = RECENT_CAP) -> list[OnlineEvent]:
@@ -620,18 +664,26 @@ class RedisStore:
         stored = cast(dict[bytes, bytes], self._redis.hgetall(self.keys.purchases(user_id)))
         return {item.decode(): float(ts) for item, ts in stored.items()}
 
-    def snapshot(self, user_id: str) -> UserSnapshot:
+    def snapshot(self, user_id: str, friends: Sequence[str] = ()) -> UserSnapshot:
         pipe = self._redis.pipeline(transaction=False)
         pipe.lrange(self.keys.recent(user_id), 0, RECENT_CAP - 1)
         pipe.hgetall(self.keys.purchases(user_id))
         pipe.hgetall(self.keys.consent(user_id))
         pipe.sismember(self.keys.tombstones, user_id)
-        records, bought, given, erased = cast(tuple[list[bytes], dict[bytes, bytes], dict[bytes, bytes], int],
-                                              pipe.execute())
+        pipe.lrange(self.keys.inbox(user_id), 0, INBOX_CAP - 1)
+        for friend in friends:
+            pipe.hgetall(self.keys.purchases(friend))
+        Stored = dict[bytes, bytes]
+        records, bought, given, erased, inbox, *theirs = cast(
+            tuple[list[bytes], Stored, Stored, int, list[bytes], *tuple[Stored, ...]], pipe.execute())
         stated = {purpose.decode(): value == b"1" for purpose, value in given.items()}
+        friends_bought = {friend: {item.decode(): float(ts) for item, ts in stored.items()}
+                          for friend, stored in zip(friends, theirs, strict=True)
+                          if stored}
         return UserSnapshot([unpack_event(user_id, record) for record in records],
                             {item.decode(): float(ts) for item, ts in bought.items()},
-                            {purpose: stated.get(purpose, True) for purpose in CONSENT_PURPOSES}, bool(erased))
+                            {purpose: stated.get(purpose, True) for purpose in CONSENT_PURPOSES}, bool(erased),
+                            [unpack_share(user_id, record) for record in inbox], friends_bought)
 
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:
         window = _window(hours)

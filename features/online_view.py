@@ -10,18 +10,36 @@ an aggregate without an online rule keeps its value as of the bundle's cut-off.
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from features.social_state import OnlineCells
 from features.state import USER_EVENT_TYPES, FeatureState, build_state
 from features.vocab import Vocabulary
 from features.weights import CONVERSION_TYPES
 
 _USER_PREFIXES = ("user_", "pair_")
+
+
+@dataclass(frozen=True, slots=True)
+class SocialUpdates:
+    """What reached a user from others since the bundle: shares to them, their friends' purchases. Indexes
+    are the bundle's (-1: an item or sharer it lacks); times are epoch seconds."""
+
+    share_items: np.ndarray
+    sharers: np.ndarray
+    share_ts: np.ndarray
+    friends: np.ndarray  # one entry per purchase
+    friend_items: np.ndarray
+    friend_ts: np.ndarray
+
+    def newest(self) -> float:
+        times = np.concatenate([self.share_ts, self.friend_ts])
+        return float(times.max()) if len(times) else float("nan")
 
 
 def _user_fields(state: FeatureState) -> list[str]:
@@ -89,8 +107,10 @@ def user_view(
     event_types: np.ndarray,
     ts: np.ndarray,
     weights: dict[str, float],
+    social: SocialUpdates | None = None,
 ) -> FeatureState:
-    """One user's state (row 0) after the online events (`item_idx` -1 for items the bundle lacks).
+    """One user's state (row 0) after the online events (`item_idx` -1 for items the bundle lacks) and what
+    reached them from others (`social`).
 
     `user` is the user's row in `state`, or -1 for a user the bundle has never seen (rows from `blank`).
     """
@@ -122,8 +142,45 @@ def user_view(
         paid = state.item_price[items[bought]]
         if np.isfinite(paid).any():
             rows["user_median_price"][0] = float(np.nanmedian(paid))
+    view_social = state.social
+    if social is not None:
+        _shared_to(rows, social)
+        known_items = (social.friend_items >= 0) & (social.friends >= 0)
+        cells = OnlineCells(social.friends[known_items], social.friend_items[known_items],
+                            social.friend_ts[known_items].astype(np.float64))
+        # what reached the user since counts as social activity: friends' windows end at it, not before
+        view_social = replace(state.social, recent_purchases=cells,
+                              newest=float(np.nanmax([state.social.newest, social.newest()])))
+        all_times = np.concatenate([all_times, social.share_ts, social.friend_ts]).astype(np.float64)
     newest = pd.Timestamp(float(all_times.max()) + 1.0, unit="s", tz="UTC") if len(all_times) else state.cutoff
-    return replace(state, cutoff=max(state.cutoff, newest), **rows)
+    return replace(state, cutoff=max(state.cutoff, newest), social=view_social, **rows)
+
+
+def _shared_to(rows: dict[str, Any], social: SocialUpdates) -> None:
+    """The user's last share per item and its sharer (1 + idx; 0 for a sharer the bundle lacks), brought up
+    to date with the shares received since the bundle."""
+    known = social.share_items >= 0
+    if not known.any():
+        return
+    items, sharers, times = social.share_items[known], social.sharers[known], social.share_ts[known]
+    newest_first = np.lexsort((-times, items))
+    items, sharers, times = items[newest_first], sharers[newest_first], times[newest_first]
+    first = np.ones(len(items), dtype=bool)
+    first[1:] = items[1:] != items[:-1]
+    items, sharers, times = items[first], sharers[first], times[first].astype(np.float64)
+    last, by = rows["pair_shared_last"], rows["pair_shared_by"]
+    before = np.asarray(last[0, items].toarray()).ravel()
+    newer = times >= before
+    if not newer.any():
+        return
+    rows["pair_shared_last"] = _add(last, items[newer], times[newer], "max")
+    kept = by.tocoo()
+    stay = ~np.isin(kept.col, items[newer])
+    cols = np.concatenate([kept.col[stay], items[newer]]).astype(np.int64)
+    values = np.concatenate([kept.data[stay], sharers[newer] + 1.0]).astype(np.float64)
+    put = values > 0  # a sharer the bundle lacks is no sharer it can describe
+    rows["pair_shared_by"] = sp.csr_matrix((values[put], (np.zeros(int(put.sum()), dtype=np.int64), cols[put])),
+                                           shape=by.shape)
 
 
 def _copy(value: Any) -> Any:

@@ -7,7 +7,7 @@ users x users x items product), so the cost follows the candidates, not the cata
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -24,6 +24,16 @@ COMMUNITY_CAP = 400  # people in a user's community (those they see, then whom t
 
 
 @dataclass(frozen=True, slots=True)
+class OnlineCells:
+    """Cells of a few people's rows that arrived after the cut-off (the service's online store), to be read
+    over a matrix's rows: person (user idx), column (item idx), epoch seconds."""
+
+    person: np.ndarray
+    col: np.ndarray
+    value: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
 class SocialView:
     """Everyone's rows, read for a user's friends; a one-user view of the state keeps these whole."""
 
@@ -33,6 +43,18 @@ class SocialView:
     influence: np.ndarray  # per user idx: sharer influence from attribution as of the cut (0: none)
     sees: sp.csr_matrix  # users x users (the state's user_sees): for whom the user's friends see
     newest: float = float("nan")  # epoch seconds of the newest cell in the rows above; NaN when all are empty
+    recent_purchases: OnlineCells | None = None  # a one-user view's: the friends' purchases since the cut-off
+
+    def bought_cells(self, people: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`row_cells` of `bought` for `people`, with their purchases since the cut-off."""
+        return merged_cells(self.bought, self.recent_purchases, people)
+
+    def touched_cells(self, people: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`row_cells` of `touched` for `people`, with their purchases since the cut-off (a positive event)."""
+        return merged_cells(self.touched, self.recent_purchases, people)
+
+    def shared_cells(self, people: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return row_cells(self.shared, people)
 
     @classmethod
     def of(cls, touched: sp.csr_matrix, bought: sp.csr_matrix, shared: sp.csr_matrix, influence: np.ndarray,
@@ -123,6 +145,29 @@ def row_cells(matrix: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.n
     return owner, matrix.indices[at].astype(np.int64), matrix.data[at]
 
 
+def merged_cells(matrix: sp.csr_matrix, extra: OnlineCells | None, people: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`row_cells(matrix, people)` with the `extra` cells of those people (distinct people), the newest value
+    where both hold a cell."""
+    owner, cols, values = row_cells(matrix, people)
+    if extra is None or not len(extra.person) or not len(people):
+        return owner, cols, values
+    order = np.argsort(people, kind="stable")
+    ordered = people[order]
+    at = np.minimum(np.searchsorted(ordered, extra.person), len(ordered) - 1)
+    hit = ordered[at] == extra.person
+    if not hit.any():
+        return owner, cols, values
+    owner = np.concatenate([owner, order[at[hit]]])
+    cols = np.concatenate([cols, extra.col[hit]])
+    values = np.concatenate([values.astype(np.float64), extra.value[hit]])
+    newest_first = np.lexsort((-values, cols, owner))
+    owner, cols, values = owner[newest_first], cols[newest_first], values[newest_first]
+    first = np.ones(len(owner), dtype=bool)
+    first[1:] = (owner[1:] != owner[:-1]) | (cols[1:] != cols[:-1])
+    return owner[first], cols[first], values[first]
+
+
 def friends_of(sees: sp.csr_matrix, user: int) -> np.ndarray:
     if user < 0:
         return np.empty(0, dtype=np.int64)
@@ -159,12 +204,15 @@ def _without(ordered: np.ndarray, drop: np.ndarray) -> np.ndarray:
     return ordered[keep]
 
 
-def friend_window_counts(sees: sp.csr_matrix, matrices: Sequence[sp.csr_matrix], rows: np.ndarray,
+CellReader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def friend_window_counts(sees: sp.csr_matrix, readers: Sequence[CellReader], rows: np.ndarray,
                          item_idx: np.ndarray, since: tuple[float, ...]) -> list[np.ndarray]:
-    """Per matrix, pair and threshold: how many people the pair's user sees have a cell of the matrix
-    (epoch seconds) on the item at or after the threshold. `rows` index `sees`; each matrix is everyone's
-    (columns: items). One array of pairs x thresholds per matrix."""
-    out = [np.zeros((len(rows), len(since))) for _ in matrices]
+    """Per reader, pair and threshold: how many people the pair's user sees have a cell (epoch seconds) on
+    the item at or after the threshold. `rows` index `sees`; a reader gives the cells of everyone's rows
+    (columns: items) as `row_cells` does, one per (person, item). One array of pairs x thresholds per reader."""
+    out = [np.zeros((len(rows), len(since))) for _ in readers]
     if not len(rows):
         return out
     order = np.argsort(rows, kind="stable")
@@ -182,8 +230,8 @@ def friend_window_counts(sees: sp.csr_matrix, matrices: Sequence[sp.csr_matrix],
         rank = np.argsort(wanted, kind="stable")
         ordered = wanted[rank]
         first_of = rank[np.searchsorted(ordered, wanted)]  # an item listed twice for a user: same counts on both
-        for matrix, counts in zip(matrices, out, strict=True):
-            _, cols, values = row_cells(matrix, friends)
+        for read, counts in zip(readers, out, strict=True):
+            _, cols, values = read(friends)
             if not len(cols):
                 continue
             at = np.minimum(np.searchsorted(ordered, cols), len(ordered) - 1)

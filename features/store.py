@@ -11,11 +11,12 @@ merchandising overlays, which are their own source of truth.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
 RECENT_CAP = 50  # events kept per user, newest first
+INBOX_CAP = 50  # shares to a user kept, newest first
 EVENT_ID_TTL_SECONDS = 7 * 86_400  # how long a seen event_id makes a retry a no-op
 TRENDING_BUCKET_SECONDS = 3_600  # item counters are kept per hour ...
 TRENDING_BUCKETS_KEPT = 7 * 24  # ... for a week, then expire
@@ -41,6 +42,7 @@ class OnlineEvent:
     event_type: str
     ts: float  # epoch seconds
     category: str | None = None  # the item's category when known, for per-category trending
+    target_user_id: str | None = None  # for a share: the recipient, when known
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,8 @@ class UserSnapshot:
     purchased: dict[str, float]
     consent: dict[str, bool]
     erased: bool = False  # the store holds a tombstone for the user
+    shared_to: list[OnlineEvent] = field(default_factory=list)  # shares to the user (user_id: the sharer), newest first
+    friends_purchased: dict[str, dict[str, float]] = field(default_factory=dict)  # friend id -> their purchases
 
 
 class OnlineStore(Protocol):
@@ -76,7 +80,8 @@ class OnlineStore(Protocol):
 
     def record(self, events: Sequence[OnlineEvent]) -> None:
         """Apply accepted events: each user's recent list (capped at RECENT_CAP), purchases (a refund
-        removes the item again), and per-hour item counters (global and per category) for trending."""
+        removes the item again), per-hour item counters (global and per category) for trending, and a share
+        with a recipient in the recipient's inbox (capped at INBOX_CAP; not for an erased recipient)."""
         ...
 
     def recent(self, user_id: str, limit: int = RECENT_CAP) -> list[OnlineEvent]:
@@ -87,8 +92,9 @@ class OnlineStore(Protocol):
         """Items the user bought since the bundle's data (item id -> time of the last purchase)."""
         ...
 
-    def snapshot(self, user_id: str) -> UserSnapshot:
-        """`recent`, `purchased`, `consent` and the tombstone of one user in one round trip (what a feed reads)."""
+    def snapshot(self, user_id: str, friends: Sequence[str] = ()) -> UserSnapshot:
+        """`recent`, `purchased`, `consent`, the tombstone and the inbox of one user, and the purchases of
+        `friends` (those with any), in one round trip (what a feed reads)."""
         ...
 
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:

@@ -31,7 +31,7 @@ from serving.compactor import Compactor
 from serving.deps import RequestId
 from serving.ingest import EventsInFlightError, ingest
 from serving.items import items_router
-from serving.recommender import FeedResult, Recommender
+from serving.recommender import FeedResult, Recommender, UserContext
 from serving.runtime import Service
 from serving.schemas import (
     ConsentIn,
@@ -202,13 +202,16 @@ def _feed_out(result: FeedResult, request_id: str, version: str, explain: bool, 
                    degraded=degraded, items=items)
 
 
-def _social_proof(service: Service, recommender: Recommender, result: FeedResult) -> dict[str, Proof]:
-    """Friends' purchases behind the feed's items (only for a personalized feed: it reads the user's ties)."""
+def _social_proof(service: Service, recommender: Recommender, result: FeedResult,
+                  context: UserContext | None) -> dict[str, Proof]:
+    """Friends' purchases behind the feed's items (only for a personalized feed: it reads the user's ties),
+    the bundle's and those the online store holds since."""
     if not result.personalized or not result.items:
         return {}
     codes = recommender.bundle.items.indexes([i.item_id for i in result.items])
     known = codes[codes >= 0].tolist()
-    found = recommender.social.for_items(result.user_id, known, service.visible_in_social_proof)
+    found = recommender.social.for_items(result.user_id, known, service.visible_in_social_proof,
+                                         context.friends_purchased if context else None)
     return {recommender.bundle.items.id_of(idx): proof for idx, proof in found.items()}
 
 
@@ -317,7 +320,7 @@ def _routes(app: FastAPI, settings: ServingSettings) -> None:
         degraded = bool(view and view.degraded)
         if degraded:
             metrics.DEGRADED.labels(endpoint="feed").inc()
-        proof = _social_proof(service, recommender, result)
+        proof = _social_proof(service, recommender, result, view.context if view and allowed else None)
         return _feed_out(result, request_id, recommender.version, explain, degraded, proof,
                          settings.social_proof_names)
 

@@ -113,10 +113,11 @@ def ingest(
         online.release(new_ids, claim)  # nothing acknowledged: a retry must count
         raise
     online_events = [
-        OnlineEvent(user, item, kind, ts, category_of(item))
-        for user, item, kind, ts in zip(
+        OnlineEvent(user, item, kind, ts, category_of(item), target if isinstance(target, str) and target else None)
+        for user, item, kind, ts, target in zip(
             new["user_id"].tolist(), new["item_id"].tolist(), new["event_type"].tolist(),
-            (new["ts"].astype("datetime64[ns, UTC]").astype("int64") / 1e9).tolist(), strict=True,
+            (new["ts"].astype("datetime64[ns, UTC]").astype("int64") / 1e9).tolist(),
+            new["target_user_id"].tolist(), strict=True,
         )
     ]
     recorded = online.record(online_events, new_ids, claim)

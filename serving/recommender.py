@@ -27,9 +27,10 @@ from features.candidates import (
 )
 from features.feed import Candidates, Feed, Source, compose_feed, interleave
 from features.foldin import FoldIn
-from features.online_view import blank_user_rows, user_view
+from features.online_view import SocialUpdates, blank_user_rows, user_view
 from features.popularity import ranked
 from features.repurchase import NO_CATEGORY
+from features.social_state import friends_of
 from features.state import FeatureState
 from features.store import OnlineEvent
 from serving.catalog import Catalog
@@ -40,6 +41,7 @@ from training.index import index_like
 from training.ranker import Ranker
 
 FALLBACK_DEPTH = 2000  # how far down the trending and popular lists a feed may reach
+FRIENDS_READ_ONLINE = 200  # friends whose purchases since the bundle a request reads from the online store
 RETRIEVAL_MARGIN = 32  # over-fetch beyond n + blocked items, so filters rarely leave a feed short
 FRESH_SHARE = 0.1  # up to this share of a feed goes to new catalog items no model has seen ...
 FRESH_EVERY = 5  # ... one at every fifth place
@@ -69,6 +71,8 @@ class UserContext:
 
     recent: Sequence[OnlineEvent] = ()  # newest first
     purchased: Mapping[str, float] = field(default_factory=dict)  # item id -> time of the last purchase
+    shared_to: Sequence[OnlineEvent] = ()  # shares to the user (user_id: the sharer), newest first
+    friends_purchased: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # friend -> their purchases
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,14 +175,15 @@ class Recommender:
         the online store holds since the bundle's data ended; None when there is nothing to go on."""
         state, models = self.bundle.state, self.bundle.models
         fresh = [e for e in (context.recent if context else ()) if e.ts >= state.cutoff_seconds]
-        if not fresh:
+        social = self._social_updates(context) if context else None
+        if not fresh and social is None:
             if user_idx is None:
                 return None
             return _Profile(state, models, user_idx, self.bundle.user_factors[user_idx : user_idx + 1], False)
         items = self.bundle.items.indexes([e.item_id for e in fresh])
         view = user_view(state, -1 if user_idx is None else user_idx, self._blank, items,
                          np.asarray([e.event_type for e in fresh], dtype=object),
-                         np.asarray([e.ts for e in fresh], dtype=np.float64), self._weights)
+                         np.asarray([e.ts for e in fresh], dtype=np.float64), self._weights, social)
         weights = view.pair_weight
         vector = self._fold.user_vector(weights.indices, weights.data)
         if vector is None:
@@ -190,6 +195,34 @@ class Recommender:
         view_models = CandidateModels(vector[None, :], models.als_items, bpr, models.bpr_items,
                                       models.item_neighbours)
         return _Profile(view, view_models, 0, vector[None, :], True)
+
+    def friend_ids(self, user_id: str) -> list[str]:
+        """The people the user sees in the bundle's graph (at most FRIENDS_READ_ONLINE, the first in the
+        graph's order): whose purchases since the bundle the online store is asked for."""
+        user_idx = self.bundle.users.index_of(user_id)
+        if user_idx is None:
+            return []
+        friends = friends_of(self.bundle.state.user_sees, user_idx)[:FRIENDS_READ_ONLINE]
+        return [self.bundle.users.id_of(int(f)) for f in friends]
+
+    def _social_updates(self, context: UserContext) -> SocialUpdates | None:
+        """The shares and friends' purchases the store holds from after the bundle's data, in its indexes;
+        None when there are none."""
+        since = self.bundle.state.cutoff_seconds
+        shares = [e for e in context.shared_to if e.ts >= since]
+        bought = [(friend, item, ts) for friend, items in context.friends_purchased.items()
+                  for item, ts in items.items() if ts >= since]
+        if not shares and not bought:
+            return None
+        users, items = self.bundle.users, self.bundle.items
+        return SocialUpdates(
+            share_items=items.indexes([e.item_id for e in shares]),
+            sharers=users.indexes([e.user_id for e in shares]),
+            share_ts=np.asarray([e.ts for e in shares], dtype=np.float64),
+            friends=users.indexes([friend for friend, _, _ in bought]),
+            friend_items=items.indexes([item for _, item, _ in bought]),
+            friend_ts=np.asarray([ts for _, _, ts in bought], dtype=np.float64),
+        )
 
     def _rank(self, profile: _Profile, blocked: np.ndarray, category: str | None) -> Candidates:
         """Every source's candidates for the user, merged and ordered by the ranker."""

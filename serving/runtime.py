@@ -193,8 +193,10 @@ class Service:
         """The user's online context and consent (an erased user has none: no personalization); degraded
         (bundle only, consent from the event log) when the store fails or is not in line with the log yet."""
         if self.recovery.ready:
+            recommender = self.recommender
+            friends = recommender.friend_ids(user_id) if recommender is not None else []
             try:
-                snapshot = self.store.snapshot(user_id)  # one round trip
+                snapshot = self.store.snapshot(user_id, friends)  # one round trip
             except STORE_ERRORS:
                 log.warning("online store unavailable, answering from the bundle", exc_info=True)
                 self.recovery.note_failure()
@@ -203,5 +205,10 @@ class Service:
                                                 self.privacy.clock())[0]
                 if not standing.allows(["personalization"]):
                     return UserView(None, standing.consent, False)
-                return UserView(UserContext(snapshot.recent, snapshot.purchased), standing.consent, False)
+                shared = snapshot.shared_to
+                if shared:  # a sharer erased since is not read
+                    shared = [e for e, ok in zip(shared, self.privacy.allowed([e.user_id for e in shared], []),
+                                                 strict=True) if ok]
+                return UserView(UserContext(snapshot.recent, snapshot.purchased, shared, snapshot.friends_purchased),
+                                standing.consent, False)
         return UserView(None, self.privacy.from_ledger([user_id])[0].consent, True)

@@ -9,7 +9,7 @@ caller may see them; counts otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,10 +40,12 @@ class SocialProof:
         self._users = graph.users
         self._bundle_users = len(bundle.users)
         self._purchases = bundle.state.pair_purchases
+        self._items = bundle.items
 
-    def for_items(self, user_id: str, items: Sequence[int],
-                  allowed: Callable[[list[str]], list[bool]]) -> dict[int, Proof]:
-        """Per item idx with at least one friend's purchase: how many friends bought it and who."""
+    def for_items(self, user_id: str, items: Sequence[int], allowed: Callable[[list[str]], list[bool]],
+                  recent: Mapping[str, Mapping[str, float]] | None = None) -> dict[int, Proof]:
+        """Per item idx with at least one friend's purchase: how many friends bought it and who. `recent`:
+        friends' purchases since the bundle (friend id -> item id -> time), from the online store."""
         viewer = self._users.index_of(user_id)
         if viewer is None or not len(items):
             return {}
@@ -55,6 +57,8 @@ class SocialProof:
             return {}
         columns = np.asarray(items, dtype=np.int64)
         bought = _bought(self._purchases, friends, columns)  # friends x items
+        if recent:
+            self._add_recent(bought, friends, columns, recent)
         hit = np.flatnonzero(bought.any(axis=0))
         if not len(hit):
             return {}
@@ -67,6 +71,22 @@ class SocialProof:
             if who:
                 out[int(columns[j])] = Proof(len(who), tuple(who[:MAX_NAMED]))
         return out
+
+
+    def _add_recent(self, bought: np.ndarray, friends: np.ndarray, columns: np.ndarray,
+                    recent: Mapping[str, Mapping[str, float]]) -> None:
+        row_of = {int(f): k for k, f in enumerate(friends.tolist())}
+        asked: dict[int, list[int]] = {}
+        for k, item in enumerate(columns.tolist()):
+            asked.setdefault(int(item), []).append(k)
+        for friend_id, purchases in recent.items():
+            friend = self._users.index_of(friend_id)
+            row = row_of.get(friend) if friend is not None else None
+            if row is None:
+                continue
+            for item in self._items.indexes(list(purchases)).tolist():
+                for k in asked.get(int(item), ()):
+                    bought[row, k] = True
 
 
 def _bought(purchases: sp.csr_matrix, friends: np.ndarray, columns: np.ndarray) -> np.ndarray:

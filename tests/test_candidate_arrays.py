@@ -7,9 +7,11 @@ and per user in training; each is checked here against a per-item loop that stat
 
 from __future__ import annotations
 
+from functools import partial
 from itertools import pairwise
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,7 +19,15 @@ from hypothesis import strategies as st
 from features.candidates import RRF_K, SOURCE_ORDER, merge_candidates, top_scores
 from features.feed import Candidates
 from features.ranking import SOURCE_FEATURES
-from features.social_state import COMMUNITY_CAP, community_of, friend_window_counts, row_cells, sorted_unique
+from features.social_state import (
+    COMMUNITY_CAP,
+    OnlineCells,
+    community_of,
+    friend_window_counts,
+    merged_cells,
+    row_cells,
+    sorted_unique,
+)
 from features.state import cell_values
 from serving.social_proof import _bought
 
@@ -136,7 +146,7 @@ def test_friend_window_counts_count_the_friends(case: tuple[sp.csr_matrix, list[
                                                              np.ndarray]) -> None:
     sees, matrices, rows, items = case
     since = (30.0, 10.0, -np.inf)
-    got = friend_window_counts(sees, matrices, rows, items, since)
+    got = friend_window_counts(sees, [partial(row_cells, m) for m in matrices], rows, items, since)
     for matrix, counts in zip(matrices, got, strict=True):
         dense = matrix.toarray()
         for pair, (user, item) in enumerate(zip(rows.tolist(), items.tolist(), strict=True)):
@@ -188,3 +198,28 @@ def test_top_k_is_the_same_over_the_positive_entries_alone(values: list[float], 
     np.testing.assert_array_equal(full[1], part[1])
     order = sorted((-float(scores[i]), i) for i in range(len(scores)) if scores[i] > 0 and not blocked[i])[:k]
     assert full[0].tolist() == [i for _, i in order]
+
+
+@PROPERTY
+@given(matrices_and_cells(), st.lists(st.tuples(st.integers(0, 7), st.integers(0, 29), st.integers(1, 90)),
+                                      max_size=15), st.lists(st.integers(0, 7), unique=True, max_size=6))
+def test_merged_cells_lay_the_online_cells_over_the_rows(case: tuple[sp.csr_matrix, np.ndarray, np.ndarray],
+                                                         extra: list[tuple[int, int, int]], people: list[int]) -> None:
+    matrix = case[0]
+    extra = [(p, c, v) for p, c, v in extra if p < matrix.shape[0] and c < matrix.shape[1]]
+    cells = OnlineCells(np.asarray([p for p, _, _ in extra], dtype=np.int64),
+                        np.asarray([c for _, c, _ in extra], dtype=np.int64),
+                        np.asarray([float(v) for _, _, v in extra]))
+    who = np.asarray([p for p in people if p < matrix.shape[0]], dtype=np.int64)
+    want = {}
+    dense = matrix.toarray()
+    for k, person in enumerate(who.tolist()):
+        for col in np.flatnonzero(dense[person]).tolist():
+            want[(k, col)] = dense[person, col]
+        for p, c, v in extra:
+            if p == person:
+                want[(k, c)] = max(want.get((k, c), -np.inf), v)
+    owner, cols, values = merged_cells(matrix, cells, who)
+    got = {(int(o), int(c)): float(v) for o, c, v in zip(owner, cols, values, strict=True)}
+    assert len(got) == len(owner)  # one cell per (person, item)
+    assert got == pytest.approx(want)

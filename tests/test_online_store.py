@@ -11,9 +11,10 @@ import pytest
 import redis
 
 from features.keys import USER_TTL_SECONDS, Keys
-from features.online import MemoryStore, RedisStore, open_store, pack_event, unpack_event
+from features.online import MemoryStore, RedisStore, open_store, pack_event, pack_share, unpack_event, unpack_share
 from features.store import (
     CONSENT_PURPOSES,
+    INBOX_CAP,
     RECENT_CAP,
     TRENDING_BUCKET_SECONDS,
     TRENDING_BUCKETS_KEPT,
@@ -229,6 +230,53 @@ def test_erasure_drops_state_keeps_a_tombstone_and_ignores_later_events(store: O
     assert store.user_bytes("u1") == 0
 
 
+def share(sharer: str, item: str, ts: float, to: str | None) -> OnlineEvent:
+    return OnlineEvent(user_id=sharer, item_id=item, event_type="share", ts=ts, target_user_id=to)
+
+
+def test_a_share_reaches_its_recipients_inbox_newest_first_and_capped(store: OnlineStore) -> None:
+    store.record([share("u1", "p1", T0, "u2"), share("u3", "p2", T0 + 5, "u2"), share("u1", "p3", T0 + 1, None),
+                  share("u4", "p4", T0 + 2, "u4"), ev("u5", "p5", "view", T0 + 3)])
+    got = store.snapshot("u2").shared_to
+    assert [(e.user_id, e.item_id, e.ts, e.target_user_id) for e in got] == [("u3", "p2", T0 + 5, "u2"),
+                                                                             ("u1", "p1", T0, "u2")]
+    for user in ("u1", "u3", "u4", "u5"):  # no recipient, or oneself: no inbox
+        assert store.snapshot(user).shared_to == []
+    assert [e.item_id for e in store.recent("u1")] == ["p3", "p1"]  # the sharer's own list as before
+    store.record([share("u1", "p1", T0, "u2")])  # the same share again is not kept twice
+    store.record([share(f"s{n}", f"q{n}", T0 + 10 + n, "u2") for n in range(INBOX_CAP + 5)])
+    inbox = store.snapshot("u2").shared_to
+    assert len(inbox) == INBOX_CAP
+    assert inbox[0].item_id == f"q{INBOX_CAP + 4}"
+
+
+def test_an_erased_recipient_gets_no_inbox_and_erasure_empties_it(store: OnlineStore) -> None:
+    store.record([share("u1", "p1", T0, "u2"), share("u1", "p2", T0, "u3")])
+    store.erase_user("u2")
+    store.record([share("u1", "p3", T0 + 1, "u2")])
+    assert store.snapshot("u2").shared_to == []
+    assert [e.item_id for e in store.snapshot("u3").shared_to] == ["p2"]
+    store.erase_user("u1")  # the sharer's erasure: their later shares reach nobody
+    store.record([share("u1", "p4", T0 + 2, "u3")])
+    assert [e.item_id for e in store.snapshot("u3").shared_to] == ["p2"]
+
+
+def test_snapshot_reads_the_friends_purchases_in_the_same_trip(store: OnlineStore) -> None:
+    store.record([ev("f1", "p1", "purchase", T0), ev("f1", "p2", "purchase", T0 + 9), ev("f2", "p3", "view", T0),
+                  ev("u1", "p4", "purchase", T0), ev("f3", "p5", "purchase", T0), ev("f3", "p5", "refund", T0 + 1)])
+    got = store.snapshot("u1", ["f1", "f2", "f3", "nobody"])
+    assert got.friends_purchased == {"f1": {"p1": T0, "p2": T0 + 9}}
+    assert got.purchased == {"p4": T0}
+    assert store.snapshot("u1").friends_purchased == {}
+
+
+def test_share_records_round_trip() -> None:
+    for sharer, item in [("u1", "p1"), ("", "p"), ("ü" * 300, "x:y"), ("a", "")]:
+        got = unpack_share("r", pack_share(sharer, item, T0))
+        assert (got.user_id, got.item_id, got.ts, got.target_user_id, got.event_type) == (sharer, item, T0, "r",
+                                                                                          "share")
+
+
 # -- catalog and merchandising overlays -------------------------------------------------------------------------
 def test_catalog_overlay_versions(store: OnlineStore) -> None:
     assert store.items_since(0) == (0, [])
@@ -344,8 +392,9 @@ def test_redis_and_memory_agree_on_a_random_event_sequence(redis_url: str, redis
     rng = random.Random(11)
     kinds = ["view", "view", "add_to_cart", "purchase", "share", "like", "impression", "refund", "wishlist"]
     events = [
-        ev(f"u{rng.randrange(8)}", f"p{rng.randrange(40):07d}", rng.choice(kinds),
-           T0 + rng.randrange(-3_600, 40 * 3_600) + rng.random(), category=rng.choice([None, "c1", "c2"]))
+        OnlineEvent(f"u{rng.randrange(8)}", f"p{rng.randrange(40):07d}", rng.choice(kinds),
+                    T0 + rng.randrange(-3_600, 40 * 3_600) + rng.random(), rng.choice([None, "c1", "c2"]),
+                    rng.choice([None, f"u{rng.randrange(8)}"]))
         for _ in range(600)
     ]
     memory, on_redis = MemoryStore(), RedisStore(redis_url, redis_prefix)
@@ -358,6 +407,7 @@ def test_redis_and_memory_agree_on_a_random_event_sequence(redis_url: str, redis
     for user in [f"u{n}" for n in range(8)]:
         assert on_redis.recent(user) == memory.recent(user)
         assert on_redis.purchased(user) == memory.purchased(user)
+        assert on_redis.snapshot(user, ["u1", "u2"]) == memory.snapshot(user, ["u1", "u2"])
     for hours, category in [(1, None), (24, None), (TRENDING_BUCKETS_KEPT, None), (24, "c1"), (48, "c2")]:
         got, want = on_redis.trending(hours, 15, category), memory.trending(hours, 15, category)
         assert [item for item, _ in got] == [item for item, _ in want]

@@ -276,3 +276,68 @@ def test_social_proof_names_the_friends_who_really_bought_and_respects_their_con
         assert social
         assert all("friend_ids" not in i["social"] for i in social)
         assert all("friend" in i["reason"] for i in social)
+
+
+def _friend_pair(bundle: Bundle) -> tuple[str, str]:
+    """A user who sees someone in the bundle's graph, and that someone."""
+    sees = bundle.state.user_sees
+    for user in range(len(bundle.users)):
+        if sees.indptr[user + 1] > sees.indptr[user]:
+            return bundle.users.id_of(user), bundle.users.id_of(int(sees.indices[sees.indptr[user]]))
+    raise AssertionError("no user sees anyone")
+
+
+def test_a_share_sent_since_the_bundle_reaches_the_recipients_feed(client: TestClient, bundle: Bundle) -> None:
+    user, _ = _friend_pair(bundle)
+    before = _feed(client, user, n=50, explain="true")
+    shown = set(_ids(before))
+    row = bundle.users.index_of(user)
+    bought = {bundle.items.id_of(int(i)) for i in bundle.bought[row].indices}
+    item = next(i for i in bundle.items.ids.tolist()[::-1] if i not in shown and i not in bought)
+    sharer = "someone-new"  # not in the bundle: the share still counts, the sharer is just not described
+    posted = client.post("/v1/events", json={"events": [
+        {"user_id": sharer, "item_id": item, "event_type": "share", "target_user_id": user, "timestamp": _now()}]})
+    assert posted.json()["accepted"] == 1, posted.text
+    after = _feed(client, user, n=50, explain="true")
+    got = {i["item_id"]: i for i in after["items"]}  # type: ignore[attr-defined]
+    assert item in got, "the shared item is not in the recipient's feed"
+    assert got[item]["source"] == "shared"
+    assert got[item]["reason"] == "shared with you by a friend"
+    client.delete(f"/v1/users/{sharer}")  # an erased sharer's shares are not read any more
+    assert "shared" not in {i["source"] for i in _feed(client, user, n=50)["items"]  # type: ignore[attr-defined]
+                            if i["item_id"] == item}
+
+
+def test_a_friends_purchase_since_the_bundle_counts_in_features_and_social_proof(
+        client: TestClient, bundle: Bundle) -> None:
+    from features.ranking import FEATURE_NAMES, pair_features
+    from serving.recommender import Recommender, UserContext
+
+    user, friend = _friend_pair(bundle)
+    feed = _feed(client, user, n=50, explain="true")
+    plain = [i for i in feed["items"] if "social" not in i]  # type: ignore[attr-defined]
+    item = plain[0]["item_id"]
+    recommender = Recommender(bundle)
+    user_idx, item_idx = bundle.users.index_of(user), bundle.items.index_of(item)
+    assert user_idx is not None
+    assert item_idx is not None
+    now = time.time()
+    column = FEATURE_NAMES.index("friends_bought_1d")
+
+    def friends_bought_1d(context: UserContext) -> float:
+        profile = recommender._profile(user_idx, context)
+        assert profile is not None
+        row = pair_features(profile.state, np.asarray([profile.row]), np.asarray([item_idx]), {}, {})
+        return float(row[0, column])
+
+    quiet = friends_bought_1d(UserContext(recent=(), purchased={}, friends_purchased={"x": {item: now}}))
+    assert friends_bought_1d(UserContext(friends_purchased={friend: {item: now}})) == quiet + 1
+    assert friend in recommender.friend_ids(user)
+
+    posted = client.post("/v1/events", json={"events": [
+        {"user_id": friend, "item_id": item, "event_type": "purchase", "timestamp": _now()}]})
+    assert posted.json()["accepted"] == 1, posted.text
+    after = {i["item_id"]: i for i in _feed(client, user, n=50, explain="true")["items"]}  # type: ignore[attr-defined]
+    assert item in after
+    assert after[item]["social"]["friends_bought"] == 1
+    assert after[item]["reason"] == "a friend bought this"
