@@ -42,15 +42,25 @@ class Keys:
 
     def inbox(self, user_id: str) -> str:
         """List of packed share records (who shared which item with the user), newest first (INBOX_CAP kept)."""
-        return f"{self.prefix}i:{user_id}"
+        return f"{self.inbox_prefix}{user_id}"
+
+    @property
+    def inbox_prefix(self) -> str:
+        return f"{self.prefix}in:"
+
+    def sent(self, user_id: str) -> str:
+        """Set of the users whose inbox holds a share of this user's (scrubbed when the user is erased)."""
+        return f"{self.prefix}sn:{user_id}"
 
     def consent(self, user_id: str) -> str:
         """Hash: purpose -> "1" / "0"; an absent purpose is consent."""
         return f"{self.prefix}c:{user_id}"
 
-    def user_keys(self, user_id: str) -> tuple[str, str, str, str]:
-        """Every key holding this user's personal state (what an erasure deletes)."""
-        return self.recent(user_id), self.purchases(user_id), self.inbox(user_id), self.consent(user_id)
+    def user_keys(self, user_id: str) -> tuple[str, ...]:
+        """Every key holding this user's personal state (what an erasure deletes; their records in other
+        users' inboxes are scrubbed apart)."""
+        return (self.recent(user_id), self.purchases(user_id), self.inbox(user_id), self.sent(user_id),
+                self.consent(user_id))
 
     @property
     def tombstones(self) -> str:

@@ -147,6 +147,7 @@ class MemoryStore:
         self._claims: dict[str, _Held] = {}
         self._recent: dict[str, list[bytes]] = {}  # packed records, newest first
         self._inbox: dict[str, list[bytes]] = {}  # packed share records, newest first
+        self._sent: dict[str, set[str]] = {}  # sharer -> whose inbox holds their shares
         self._purchases: dict[str, dict[str, int]] = {}
         self._consent: dict[str, dict[str, bool]] = {}
         self._erased: set[str] = set()
@@ -225,6 +226,7 @@ class MemoryStore:
                 shared = inbox_record(event)
                 if shared is not None and event.target_user_id not in self._erased:
                     _insert_recent(self._inbox.setdefault(str(event.target_user_id), []), shared, INBOX_CAP)
+                    self._sent.setdefault(event.user_id, set()).add(str(event.target_user_id))
                 if event.event_type == EventType.PURCHASE:
                     bought = self._purchases.setdefault(event.user_id, {})
                     bought[event.item_id] = max(second, bought.get(event.item_id, second))
@@ -290,6 +292,9 @@ class MemoryStore:
 
     def erase_user(self, user_id: str) -> None:
         with self._lock:
+            for recipient in self._sent.pop(user_id, set()):
+                inbox = self._inbox.get(recipient, [])
+                inbox[:] = [record for record in inbox if unpack_share(recipient, record).user_id != user_id]
             for table in (self._recent, self._purchases, self._inbox, self._consent):
                 table.pop(user_id, None)
             self._erased.add(user_id)
@@ -405,8 +410,10 @@ def _catalog_row(item: Mapping[str, object]) -> tuple[str, dict[str, object]]:
 
 # -- Redis ---------------------------------------------------------------------------------------------------
 # KEYS: tombstones, clock, then per event: recent, purchases, global bucket, category bucket (the global
-# one again when the event has no category). ARGV: cap, user ttl, bucket ttl, clock member, then per event:
-# user, record, second, item, action ("p" purchase, "r" refund, "-"), trending weight ("0" for none).
+# one again when the event has no category), the recipient's inbox (any key for an event without one), the
+# sender's sent set. ARGV: cap, user ttl, bucket ttl, clock member, inbox cap, then per event: user, record,
+# second, item, action ("p" purchase, "r" refund, "-"), trending weight ("0" for none), the recipient ("" for
+# none), the inbox record.
 _RECORD = """
 local cap, user_ttl, bucket_ttl, inbox_cap = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[5])
 local erased = {}
@@ -434,8 +441,8 @@ local function insert(key, record, limit)
   redis.call('LTRIM', key, 0, limit - 1)
   redis.call('EXPIRE', key, user_ttl)
 end
-for i = 0, (#KEYS - 2) / 5 - 1 do
-  local k, a = 3 + 5 * i, 6 + 8 * i
+for i = 0, (#KEYS - 2) / 6 - 1 do
+  local k, a = 3 + 6 * i, 6 + 8 * i
   local user, second, item = ARGV[a], ARGV[a + 2], ARGV[a + 3]
   if not is_erased(user) then
     insert(KEYS[k], ARGV[a + 1], cap)
@@ -457,7 +464,11 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
       end
     end
     local target = ARGV[a + 6]
-    if target ~= '' and not is_erased(target) then insert(KEYS[k + 4], ARGV[a + 7], inbox_cap) end
+    if target ~= '' and not is_erased(target) then
+      insert(KEYS[k + 4], ARGV[a + 7], inbox_cap)
+      redis.call('SADD', KEYS[k + 5], target)
+      redis.call('EXPIRE', KEYS[k + 5], user_ttl)
+    end
     redis.call('ZADD', KEYS[2], 'GT', second, ARGV[4])
   end
 end
@@ -465,6 +476,22 @@ return 0
 """
 
 _ACTIONS = {EventType.PURCHASE.value: "p", EventType.REFUND.value: "r"}
+
+# KEYS: tombstones, the user's sent set, then every key of the user. ARGV: user id, inbox key prefix.
+# The user's shares leave the inboxes of everyone they reached; then their keys go and the tombstone stays.
+_ERASE = """
+local user = ARGV[1]
+for _, recipient in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local inbox = ARGV[2] .. recipient
+  for _, record in ipairs(redis.call('LRANGE', inbox, 0, -1)) do
+    local _, length = struct.unpack('>I4I2', record)
+    if string.sub(record, 7, 6 + length) == user then redis.call('LREM', inbox, 0, record) end
+  end
+end
+for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('SADD', KEYS[1], user)
+return 0
+"""
 
 # KEYS: clock, scratch. ARGV: bucket key prefix, hours, n, half-life hours, bucket seconds, clock member.
 # The bucket keys depend on the clock, so they are built here (a single-node Redis allows it).
@@ -593,6 +620,7 @@ class RedisStore:
         self._extend_lock = self._redis.register_script(_EXTEND_LOCK)
         self._release_lock = self._redis.register_script(_RELEASE_LOCK)
         self._claim_pending = self._redis.register_script(_CLAIM_PENDING)
+        self._erase = self._redis.register_script(_ERASE)
         self._release_claims = self._redis.register_script(_RELEASE_CLAIMS)
 
     @property
@@ -647,6 +675,7 @@ class RedisStore:
                 everywhere,
                 everywhere if event.category is None else self.keys.trending_bucket(hour, event.category),
                 self.keys.inbox(target) if target else self.keys.recent(event.user_id),  # unused without a target
+                self.keys.sent(event.user_id),
             ]
             action = _ACTIONS.get(event.event_type, "-")
             weight = self._weights.get(event.event_type, 0.0)
@@ -728,10 +757,9 @@ class RedisStore:
         return [bool(flag) for flag in flags], consents
 
     def erase_user(self, user_id: str) -> None:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.delete(*self.keys.user_keys(user_id))
-        pipe.sadd(self.keys.tombstones, user_id)
-        pipe.execute()
+        keys = self.keys
+        self._erase(keys=[keys.tombstones, keys.sent(user_id), *keys.user_keys(user_id)],
+                    args=[user_id, keys.inbox_prefix])
 
     def erased(self, user_ids: Sequence[str]) -> list[bool]:
         if not user_ids:

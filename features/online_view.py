@@ -148,11 +148,14 @@ def user_view(
         known_items = (social.friend_items >= 0) & (social.friends >= 0)
         cells = OnlineCells(social.friends[known_items], social.friend_items[known_items],
                             social.friend_ts[known_items].astype(np.float64))
-        # what reached the user since counts as social activity: friends' windows end at it, not before
-        view_social = replace(state.social, recent_purchases=cells,
-                              newest=float(np.nanmax([state.social.newest, social.newest()])))
+        view_social = replace(state.social, recent_purchases=cells)
         all_times = np.concatenate([all_times, social.share_ts, social.friend_ts]).astype(np.float64)
-    newest = pd.Timestamp(float(all_times.max()) + 1.0, unit="s", tz="UTC") if len(all_times) else state.cutoff
+    if not len(all_times):
+        return replace(state, **rows)
+    # Events seen online are the newest the system knows of: friends' windows end at them, as they end at
+    # the cut-off of a state rebuilt over the same events, never at the bundle's last day.
+    view_social = replace(view_social, newest=float(np.nanmax([view_social.newest, all_times.max()])))
+    newest = pd.Timestamp(float(all_times.max()) + 1.0, unit="s", tz="UTC")
     return replace(state, cutoff=max(state.cutoff, newest), social=view_social, **rows)
 
 

@@ -30,7 +30,6 @@ from features.foldin import FoldIn
 from features.online_view import SocialUpdates, blank_user_rows, user_view
 from features.popularity import ranked
 from features.repurchase import NO_CATEGORY
-from features.social_state import friends_of
 from features.state import FeatureState
 from features.store import OnlineEvent
 from serving.catalog import Catalog
@@ -175,7 +174,7 @@ class Recommender:
         the online store holds since the bundle's data ended; None when there is nothing to go on."""
         state, models = self.bundle.state, self.bundle.models
         fresh = [e for e in (context.recent if context else ()) if e.ts >= state.cutoff_seconds]
-        social = self._social_updates(context) if context else None
+        social = self._social_updates(context) if context and (user_idx is not None or fresh) else None
         if not fresh and social is None:
             if user_idx is None:
                 return None
@@ -184,8 +183,9 @@ class Recommender:
         view = user_view(state, -1 if user_idx is None else user_idx, self._blank, items,
                          np.asarray([e.event_type for e in fresh], dtype=object),
                          np.asarray([e.ts for e in fresh], dtype=np.float64), self._weights, social)
-        weights = view.pair_weight
-        vector = self._fold.user_vector(weights.indices, weights.data)
+        # Only the user's own new events refold their vector and make the profile online (session, fold-in);
+        # what friends did reaches the feature rows alone.
+        vector = self._fold.user_vector(view.pair_weight.indices, view.pair_weight.data) if fresh else None
         if vector is None:
             if user_idx is None:
                 return None
@@ -194,27 +194,23 @@ class Recommender:
                else np.full((1, models.bpr_users.shape[1]), np.nan, dtype=np.float32))
         view_models = CandidateModels(vector[None, :], models.als_items, bpr, models.bpr_items,
                                       models.item_neighbours)
-        return _Profile(view, view_models, 0, vector[None, :], True)
+        return _Profile(view, view_models, 0, vector[None, :], bool(fresh))
 
     def friend_ids(self, user_id: str) -> list[str]:
-        """The people the user sees in the bundle's graph (at most FRIENDS_READ_ONLINE, the first in the
-        graph's order): whose purchases since the bundle the online store is asked for."""
-        user_idx = self.bundle.users.index_of(user_id)
-        if user_idx is None:
-            return []
-        friends = friends_of(self.bundle.state.user_sees, user_idx)[:FRIENDS_READ_ONLINE]
-        return [self.bundle.users.id_of(int(f)) for f in friends]
+        """The people the user sees, strongest ties first (at most FRIENDS_READ_ONLINE): whose purchases
+        since the bundle the online store is asked for."""
+        return self.social.strongest_ties(user_id, FRIENDS_READ_ONLINE)
 
     def _social_updates(self, context: UserContext) -> SocialUpdates | None:
         """The shares and friends' purchases the store holds from after the bundle's data, in its indexes;
         None when there are none."""
         since = self.bundle.state.cutoff_seconds
-        shares = [e for e in context.shared_to if e.ts >= since]
-        bought = [(friend, item, ts) for friend, items in context.friends_purchased.items()
-                  for item, ts in items.items() if ts >= since]
+        users, items = self.bundle.users, self.bundle.items
+        shares = [e for e in context.shared_to if e.ts >= since and e.item_id in items]
+        bought = [(friend, item, ts) for friend, purchases in context.friends_purchased.items() if friend in users
+                  for item, ts in purchases.items() if ts >= since and item in items]
         if not shares and not bought:
             return None
-        users, items = self.bundle.users, self.bundle.items
         return SocialUpdates(
             share_items=items.indexes([e.item_id for e in shares]),
             sharers=users.indexes([e.user_id for e in shares]),

@@ -21,7 +21,7 @@ import orjson
 from features.eventlog import EventLog
 from features.ledger import ControlLedger
 from features.online import STORE_ERRORS
-from features.store import OnlineStore
+from features.store import OnlineEvent, OnlineStore, UserSnapshot
 from serving import metrics
 from serving.merchandising import Rule, RuleBook
 from serving.privacy import Privacy
@@ -189,6 +189,21 @@ class Service:
         (serving.privacy: the event log's ledger with the store, the ledger alone while the store is away)."""
         return self.privacy.allowed(user_ids, ["social_proof"])
 
+    def _from_others(self, snapshot: UserSnapshot, since: float
+                     ) -> tuple[list[OnlineEvent], dict[str, dict[str, float]]]:
+        """The shares to the user and the friends' purchases newer than the bundle (`since`) that may be
+        used: not from an erased sharer, not from a friend erased or withholding `social_proof` (what a
+        friend bought shows in the feed). One more store round trip, only when there is any."""
+        shared = [e for e in snapshot.shared_to if e.ts >= since]
+        bought = {friend: fresh for friend, items in snapshot.friends_purchased.items()
+                  if (fresh := {item: ts for item, ts in items.items() if ts >= since})}
+        people = list(dict.fromkeys([*(e.user_id for e in shared), *bought]))
+        if not people:
+            return [], {}
+        standing = dict(zip(people, self.privacy.standings(people), strict=True))
+        return ([e for e in shared if not standing[e.user_id].erased],
+                {friend: items for friend, items in bought.items() if standing[friend].allows(["social_proof"])})
+
     def user_view(self, user_id: str) -> UserView:
         """The user's online context and consent (an erased user has none: no personalization); degraded
         (bundle only, consent from the event log) when the store fails or is not in line with the log yet."""
@@ -205,10 +220,8 @@ class Service:
                                                 self.privacy.clock())[0]
                 if not standing.allows(["personalization"]):
                     return UserView(None, standing.consent, False)
-                shared = snapshot.shared_to
-                if shared:  # a sharer erased since is not read
-                    shared = [e for e, ok in zip(shared, self.privacy.allowed([e.user_id for e in shared], []),
-                                                 strict=True) if ok]
-                return UserView(UserContext(snapshot.recent, snapshot.purchased, shared, snapshot.friends_purchased),
-                                standing.consent, False)
+                since = recommender.bundle.state.cutoff_seconds if recommender is not None else float("inf")
+                shared, bought = self._from_others(snapshot, since)
+                return UserView(UserContext(snapshot.recent, snapshot.purchased, shared, bought), standing.consent,
+                                False)
         return UserView(None, self.privacy.from_ledger([user_id])[0].consent, True)

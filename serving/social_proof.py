@@ -42,17 +42,24 @@ class SocialProof:
         self._purchases = bundle.state.pair_purchases
         self._items = bundle.items
 
+    def _ties(self, user_id: str) -> np.ndarray:
+        """The bundle users whose activity `user_id` sees, strongest ties first (at most MAX_FRIENDS_CHECKED)."""
+        viewer = self._users.index_of(user_id)
+        if viewer is None:
+            return np.empty(0, dtype=np.int64)
+        start, end = self._sees.indptr[viewer], self._sees.indptr[viewer + 1]
+        order = np.argsort(-self._sees.data[start:end], kind="stable")[:MAX_FRIENDS_CHECKED]
+        friends = self._sees.indices[start:end][order]
+        return np.asarray(friends[friends < self._bundle_users], dtype=np.int64)  # the bundle's users only
+
+    def strongest_ties(self, user_id: str, n: int) -> list[str]:
+        return [self._users.id_of(int(f)) for f in self._ties(user_id)[:n]]
+
     def for_items(self, user_id: str, items: Sequence[int], allowed: Callable[[list[str]], list[bool]],
                   recent: Mapping[str, Mapping[str, float]] | None = None) -> dict[int, Proof]:
         """Per item idx with at least one friend's purchase: how many friends bought it and who. `recent`:
         friends' purchases since the bundle (friend id -> item id -> time), from the online store."""
-        viewer = self._users.index_of(user_id)
-        if viewer is None or not len(items):
-            return {}
-        start, end = self._sees.indptr[viewer], self._sees.indptr[viewer + 1]
-        order = np.argsort(-self._sees.data[start:end], kind="stable")[:MAX_FRIENDS_CHECKED]
-        friends = self._sees.indices[start:end][order]
-        friends = friends[friends < self._bundle_users]  # purchases are kept for the bundle's users only
+        friends = self._ties(user_id) if len(items) else np.empty(0, dtype=np.int64)
         if not len(friends):
             return {}
         columns = np.asarray(items, dtype=np.int64)

@@ -205,7 +205,8 @@ def test_top_k_is_the_same_over_the_positive_entries_alone(values: list[float], 
                                       max_size=15), st.lists(st.integers(0, 7), unique=True, max_size=6))
 def test_merged_cells_lay_the_online_cells_over_the_rows(case: tuple[sp.csr_matrix, np.ndarray, np.ndarray],
                                                          extra: list[tuple[int, int, int]], people: list[int]) -> None:
-    matrix = case[0]
+    matrix = case[0].copy()
+    matrix.sum_duplicates()  # one stored cell per (row, column), as every state matrix holds them
     extra = [(p, c, v) for p, c, v in extra if p < matrix.shape[0] and c < matrix.shape[1]]
     cells = OnlineCells(np.asarray([p for p, _, _ in extra], dtype=np.int64),
                         np.asarray([c for _, c, _ in extra], dtype=np.int64),

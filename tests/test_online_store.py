@@ -256,9 +256,12 @@ def test_an_erased_recipient_gets_no_inbox_and_erasure_empties_it(store: OnlineS
     store.record([share("u1", "p3", T0 + 1, "u2")])
     assert store.snapshot("u2").shared_to == []
     assert [e.item_id for e in store.snapshot("u3").shared_to] == ["p2"]
-    store.erase_user("u1")  # the sharer's erasure: their later shares reach nobody
-    store.record([share("u1", "p4", T0 + 2, "u3")])
-    assert [e.item_id for e in store.snapshot("u3").shared_to] == ["p2"]
+    store.record([share("u4", "p5", T0 + 3, "u3")])
+    store.erase_user("u1")  # the sharer's erasure: their shares leave every inbox, later ones reach nobody
+    assert [e.item_id for e in store.snapshot("u3").shared_to] == ["p5"]
+    store.record([share("u1", "p4", T0 + 4, "u3")])
+    assert [e.item_id for e in store.snapshot("u3").shared_to] == ["p5"]
+    assert store.user_bytes("u1") == 0
 
 
 def test_snapshot_reads_the_friends_purchases_in_the_same_trip(store: OnlineStore) -> None:

@@ -341,3 +341,7 @@ def test_a_friends_purchase_since_the_bundle_counts_in_features_and_social_proof
     assert item in after
     assert after[item]["social"]["friends_bought"] == 1
     assert after[item]["reason"] == "a friend bought this"
+    client.put(f"/v1/users/{friend}/consent", json={"social_proof": False})  # their purchase is theirs again
+    hidden = {i["item_id"]: i for i in _feed(client, user, n=50, explain="true")["items"]}  # type: ignore[attr-defined]
+    assert "social" not in hidden.get(item, {})
+    assert hidden.get(item, {}).get("source") != "friends_bought"
