@@ -156,9 +156,9 @@ def model_lists(inputs: ShareInputs, sharers: np.ndarray, k: int, per_item: int,
 
 
 def past_bundle(events: pd.DataFrame, tables: dict[str, pd.DataFrame | None], cut: pd.Timestamp,
-                workdir: Path) -> Served:
-    """`sharefeed train` (default parameters) on the events before `cut` and the other tables as they are;
-    the bundle's share inputs and a recommender over it, as the service holds them."""
+                workdir: Path, params: TrainParams | None = None) -> Served:
+    """`sharefeed train` (default parameters unless `params`) on the events before `cut` and the other tables
+    as they are; the bundle's share inputs and a recommender over it, as the service holds them."""
     data = workdir / "past"
     data.mkdir()
     past = events.loc[events["ts"] < cut].rename(columns={"ts": "timestamp"})
@@ -168,8 +168,8 @@ def past_bundle(events: pd.DataFrame, tables: dict[str, pd.DataFrame | None], cu
             frame = frame.loc[~(frame["created_at"] >= cut)]  # the catalog as of the cut (unknown dates kept)
         if frame is not None:
             frame.to_parquet(data / f"{name}.parquet", index=False)
-    result = train(data, workdir / "bundle", TrainParams(), TrainingSettings(home=workdir / "home", mlflow_uri=None),
-                   say=lambda _: None)
+    result = train(data, workdir / "bundle", params or TrainParams(),
+                   TrainingSettings(home=workdir / "home", mlflow_uri=None), say=lambda _: None)
     bundle = load_bundle(result.bundle_path)
     return ShareInputs.from_bundle(bundle), Recommender(bundle)
 

@@ -47,6 +47,14 @@ class UserView:
     degraded: bool  # the online store did not answer: the feed comes from the bundle alone
 
 
+def newer_than(snapshot: UserSnapshot, since: float) -> tuple[list[OnlineEvent], dict[str, dict[str, float]]]:
+    """The shares to the user and the friends' purchases of a snapshot at or after `since` (the bundle's end)."""
+    shared = [e for e in snapshot.shared_to if e.ts >= since]
+    bought = {friend: fresh for friend, items in snapshot.friends_purchased.items()
+              if (fresh := {item: ts for item, ts in items.items() if ts >= since})}
+    return shared, bought
+
+
 def pointer_for(path: Path, version: str) -> str:
     """The shared name of the bundle to serve: its directory and the version found there when verified
     (a bundle rewritten in place under the same path is a new version, so workers notice it too)."""
@@ -194,9 +202,7 @@ class Service:
         """The shares to the user and the friends' purchases newer than the bundle (`since`) that may be
         used: not from an erased sharer, not from a friend erased or withholding `social_proof` (what a
         friend bought shows in the feed). One more store round trip, only when there is any."""
-        shared = [e for e in snapshot.shared_to if e.ts >= since]
-        bought = {friend: fresh for friend, items in snapshot.friends_purchased.items()
-                  if (fresh := {item: ts for item, ts in items.items() if ts >= since})}
+        shared, bought = newer_than(snapshot, since)
         people = list(dict.fromkeys([*(e.user_id for e in shared), *bought]))
         if not people:
             return [], {}
