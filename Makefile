@@ -28,6 +28,8 @@ demo: demo-train  ## demo data -> train -> serve on http://127.0.0.1:$(DEMO_PORT
 	@echo "  curl -X POST http://127.0.0.1:$(DEMO_PORT)/v1/events -H \"Authorization: Bearer \$$KEY\" -H 'content-type: application/json' \\"
 	@echo "       -d '{\"events\": [{\"user_id\": \"u000001\", \"item_id\": \"p00001\", \"event_type\": \"view\", \"timestamp\": \"'$$(date -u +%FT%TZ)'\"}]}'"
 	@echo "  (events are logged into $(DEMO_DIR)/data/events/, so 'sharefeed train --data $(DEMO_DIR)/data' learns from them)"
+	@echo "  a share reaches its recipient's next feed (source \"shared\"): the same POST with"
+	@echo "       '{\"events\": [{\"user_id\": \"u000002\", \"item_id\": \"p00007\", \"event_type\": \"share\", \"target_user_id\": \"u000001\", \"timestamp\": \"...\"}]}'"
 	SHAREFEED_EVENT_LOG=$(DEMO_DIR)/data SHAREFEED_KEYS_FILE=$(DEMO_DIR)/keys.json \
 		$(UV) run sharefeed serve --bundle $(DEMO_DIR)/bundle --port $(DEMO_PORT)
 
