@@ -52,6 +52,8 @@ SESSION_SECONDS = 30 * 60  # events this close to the user's latest one make up 
 SESSION_EVERY = 3  # one seat in three of a feed goes to items like the ones of the current session ...
 SESSION_SHARE = 1 / 3  # ... up to this share of the feed
 SESSION_NEW_ITEMS = 3  # new catalog items of a session whose content neighbours are looked up
+SHARED_SECONDS = 72 * 3600  # a share this recent (to the newest event seen) is fresh news for its recipient ...
+SHARED_SHARE = 0.1  # ... and takes a seat at the top of the feed, up to this share of it (one at least)
 # sources whose picks are explained by a similar past item
 _HISTORY_SOURCES = frozenset({Source.ALS, Source.BPR, Source.ITEM_KNN, Source.FOLD_IN, Source.NEIGHBOURS})
 
@@ -278,6 +280,21 @@ class Recommender:
         chosen, values = top_scores(scores[positive].astype(np.float32), RETRIEVAL_MARGIN, blocked, positive)
         return Candidates(Source.NEIGHBOURS, chosen, values) if len(chosen) else None
 
+    def _shared_news(self, context: UserContext | None, profile: _Profile | None, blocked: np.ndarray,
+                     seats: int) -> Candidates | None:
+        """Up to `seats` items shared to the user since the bundle, within SHARED_SECONDS of the newest event
+        seen, newest first, not blocked: a friend's pick the user has not had the time to open yet."""
+        if context is None or profile is None or not context.shared_to:
+            return None
+        since = max(self.bundle.state.cutoff_seconds, profile.state.cutoff_seconds - SHARED_SECONDS)
+        fresh = sorted((e for e in context.shared_to if e.ts >= since), key=lambda e: -e.ts)
+        codes = self.bundle.items.indexes(list(dict.fromkeys(e.item_id for e in fresh)))
+        codes = codes[codes >= 0]
+        codes = codes[~blocked[codes]][:seats]
+        if not len(codes):
+            return None
+        return Candidates(Source.SHARED, codes, np.linspace(1.0, 0.5, len(codes), dtype=np.float32))
+
     def _category_trending(self, category: str) -> Candidates:
         members = self.catalog.members(category)
         trending = self.bundle.popularity.trending[members]
@@ -320,6 +337,9 @@ class Recommender:
             chain[0] = interleave(_head(chain[0], n + reserve + seats, blocked), session, SESSION_EVERY, seats)
         elif session is not None:  # only items the model has not seen yet: their neighbours lead
             chain.append(session)
+        shared = self._shared_news(context, profile, blocked, max(1, int(n * SHARED_SHARE)))
+        if shared is not None:
+            chain.insert(0, shared)  # the feed takes these first, then the rest without repeating them
         if profile is not None and profile.online:
             chain.append(Candidates(Source.NEIGHBOURS, *neighbour_candidates(
                 profile.state, self.bundle.models.item_neighbours, 0, FALLBACK_DEPTH, blocked)))
