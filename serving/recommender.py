@@ -306,11 +306,13 @@ class Recommender:
     def feed(self, user_id: str, n: int, *, category: str | None = None, exclude: Sequence[str] = (),
              personalized: bool = True, context: UserContext | None = None,
              price_range: tuple[float | None, float | None] = (None, None), rules: Sequence[Rule] = (),
-             diversity: tuple[int, int] | None = None, now: datetime | None = None) -> FeedResult:
+             diversity: tuple[int, int] | None = None, now: datetime | None = None,
+             share_seats: bool = True) -> FeedResult:
         """The user's feed: ranked candidates, then the fallback chain, with every filter applied.
 
         `personalized=False` (the caller's choice or the user's withheld consent) answers from the
-        non-personal steps only and reads nothing about the user.
+        non-personal steps only and reads nothing about the user. `share_seats=False` leaves fresh shares
+        to the ranker alone (share suggestions: what the user would pass on, not what was just sent to them).
         """
         if not personalized:
             user_idx, context = None, None
@@ -337,7 +339,7 @@ class Recommender:
             chain[0] = interleave(_head(chain[0], n + reserve + seats, blocked), session, SESSION_EVERY, seats)
         elif session is not None:  # only items the model has not seen yet: their neighbours lead
             chain.append(session)
-        shared = self._shared_news(context, profile, blocked, max(1, int(n * SHARED_SHARE)))
+        shared = self._shared_news(context, profile, blocked, max(1, int(n * SHARED_SHARE))) if share_seats else None
         if shared is not None:
             chain.insert(0, shared)  # the feed takes these first, then the rest without repeating them
         if profile is not None and profile.online:

@@ -229,7 +229,7 @@ def ranked_feed(recommender: Recommender, user_id: str, inputs: ShareInputs, con
                 rules: Sequence[Rule] = ()) -> np.ndarray:
     """The user's feed (merchandising rules applied: a banned item is never suggested) as item indexes of
     `inputs`, best first, when the bundle's ranker ordered it; else empty."""
-    result = recommender.feed(user_id, RANKED_CANDIDATES, context=context, rules=rules)
+    result = recommender.feed(user_id, RANKED_CANDIDATES, context=context, rules=rules, share_seats=False)
     if not result.ranked:
         return np.zeros(0, dtype=np.int64)
     codes: np.ndarray = inputs.items.indexes([i.item_id for i in result.items])
