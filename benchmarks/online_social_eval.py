@@ -81,12 +81,13 @@ def replay(recommender: Recommender, store: RedisStore, test: pd.DataFrame, cut:
             snapshot = store.snapshot(str(user), recommender.friend_ids(str(user)))
             shared, friends_bought = newer_than(snapshot, since)
             context = UserContext(snapshot.recent, snapshot.purchased, shared, friends_bought)
-            feed = [i.item_id for i in recommender.feed(str(user), K, context=context).items]
+            now = start.to_pydatetime()  # the request's clock: the slice start
+            feed = [i.item_id for i in recommender.feed(str(user), K, context=context, now=now).items]
             seconds["online_social"] += time.perf_counter() - started
             started = time.perf_counter()
             own = store.snapshot(str(user))
-            plain = [i.item_id for i in recommender.feed(str(user), K,
-                                                         context=UserContext(own.recent, own.purchased)).items]
+            plain = [i.item_id for i in recommender.feed(str(user), K, context=UserContext(own.recent, own.purchased),
+                                                         now=now).items]
             seconds["own_only"] += time.perf_counter() - started
             scores["online_social"].append(ndcg(feed, targets))
             scores["own_only"].append(ndcg(plain, targets))

@@ -50,7 +50,11 @@ class Keys:
 
     def sent(self, user_id: str) -> str:
         """Set of the users whose inbox holds a share of this user's (scrubbed when the user is erased)."""
-        return f"{self.prefix}sn:{user_id}"
+        return f"{self.sent_prefix}{user_id}"
+
+    @property
+    def sent_prefix(self) -> str:
+        return f"{self.prefix}sn:"
 
     def consent(self, user_id: str) -> str:
         """Hash: purpose -> "1" / "0"; an absent purpose is consent."""

@@ -292,6 +292,8 @@ class MemoryStore:
 
     def erase_user(self, user_id: str) -> None:
         with self._lock:
+            for record in self._inbox.get(user_id, []):
+                self._sent.get(unpack_share(user_id, record).user_id, set()).discard(user_id)
             for recipient in self._sent.pop(user_id, set()):
                 inbox = self._inbox.get(recipient, [])
                 inbox[:] = [record for record in inbox if unpack_share(recipient, record).user_id != user_id]
@@ -466,8 +468,7 @@ for i = 0, (#KEYS - 2) / 6 - 1 do
     local target = ARGV[a + 6]
     if target ~= '' and not is_erased(target) then
       insert(KEYS[k + 4], ARGV[a + 7], inbox_cap)
-      redis.call('SADD', KEYS[k + 5], target)
-      redis.call('EXPIRE', KEYS[k + 5], user_ttl)
+      redis.call('SADD', KEYS[k + 5], target)  -- no expiry: it must outlive every inbox holding the share
     end
     redis.call('ZADD', KEYS[2], 'GT', second, ARGV[4])
   end
@@ -477,10 +478,15 @@ return 0
 
 _ACTIONS = {EventType.PURCHASE.value: "p", EventType.REFUND.value: "r"}
 
-# KEYS: tombstones, the user's sent set, then every key of the user. ARGV: user id, inbox key prefix.
-# The user's shares leave the inboxes of everyone they reached; then their keys go and the tombstone stays.
+# KEYS: tombstones, the user's sent set, the user's inbox, then every key of the user. ARGV: user id, inbox
+# key prefix, sent set key prefix. The user's shares leave the inboxes of everyone they reached, the user
+# leaves the sent sets of those whose shares their inbox holds; then their keys go and the tombstone stays.
 _ERASE = """
 local user = ARGV[1]
+for _, record in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
+  local _, length = struct.unpack('>I4I2', record)
+  redis.call('SREM', ARGV[3] .. string.sub(record, 7, 6 + length), user)
+end
 for _, recipient in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local inbox = ARGV[2] .. recipient
   for _, record in ipairs(redis.call('LRANGE', inbox, 0, -1)) do
@@ -758,8 +764,8 @@ class RedisStore:
 
     def erase_user(self, user_id: str) -> None:
         keys = self.keys
-        self._erase(keys=[keys.tombstones, keys.sent(user_id), *keys.user_keys(user_id)],
-                    args=[user_id, keys.inbox_prefix])
+        self._erase(keys=[keys.tombstones, keys.sent(user_id), keys.inbox(user_id), *keys.user_keys(user_id)],
+                    args=[user_id, keys.inbox_prefix, keys.sent_prefix])
 
     def erased(self, user_ids: Sequence[str]) -> list[bool]:
         if not user_ids:

@@ -85,6 +85,7 @@ class _Profile:
     row: int
     vector: np.ndarray  # 1 x factors
     online: bool  # folded in from events the bundle has not seen
+    bundle_row: int | None = None  # the user's row in the bundle (a one-user view's `row` is 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +181,8 @@ class Recommender:
         if not fresh and social is None:
             if user_idx is None:
                 return None
-            return _Profile(state, models, user_idx, self.bundle.user_factors[user_idx : user_idx + 1], False)
+            return _Profile(state, models, user_idx, self.bundle.user_factors[user_idx : user_idx + 1], False,
+                            user_idx)
         items = self.bundle.items.indexes([e.item_id for e in fresh])
         view = user_view(state, -1 if user_idx is None else user_idx, self._blank, items,
                          np.asarray([e.event_type for e in fresh], dtype=object),
@@ -196,7 +198,7 @@ class Recommender:
                else np.full((1, models.bpr_users.shape[1]), np.nan, dtype=np.float32))
         view_models = CandidateModels(vector[None, :], models.als_items, bpr, models.bpr_items,
                                       models.item_neighbours)
-        return _Profile(view, view_models, 0, vector[None, :], bool(fresh))
+        return _Profile(view, view_models, 0, vector[None, :], bool(fresh), user_idx)
 
     def friend_ids(self, user_id: str) -> list[str]:
         """The people the user sees, strongest ties first (at most FRIENDS_READ_ONLINE): whose purchases
@@ -280,15 +282,18 @@ class Recommender:
         chosen, values = top_scores(scores[positive].astype(np.float32), RETRIEVAL_MARGIN, blocked, positive)
         return Candidates(Source.NEIGHBOURS, chosen, values) if len(chosen) else None
 
-    def _shared_news(self, context: UserContext | None, profile: _Profile | None, blocked: np.ndarray,
-                     seats: int) -> Candidates | None:
-        """Up to `seats` items shared to the user since the bundle, within SHARED_SECONDS of the newest event
-        seen, newest first, not blocked: a friend's pick the user has not had the time to open yet."""
-        if context is None or profile is None or not context.shared_to:
+    def _shared_news(self, context: UserContext | None, blocked: np.ndarray, seats: int, now: datetime
+                     ) -> Candidates | None:
+        """Up to `seats` items shared to the user since the bundle and within SHARED_SECONDS before `now`,
+        newest first, one per sharer (nobody fills the seats alone), not blocked: a friend's pick the user
+        has not had the time to open yet."""
+        if context is None or not context.shared_to:
             return None
-        since = max(self.bundle.state.cutoff_seconds, profile.state.cutoff_seconds - SHARED_SECONDS)
+        since = max(self.bundle.state.cutoff_seconds, now.timestamp() - SHARED_SECONDS)
         fresh = sorted((e for e in context.shared_to if e.ts >= since), key=lambda e: -e.ts)
-        codes = self.bundle.items.indexes(list(dict.fromkeys(e.item_id for e in fresh)))
+        newest_per_sharer = {e.user_id: e.item_id for e in reversed(fresh)}  # the last write is the newest
+        ordered = [e.item_id for e in fresh if newest_per_sharer.get(e.user_id) == e.item_id]
+        codes = self.bundle.items.indexes(list(dict.fromkeys(ordered)))
         codes = codes[codes >= 0]
         codes = codes[~blocked[codes]][:seats]
         if not len(codes):
@@ -339,7 +344,8 @@ class Recommender:
             chain[0] = interleave(_head(chain[0], n + reserve + seats, blocked), session, SESSION_EVERY, seats)
         elif session is not None:  # only items the model has not seen yet: their neighbours lead
             chain.append(session)
-        shared = self._shared_news(context, profile, blocked, max(1, int(n * SHARED_SHARE))) if share_seats else None
+        when = now or datetime.now(UTC)
+        shared = self._shared_news(context, blocked, max(1, int(n * SHARED_SHARE)), when) if share_seats else None
         if shared is not None:
             chain.insert(0, shared)  # the feed takes these first, then the rest without repeating them
         if profile is not None and profile.online:
@@ -349,13 +355,14 @@ class Recommender:
             chain.append(self._category_trending(category))
         chain += [self._trending, self._popular]
         feed = compose_feed(chain, n + reserve, blocked)
-        step = Source.FOLD_IN if profile is not None and profile.online and len(feed.items) else feed.step
+        main = next((s for s in feed.sources if s != Source.SHARED), feed.step)  # the seats are not the step
+        step = Source.FOLD_IN if profile is not None and profile.online and len(feed.items) else main
         items = self._items(feed, profile)
         fresh = self._fresh(profile, category, exclude, price_range, n)
         if fresh:
             items = _placed(items, fresh, FRESH_EVERY)
         if rules or diversity:
-            items = self._merchandise(items, n, blocked, rules, diversity, now or datetime.now(UTC))
+            items = self._merchandise(items, n, blocked, rules, diversity, when)
         return FeedResult(user_id, items[:n], profile is not None or session is not None, step, ranked)
 
     def _fresh(self, profile: _Profile | None, category: str | None, exclude: Sequence[str],
@@ -465,9 +472,11 @@ class Recommender:
         if profile.online:
             last = profile.state.pair_last
             history = last.indices[np.argsort(-last.data)[:RECENT_ANCHORS]]
+        elif profile.bundle_row is not None:
+            recent, row = self.bundle.recent, profile.bundle_row
+            history = recent.indices[recent.indptr[row] : recent.indptr[row + 1]]
         else:
-            recent = self.bundle.recent
-            history = recent.indices[recent.indptr[profile.row] : recent.indptr[profile.row + 1]]
+            return {}
         picks = [i for i, s in zip(feed.items.tolist(), feed.sources, strict=True) if s in _HISTORY_SOURCES]
         if not len(history) or not picks:
             return {}

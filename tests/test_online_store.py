@@ -234,6 +234,14 @@ def share(sharer: str, item: str, ts: float, to: str | None) -> OnlineEvent:
     return OnlineEvent(user_id=sharer, item_id=item, event_type="share", ts=ts, target_user_id=to)
 
 
+def _sent(store: OnlineStore, sharer: str) -> set[str]:
+    """Whose inbox the store notes as holding the sharer's shares (what an erasure of the sharer scrubs)."""
+    if isinstance(store, MemoryStore):
+        return set(store._sent.get(sharer, set()))
+    assert isinstance(store, RedisStore)
+    return {member.decode() for member in store.client.smembers(store.keys.sent(sharer))}
+
+
 def test_a_share_reaches_its_recipients_inbox_newest_first_and_capped(store: OnlineStore) -> None:
     store.record([share("u1", "p1", T0, "u2"), share("u3", "p2", T0 + 5, "u2"), share("u1", "p3", T0 + 1, None),
                   share("u4", "p4", T0 + 2, "u4"), ev("u5", "p5", "view", T0 + 3)])
@@ -262,6 +270,10 @@ def test_an_erased_recipient_gets_no_inbox_and_erasure_empties_it(store: OnlineS
     store.record([share("u1", "p4", T0 + 4, "u3")])
     assert [e.item_id for e in store.snapshot("u3").shared_to] == ["p5"]
     assert store.user_bytes("u1") == 0
+    store.record([share("u4", "p6", T0 + 5, "u6")])
+    assert _sent(store, "u4") == {"u3", "u6"}
+    store.erase_user("u3")  # a recipient's erasure: gone from the sent sets of those who shared with them
+    assert _sent(store, "u4") == {"u6"}
 
 
 def test_snapshot_reads_the_friends_purchases_in_the_same_trip(store: OnlineStore) -> None:

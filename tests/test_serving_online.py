@@ -345,3 +345,46 @@ def test_a_friends_purchase_since_the_bundle_counts_in_features_and_social_proof
     hidden = {i["item_id"]: i for i in _feed(client, user, n=50, explain="true")["items"]}  # type: ignore[attr-defined]
     assert "social" not in hidden.get(item, {})
     assert hidden.get(item, {}).get("source") != "friends_bought"
+
+
+def test_fresh_shares_take_the_first_seats_one_per_sharer_and_explain_from_the_users_own_history(
+        bundle: Bundle) -> None:
+    from features.store import OnlineEvent
+    from serving.recommender import Recommender, UserContext
+
+    recommender = Recommender(bundle)
+    recent = bundle.recent
+    row = next(r for r in range(1, len(bundle.users))  # not row 0: a one-user view's row is 0
+               if recent.indptr[r + 1] > recent.indptr[r]
+               and not set(recent.indices[recent.indptr[r] : recent.indptr[r + 1]].tolist())
+               & set(recent.indices[recent.indptr[0] : recent.indptr[1]].tolist()))
+    user = bundle.users.id_of(row)
+    now = time.time()
+    owned = {bundle.items.id_of(int(i)) for i in bundle.bought[row].indices}
+    free = [i for i in bundle.items.ids.tolist() if i not in owned]
+
+    def shared(sharer: str, item: str, age_hours: float) -> OnlineEvent:
+        return OnlineEvent(sharer, item, "share", now - 3600 * age_hours, None, user)
+
+    context = UserContext(shared_to=[shared("s1", free[0], 1), shared("s1", free[1], 2), shared("s2", free[2], 3),
+                                     shared("s3", free[3], 24 * 4)])
+    result = recommender.feed(user, 20, context=context)
+    assert [i.item_id for i in result.items[:2]] == [free[0], free[2]]  # s1's newest, then s2's; s3's is too old
+    assert {i.source.value for i in result.items[:2]} == {"shared"}
+    assert result.step is not None
+    assert result.step.value != "shared"  # the seats are not the feed's step
+    profile = recommender._profile(row, context)
+    assert profile is not None
+    assert not profile.online  # shares alone do not refold the user
+    anchors = recommender._anchors(_as_feed(result, bundle), profile)  # type: ignore[arg-type]
+    history = set(bundle.recent.indices[bundle.recent.indptr[row] : bundle.recent.indptr[row + 1]].tolist())
+    assert anchors, "no pick explained by the history: nothing checked"
+    assert set(anchors.values()) <= history  # "similar to X you looked at": X from this user's history only
+
+
+def _as_feed(result: object, bundle: Bundle) -> object:
+    from features.feed import Feed
+
+    items = result.items  # type: ignore[attr-defined]
+    return Feed(bundle.items.indexes([i.item_id for i in items]), np.asarray([i.score for i in items]),
+                tuple(i.source for i in items))
