@@ -37,10 +37,6 @@ class SocialUpdates:
     friend_items: np.ndarray
     friend_ts: np.ndarray
 
-    def newest(self) -> float:
-        times = np.concatenate([self.share_ts, self.friend_ts])
-        return float(times.max()) if len(times) else float("nan")
-
 
 def _user_fields(state: FeatureState) -> list[str]:
     return [f.name for f in fields(state) if f.name.startswith(_USER_PREFIXES)]

@@ -290,10 +290,11 @@ class Recommender:
         if context is None or not context.shared_to:
             return None
         since = max(self.bundle.state.cutoff_seconds, now.timestamp() - SHARED_SECONDS)
-        fresh = sorted((e for e in context.shared_to if e.ts >= since), key=lambda e: -e.ts)
-        newest_per_sharer = {e.user_id: e.item_id for e in reversed(fresh)}  # the last write is the newest
-        ordered = [e.item_id for e in fresh if newest_per_sharer.get(e.user_id) == e.item_id]
-        codes = self.bundle.items.indexes(list(dict.fromkeys(ordered)))
+        newest_first = sorted((e for e in context.shared_to if e.ts >= since), key=lambda e: -e.ts)
+        per_sharer: dict[str, str] = {}  # each sharer's newest share
+        for e in newest_first:
+            per_sharer.setdefault(e.user_id, e.item_id)
+        codes = self.bundle.items.indexes(list(dict.fromkeys(per_sharer.values())))
         codes = codes[codes >= 0]
         codes = codes[~blocked[codes]][:seats]
         if not len(codes):
