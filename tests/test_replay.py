@@ -15,9 +15,12 @@ from features.dataset import load_dataset
 from features.ranking import FEATURE_NAMES, SOCIAL_COLUMNS
 from tests.event_frames import T0, social_events
 from training.bundle import ITEM_META_COLUMNS
-from training.params import ALSParams, BPRParams, EvalParams, TrainParams, load_params
+from training.evaluate import Targets
+from training.params import ALSParams, BPRParams, EvalParams, RankerParams, TrainParams, load_params
 from training.ranker import Ranker
 from training.replay import (
+    GROUP_KINDS,
+    friends_bought_targets,
     known_events,
     run_replay,
     serving_ranker,
@@ -113,6 +116,20 @@ def test_a_share_received_before_the_slice_start_makes_the_item_a_candidate(shar
     assert set(SOCIAL_COLUMNS) <= set(FEATURE_NAMES)
 
 
+def test_the_breakdown_knows_which_buyers_saw_a_friend_buy_the_item_that_week() -> None:
+    cut = T0 + pd.Timedelta(days=10)
+    window = fit_window(_world(5.0), CATALOG, PARAMS, cut, ITEM_META_COLUMNS)  # u0 sees u1, who shared to them
+    index = window.items.index_of
+    user = window.users.index_of("u0")
+    targets = Targets(user_ids=np.asarray(["u0"] * 3), user_idx=np.full(3, user),
+                      items=[np.asarray([index("i2"), index("i4")]), np.asarray([index("i2")]), np.asarray([])],
+                      n_targets=np.asarray([2, 1, 1]), target_kind="purchase", unseen_item_share=0.0,
+                      cold_user_share=0.0)
+    # u1 bought i4 on day 9 and i1 on day 6, and never i2.
+    assert friends_bought_targets(window, targets, cut - pd.Timedelta(days=7)) == [True, False, False]
+    assert friends_bought_targets(window, targets, cut - pd.Timedelta(hours=12)) == [False, False, False]
+
+
 def test_slice_targets_are_the_slice_purchases_of_known_users_without_blocked_items() -> None:
     cut = T0 + pd.Timedelta(days=10)
     events = _world(5.0)
@@ -168,6 +185,7 @@ def test_the_bundle_ranker_is_trained_the_way_replay_kept(demo_dir: Path) -> Non
     assert training is not None
     assert training.modes["ranker"] in ("static", "replay", "stacked")
     assert training.groups["ranker"], "window A gave request-time groups"
+    assert sum(result.summary[f"groups_{kind}"] for kind in GROUP_KINDS) == result.summary["groups"]
 
     def served(mode: str) -> tuple[Ranker, str]:
         kept = replace(result, training=replace(training, modes={**training.modes, "ranker": mode}))
@@ -182,3 +200,20 @@ def test_the_bundle_ranker_is_trained_the_way_replay_kept(demo_dir: Path) -> Non
     scores = [r.predict(rows) for r in (two_stage.ranker, request_time, stacked)]
     assert not np.allclose(scores[0], scores[1])
     assert not np.allclose(scores[1], scores[2])
+
+
+def test_request_time_training_slices_every_label_window(demo_dir: Path) -> None:
+    replay = EvalParams(social_ablation=True, replay_hours=6.0, replay_max_slices=4)
+    data = load_dataset(demo_dir, PARAMS.weights.keys())
+    groups = []
+    for windows in (1, 2):
+        params = PARAMS.model_copy(update={"evaluation": replay, "ranker": RankerParams(label_windows=windows)})
+        two_stage = evaluate_two_stage(data.events, data.items, time_holdout(data.events, params.split), params,
+                                       ITEM_META_COLUMNS, lambda _: None, social=data.social)
+        assert [cut for _, cut, _ in two_stage.label_periods] == sorted(
+            (cut for _, cut, _ in two_stage.label_periods), reverse=True)
+        result = run_replay(two_stage, data.events, params, data.social, lambda _: None, keep_groups=True)
+        assert result is not None
+        assert result.training is not None
+        groups.append(len(result.training.groups["ranker"]))
+    assert groups[0] <= 4 < groups[1] <= 8  # four sampled slices per label period, each with buyers or not

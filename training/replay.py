@@ -18,6 +18,7 @@ import pandas as pd
 
 from features.candidates import PopularLists
 from features.feed import Source
+from features.social_state import friend_window_counts
 from features.state import build_state, cell_values
 from features.weights import CONVERSION_TYPES
 from training.evaluate import Targets, bootstrap_ratio, holdout_targets, per_user_metrics, score_lists
@@ -139,11 +140,14 @@ def _group_ndcg(ranker: Ranker, data: RankerData, k: int) -> float:
 def train_replay_rankers(two_stage: TwoStageResult, events: pd.DataFrame, end: pd.Timestamp, params: TrainParams,
                          social: pd.DataFrame | None, say: Callable[[str], None],
                          keep_groups: bool = False) -> ReplayTraining:
-    """Per ranker, the static one of window A or one trained on window A's request-time groups (alone or
-    stacked with the static groups), whichever has the best NDCG@max(K) on the request-time groups of the
-    users held out for early stopping. The same procedure and held-out users for both rankers."""
-    window = two_stage.label_window
-    replay = replay_label_groups(window, events, end, params, social)
+    """Per ranker, the static one of window A or one trained on the request-time groups of the label periods
+    (window A's, and with `ranker.label_windows` > 1 the earlier ones, each with its own window's models;
+    alone or stacked with the static groups), whichever has the best NDCG@max(K) on the request-time groups
+    of the users held out for early stopping. The same procedure and held-out users for both rankers."""
+    replay: dict[str, Groups] = {"ranker": [], "ranker_no_social": []}
+    for window, _, period_end in two_stage.label_periods:  # window A's label period first, then the earlier ones
+        for name, groups in replay_label_groups(window, events, min(period_end, end), params, social).items():
+            replay[name] += groups
     held = held_out_users(two_stage.label_groups["ranker"], params,
                           np.random.default_rng(params.ranker.seed))  # the static rankers' own draw
     k = max(params.evaluation.k)
@@ -262,6 +266,7 @@ def evaluate_replay(
     lists: dict[str, list[np.ndarray]] = {"ranker": [], "ranker_no_social": [], "repeat": []}
     parts: list[Targets] = []
     shared: list[bool] = []  # per group: a target item was shared to the buyer before the slice start
+    friend_bought: list[bool] = []  # per group: a friend bought a target item in the week before the slice start
     state_seconds = rows_seconds = 0.0
     for start in starts:
         started = time.perf_counter()
@@ -273,6 +278,7 @@ def evaluate_replay(
         parts.append(targets)
         shared += [bool((cell_values(current.state.pair_shared_last, np.full(len(t), u), t) > 0).any())
                    for u, t in zip(targets.user_idx.tolist(), targets.items, strict=True)]
+        friend_bought += friends_bought_targets(current, targets, start - pd.Timedelta(days=FRIEND_DAYS))
         users = [str(u) for u in targets.user_ids]
         everyone = np.ones(len(users), dtype=bool)
         rows = candidate_rows(current, users, params, UNION_SIZE)
@@ -300,12 +306,38 @@ def evaluate_replay(
         "sampled": "yes" if sampled else "no", "state_seconds_per_slice": state_seconds / len(starts),
         "rows_seconds_per_group": rows_seconds / len(targets.user_ids),
     }
-    with_share = np.asarray(shared, dtype=bool)
-    summary["groups_with_shared_target"] = float(with_share.sum())
-    if with_share.any():  # where a fresh social signal exists at all: does the social ranker use it?
-        summary["ranker_ndcg_shared_groups"] = float(ours[with_share].mean())
-        summary["ranker_no_social_ndcg_shared_groups"] = float(theirs[with_share].mean())
+    with_share, with_friend = np.asarray(shared, dtype=bool), np.asarray(friend_bought, dtype=bool)
+    # Where a fresh social signal points at what the buyer bought: does the social ranker use it, and what
+    # does it cost where none does?
+    for kind, mask in (("shared", with_share), ("friend_bought", with_friend & ~with_share),
+                       ("no_social", ~with_share & ~with_friend)):
+        summary[f"groups_{kind}"] = float(mask.sum())
+        if mask.any():
+            summary[f"ranker_ndcg_{kind}"] = float(ours[mask].mean())
+            summary[f"ranker_no_social_ndcg_{kind}"] = float(theirs[mask].mean())
     return ReplayResult(result, summary)
+
+
+FRIEND_DAYS = 7  # "a friend bought it" for the replay's breakdown: in the week before the slice start
+GROUP_KINDS = {
+    "shared": "a bought item had been shared to the buyer before the slice start",
+    "friend_bought": f"(of the others) a friend had bought a bought item in the {FRIEND_DAYS} days before it",
+    "no_social": "neither",
+}
+
+
+def friends_bought_targets(window: Window, targets: Targets, since: pd.Timestamp) -> list[bool]:
+    """Per target group: did someone the buyer sees buy one of its items at or after `since` (as of the
+    window's state)?"""
+    sizes = [len(t) for t in targets.items]
+    if not sum(sizes):
+        return [False] * len(sizes)
+    rows = np.repeat(targets.user_idx, sizes)
+    (counts,) = friend_window_counts(window.state.user_sees, [window.state.social.bought_cells], rows,
+                                     np.concatenate(targets.items), (since.timestamp(),))
+    hit = counts[:, 0] > 0
+    ends = np.cumsum(sizes)
+    return [bool(hit[end - size : end].any()) for size, end in zip(sizes, ends.tolist(), strict=True)]
 
 
 def unsliceable(events: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, hours: float) -> str | None:
@@ -353,9 +385,10 @@ def replay_lines(rows: dict[str, dict[str, float]], summary: dict[str, float | s
         f"ranker_replay / ranker_no_social_replay NDCG@{r['k']}: {float(r['ratio']):.3f} "
         f"(95% interval {float(r['ci_low']):.3f} - {float(r['ci_high']):.3f})",
     ]
-    if "ranker_ndcg_shared_groups" in r:
-        lines.append(
-            f"groups where a bought item had been shared to the buyer before the slice start: "
-            f"{int(r['groups_with_shared_target']):,}; NDCG@{r['k']} there {float(r['ranker_ndcg_shared_groups']):.4f}"
-            f" (ranker) vs {float(r['ranker_no_social_ndcg_shared_groups']):.4f} (ranker_no_social)")
+    for kind, what in GROUP_KINDS.items():
+        if f"ranker_ndcg_{kind}" in r:
+            lines.append(
+                f"groups where {what}: {int(r[f'groups_{kind}']):,}; NDCG@{r['k']} there "
+                f"{float(r[f'ranker_ndcg_{kind}']):.4f} (ranker) vs {float(r[f'ranker_no_social_ndcg_{kind}']):.4f}"
+                " (ranker_no_social)")
     return lines

@@ -51,7 +51,9 @@ class TwoStageResult:
     propensity: dict[str, PropensityModel]  # segments' model per target kind, fitted on window A
     test_window: Window  # window B: models fit at T2, the starting point of request-time replay
     rankers: dict[str, Ranker]  # trained on window A: "ranker" and, with the ablation, "ranker_no_social"
-    label_window: Window  # window A, with the label groups of each of those rankers (for request-time training)
+    # Window A and the windows before it (`ranker.label_windows`), each with its label period [start, end):
+    # request-time training slices these periods; label_groups holds each ranker's static groups of them.
+    label_periods: list[tuple[Window, pd.Timestamp, pd.Timestamp]]
     label_groups: dict[str, list[tuple[CandidateRows, np.ndarray]]]
     serving_data: RankerData  # the sampled groups `ranker` was refit on (window B's and window A's)
 
@@ -360,4 +362,4 @@ def evaluate_two_stage(
         "T3": events["ts"].max().isoformat(),
     }
     return TwoStageResult(report, ranker, windows, popularity_window, propensity, window_b, rankers_a,
-                          window_a, groups_a, final_data)
+                          label_windows, groups_a, final_data)
