@@ -274,21 +274,24 @@ def load_bundle(path: Path) -> Bundle:
     try:
         items = Vocabulary.load(path / "items.parquet")
         meta = pq.read_table(path / "item_meta.parquet").to_pandas()
+        # The ALS factors are the retrieval vectors and the als source's model: one copy serves both.
+        user_factors = np.load(path / "user_factors.npy", allow_pickle=False)
+        item_factors = np.load(path / "item_factors.npy", allow_pickle=False)
         bundle = Bundle(
             path=path,
             manifest=manifest,
             users=Vocabulary.load(path / "users.parquet"),
             items=items,
             item_meta=meta[list(ITEM_META_COLUMNS)],
-            user_factors=np.load(path / "user_factors.npy", allow_pickle=False),
-            item_factors=np.load(path / "item_factors.npy", allow_pickle=False),
+            user_factors=user_factors,
+            item_factors=item_factors,
             item_gram=np.load(path / "item_gram.npy", allow_pickle=False),
             index=faiss.read_index(str(path / "items_ip.faiss")),
             bought=sp.load_npz(path / "bought.npz").tocsr(),
             recent=sp.load_npz(path / "recent.npz").tocsr(),
             models=CandidateModels(
-                als_users=np.load(path / "user_factors.npy", allow_pickle=False),
-                als_items=np.load(path / "item_factors.npy", allow_pickle=False),
+                als_users=user_factors,
+                als_items=item_factors,
                 bpr_users=np.load(path / "bpr_user_factors.npy", allow_pickle=False),
                 bpr_items=np.load(path / "bpr_item_factors.npy", allow_pickle=False),
                 item_neighbours=sp.load_npz(path / "item_neighbours.npz").tocsr(),
