@@ -55,6 +55,9 @@ def test_mlflow_run_holds_params_metrics_and_bundle(trained: TrainResult,
 
 def _user_sample(trained: TrainResult, n: int = 25) -> list[str]:
     bundle = load_bundle(trained.bundle_path)
+    # One copy of the ALS factors in memory: the retrieval vectors are the als source's model.
+    assert bundle.models.als_users is bundle.user_factors
+    assert bundle.models.als_items is bundle.item_factors
     return [bundle.users.id_of(i) for i in range(n)]
 
 
