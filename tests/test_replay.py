@@ -20,8 +20,10 @@ from training.params import ALSParams, BPRParams, EvalParams, RankerParams, Trai
 from training.ranker import Ranker
 from training.replay import (
     GROUP_KINDS,
+    _sampled,
     friends_bought_targets,
     known_events,
+    replay_label_groups,
     run_replay,
     serving_ranker,
     slice_starts,
@@ -217,3 +219,25 @@ def test_request_time_training_slices_every_label_window(demo_dir: Path) -> None
         assert result.training is not None
         groups.append(len(result.training.groups["ranker"]))
     assert groups[0] <= 4 < groups[1] <= 8  # four sampled slices per label period, each with buyers or not
+
+    # The earlier period: its window's models and state stop at its start, its labels at its end.
+    (window_a, start_a, end_a), (earlier, start, end) = two_stage.label_periods
+    assert (earlier.cutoff, end) == (start, start_a)
+    assert window_a.cutoff == start_a
+    events = data.events
+    bought = events.loc[(events["ts"] >= start) & (events["ts"] < end)
+                        & events["event_type"].isin(["purchase", "add_to_cart"])]
+    allowed = set(zip(bought["user_id"], bought["item_id"], strict=True))
+    labelled = set()
+    for rows, labels in replay_label_groups(earlier, events, end, params, data.social, names=("ranker",),
+                                            period=1)["ranker"]:
+        users = np.repeat(np.asarray(rows.user_ids), rows.group_sizes)
+        positive = labels > 0
+        labelled |= set(zip(users[positive].tolist(), earlier.items.ids[rows.items[positive]].tolist(), strict=True))
+    assert labelled
+    assert labelled <= allowed
+    # Each period draws its own slices: not the same hours as window A's.
+    hours = params.evaluation.replay_hours
+    offsets = [[s - first for s in _sampled(slice_starts(first, last, hours), params, period)]
+               for period, (first, last) in enumerate([(start_a, end_a), (start, end)])]
+    assert offsets[0] != offsets[1]

@@ -54,7 +54,7 @@ TRAINING_MODES = ("static", "replay", "stacked")
 class ReplayTraining:
     rankers: dict[str, Ranker]  # per ranker, the one kept on validation
     modes: dict[str, str]  # per ranker, how the kept one was trained: one of TRAINING_MODES
-    groups: dict[str, Groups]  # window A's request-time groups of "ranker", when kept for the bundle's refit
+    groups: dict[str, Groups]  # the label periods' request-time groups of "ranker", kept for the bundle's refit
     notes: dict[str, float | str]  # validation scores per mode, groups, cost
 
 
@@ -88,18 +88,20 @@ def slice_starts(start: pd.Timestamp, end: pd.Timestamp, hours: float) -> list[p
     return [start + k * step for k in range(count)]
 
 
-def _sampled(starts: list[pd.Timestamp], params: TrainParams) -> list[pd.Timestamp]:
-    """At most `replay_max_slices` of the slices, drawn with the replay seed, in time order."""
+def _sampled(starts: list[pd.Timestamp], params: TrainParams, period: int = 0) -> list[pd.Timestamp]:
+    """At most `replay_max_slices` of the slices, drawn with the replay seed, in time order; label periods
+    before window A's (`period` > 0) draw with their own seed, so they do not all keep the same hours."""
     limit = params.evaluation.replay_max_slices
     if len(starts) <= limit:
         return starts
-    picked = np.random.default_rng(params.evaluation.replay_seed).choice(len(starts), limit, replace=False)
+    seed = params.evaluation.replay_seed if not period else [params.evaluation.replay_seed, period]
+    picked = np.random.default_rng(seed).choice(len(starts), limit, replace=False)
     return [starts[p] for p in np.sort(picked).tolist()]
 
 
 def replay_label_groups(window: Window, events: pd.DataFrame, end: pd.Timestamp, params: TrainParams,
                         social: pd.DataFrame | None, names: tuple[str, ...] = ("ranker", "ranker_no_social"),
-                        ) -> dict[str, Groups]:
+                        period: int = 0) -> dict[str, Groups]:
     """Ranker groups the request-time way over [window.cutoff, end): per slice, the known users who buy or
     cart in it, candidates and features as of the slice start, labels from the slice; for the social and
     the no-social ranker (candidates of `without_social`, social columns blank), from the same states."""
@@ -107,7 +109,7 @@ def replay_label_groups(window: Window, events: pd.DataFrame, end: pd.Timestamp,
     known = known_events(events, window)
     settings = {"ranker": params, "ranker_no_social": without_social(params)}
     out: dict[str, Groups] = {name: [] for name in names}
-    for start in _sampled(slice_starts(window.cutoff, end, hours), params):
+    for start in _sampled(slice_starts(window.cutoff, end, hours), params, period):
         labels = labels_between(events, start, min(start + pd.Timedelta(hours=hours), end))  # never past `end`
         users = sorted(u for u in labels["user_id"].unique().tolist() if u in window.users)
         if not users:
@@ -145,8 +147,9 @@ def train_replay_rankers(two_stage: TwoStageResult, events: pd.DataFrame, end: p
     alone or stacked with the static groups), whichever has the best NDCG@max(K) on the request-time groups
     of the users held out for early stopping. The same procedure and held-out users for both rankers."""
     replay: dict[str, Groups] = {"ranker": [], "ranker_no_social": []}
-    for window, _, period_end in two_stage.label_periods:  # window A's label period first, then the earlier ones
-        for name, groups in replay_label_groups(window, events, min(period_end, end), params, social).items():
+    for period, (window, _, period_end) in enumerate(two_stage.label_periods):  # window A's first, then earlier
+        for name, groups in replay_label_groups(window, events, min(period_end, end), params, social,
+                                                period=period).items():
             replay[name] += groups
     held = held_out_users(two_stage.label_groups["ranker"], params,
                           np.random.default_rng(params.ranker.seed))  # the static rankers' own draw
@@ -181,10 +184,11 @@ def serving_ranker(two_stage: TwoStageResult, replay: ReplayResult | None, event
     """The social ranker for the bundle and how it was trained: the static refit of the two-stage
     evaluation (`two_stage.ranker`) unless request-time training kept a request-time trained one.
 
-    As the static ranker is refit on window B's groups plus window A's, for the rounds chosen on A, the
-    request-time one is refit on the request-time groups of window B (slices of [T2, end)) plus window A's,
-    with the static groups of both windows added when the kept one was stacked: serving reads a state that
-    moves with every event, which is what these groups were built as."""
+    As the static ranker is refit on window B's groups plus those of the label periods (window A's and any
+    earlier ones), for the rounds chosen on A, the request-time one is refit on the request-time groups of
+    window B (slices of [T2, end)) plus the label periods', with the static groups of all of them added when
+    the kept one was stacked: serving reads a state that moves with every event, which is what these groups
+    were built as."""
     training = replay.training if replay is not None else None
     mode = training.modes["ranker"] if training is not None else "static"
     if training is None or mode == "static":
@@ -354,7 +358,7 @@ def run_replay(two_stage: TwoStageResult, events: pd.DataFrame, params: TrainPar
                say: Callable[[str], None], keep_groups: bool = False) -> ReplayResult | None:
     """Request-time evaluation of the two rankers on window B, after training them the request-time way
     too when `evaluation.replay_training` is on; None (with the reason said) when time cannot be sliced.
-    `keep_groups` keeps window A's request-time groups of the social ranker for `serving_ranker`."""
+    `keep_groups` keeps the label periods' request-time groups of the social ranker for `serving_ranker`."""
     window = two_stage.test_window
     end = events["ts"].max() + pd.Timedelta(1, "ns")
     problem = unsliceable(events, window.cutoff, end, params.evaluation.replay_hours)
