@@ -49,12 +49,13 @@ class Candidates:
 class Feed:
     items: np.ndarray  # item idx, best first
     scores: np.ndarray
-    sources: tuple[Source, ...]
+    sources: tuple[Source, ...]  # per item, its source (within a ranked union, the source that proposed it)
+    steps: tuple[Source, ...]  # per item, the step of the chain it came from
 
     @property
     def step(self) -> Source | None:
         """The step of the chain that answered first (the feed's main source)."""
-        return self.sources[0] if self.sources else None
+        return self.steps[0] if self.steps else None
 
 
 def compose_feed(chain: Sequence[Candidates], n: int, blocked: np.ndarray | None = None) -> Feed:
@@ -62,6 +63,7 @@ def compose_feed(chain: Sequence[Candidates], n: int, blocked: np.ndarray | None
     taken: list[int] = []
     scores: list[float] = []
     sources: list[Source] = []
+    steps: list[Source] = []
     seen: set[int] = set()
     for candidates in chain:
         if len(taken) >= n:
@@ -78,9 +80,11 @@ def compose_feed(chain: Sequence[Candidates], n: int, blocked: np.ndarray | None
             taken.append(idx)
             scores.append(float(candidates.scores[position]))
             sources.append(candidates.source_of(position))
+            steps.append(candidates.source)
             if len(taken) >= n:
                 break
-    return Feed(np.asarray(taken, dtype=np.int64), np.asarray(scores, dtype=np.float32), tuple(sources))
+    return Feed(np.asarray(taken, dtype=np.int64), np.asarray(scores, dtype=np.float32), tuple(sources),
+                tuple(steps))
 
 
 def interleave(primary: Candidates, secondary: Candidates, every: int, limit: int) -> Candidates:

@@ -356,7 +356,7 @@ class Recommender:
             chain.append(self._category_trending(category))
         chain += [self._trending, self._popular]
         feed = compose_feed(chain, n + reserve, blocked)
-        main = next((s for s in feed.sources if s != Source.SHARED), feed.step)  # the seats are not the step
+        main = next((s for s in feed.steps if s != Source.SHARED), feed.step)  # the seats are not the step
         step = Source.FOLD_IN if profile is not None and profile.online and len(feed.items) else main
         items = self._items(feed, profile)
         fresh = self._fresh(profile, category, exclude, price_range, n)
@@ -452,7 +452,8 @@ class Recommender:
             source = Source.TRENDING
         order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
         ranked_items = items[order]
-        feed = Feed(ranked_items, np.asarray(scores, dtype=np.float32)[order], (source,) * len(ranked_items))
+        feed = Feed(ranked_items, np.asarray(scores, dtype=np.float32)[order], (source,) * len(ranked_items),
+                    (source,) * len(ranked_items))
         picked = self._items(feed, profile)
         missing = tuple(FeedItem(item_id, 0.0, Source.POPULAR, "not in the current model")
                         for item_id, ok in zip(unique, known.tolist(), strict=True) if not ok)

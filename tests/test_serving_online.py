@@ -386,5 +386,6 @@ def _as_feed(result: object, bundle: Bundle) -> object:
     from features.feed import Feed
 
     items = result.items  # type: ignore[attr-defined]
-    return Feed(bundle.items.indexes([i.item_id for i in items]), np.asarray([i.score for i in items]),
-                tuple(i.source for i in items))
+    sources = tuple(i.source for i in items)
+    return Feed(bundle.items.indexes([i.item_id for i in items]), np.asarray([i.score for i in items]), sources,
+                sources)

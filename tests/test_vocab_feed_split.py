@@ -168,7 +168,19 @@ def test_compose_feed_fills_in_chain_order_without_blocked_or_repeated_items(
     positions = [CHAIN_ORDER.index(s) for s in feed.sources]
     assert positions == sorted(positions)
     assert feed.scores.tolist() == pytest.approx([first_source[i][1] for i in items])
+    assert feed.steps == feed.sources  # no ranked union here: each item's source is its step
     assert feed.step == (feed.sources[0] if items else None)
+
+
+def test_a_ranked_union_answers_as_its_step_whatever_source_proposed_its_first_item() -> None:
+    union = Candidates(Source.ALS, np.asarray([4, 2]), np.asarray([0.9, 0.5]),
+                       item_sources=(Source.FRIENDS_TRENDING, Source.ITEM_KNN))
+    trending = Candidates(Source.TRENDING, np.asarray([2, 7]), np.asarray([30.0, 20.0]))
+    feed = compose_feed([union, trending], 3)
+    assert feed.items.tolist() == [4, 2, 7]
+    assert feed.sources == (Source.FRIENDS_TRENDING, Source.ITEM_KNN, Source.TRENDING)
+    assert feed.steps == (Source.ALS, Source.ALS, Source.TRENDING)
+    assert feed.step == Source.ALS
 
 
 @PROPERTY
