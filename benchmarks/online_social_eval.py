@@ -32,8 +32,7 @@ from features.dataset import load_dataset
 from features.online import RedisStore
 from features.store import OnlineEvent
 from features.weights import CONVERSION_TYPES
-from serving.recommender import Recommender, UserContext
-from serving.runtime import newer_than
+from serving.recommender import Recommender, UserContext, newer_than
 from training.evaluate import bootstrap_ratio
 from training.params import TrainParams, load_params
 from training.replay import slice_starts
@@ -79,7 +78,7 @@ def replay(recommender: Recommender, store: RedisStore, test: pd.DataFrame, cut:
             targets = set(items.astype(str))
             started = time.perf_counter()
             snapshot = store.snapshot(str(user), recommender.friend_ids(str(user)))
-            shared, friends_bought = newer_than(snapshot, since)
+            shared, friends_bought = newer_than(snapshot.shared_to, snapshot.friends_purchased, since)
             context = UserContext(snapshot.recent, snapshot.purchased, shared, friends_bought)
             now = start.to_pydatetime()  # the request's clock: the slice start
             feed = [i.item_id for i in recommender.feed(str(user), K, context=context, now=now).items]

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from features.social_state import OnlineCells
+from features.social_state import OnlineCells, newest_per_key
 from features.state import USER_EVENT_TYPES, FeatureState, build_state
 from features.vocab import Vocabulary
 from features.weights import CONVERSION_TYPES
@@ -162,11 +162,8 @@ def _shared_to(rows: dict[str, Any], social: SocialUpdates) -> None:
     if not known.any():
         return
     items, sharers, times = social.share_items[known], social.sharers[known], social.share_ts[known]
-    newest_first = np.lexsort((-times, items))
-    items, sharers, times = items[newest_first], sharers[newest_first], times[newest_first]
-    first = np.ones(len(items), dtype=bool)
-    first[1:] = items[1:] != items[:-1]
-    items, sharers, times = items[first], sharers[first], times[first].astype(np.float64)
+    last_per_item = newest_per_key(times, items)
+    items, sharers, times = items[last_per_item], sharers[last_per_item], times[last_per_item].astype(np.float64)
     last, by = rows["pair_shared_last"], rows["pair_shared_by"]
     before = np.asarray(last[0, items].toarray()).ravel()
     newer = times >= before

@@ -198,9 +198,8 @@ def _social(state: FeatureState, rows: np.ndarray, item_idx: np.ndarray) -> list
     now = state.social_seconds
     since = (*(now - d * DAY for d in FRIEND_WINDOWS_DAYS), -np.inf)
     social = state.social
-    columns = friend_window_counts(state.user_sees, (social.bought_cells, social.shared_cells, social.touched_cells),
-                                   rows, item_idx,
-                                   since)
+    readers = (social.bought_cells, social.shared_cells, social.touched_cells)
+    columns = friend_window_counts(state.user_sees, readers, rows, item_idx, since)
     known = rows >= 0
     indptr = state.user_sees.indptr
     at = np.maximum(rows, 0)

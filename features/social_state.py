@@ -161,11 +161,21 @@ def merged_cells(matrix: sp.csr_matrix, extra: OnlineCells | None, people: np.nd
     owner = np.concatenate([owner, order[at[hit]]])
     cols = np.concatenate([cols, extra.col[hit]])
     values = np.concatenate([values.astype(np.float64), extra.value[hit]])
-    newest_first = np.lexsort((-values, cols, owner))
-    owner, cols, values = owner[newest_first], cols[newest_first], values[newest_first]
-    first = np.ones(len(owner), dtype=bool)
-    first[1:] = (owner[1:] != owner[:-1]) | (cols[1:] != cols[:-1])
-    return owner[first], cols[first], values[first]
+    keep = newest_per_key(values, owner, cols)
+    return owner[keep], cols[keep], values[keep]
+
+
+def newest_per_key(values: np.ndarray, *keys: np.ndarray) -> np.ndarray:
+    """Positions of the largest value (the newest time) of each distinct key, the tuple of `keys` (first key
+    first), in key order."""
+    order = np.lexsort((-values, *reversed(keys)))
+    same = np.ones(max(len(order) - 1, 0), dtype=bool)  # same key as the one before
+    for key in keys:
+        ordered = key[order]
+        same &= ordered[1:] == ordered[:-1]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = ~same
+    return order[first]
 
 
 def friends_of(sees: sp.csr_matrix, user: int) -> np.ndarray:

@@ -76,6 +76,16 @@ class UserContext:
     friends_purchased: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # friend -> their purchases
 
 
+def newer_than(shared_to: Sequence[OnlineEvent], friends_purchased: Mapping[str, Mapping[str, float]], since: float,
+               ) -> tuple[list[OnlineEvent], dict[str, dict[str, float]]]:
+    """The shares to a user and their friends' purchases at or after `since` (the bundle's end): what the
+    bundle does not hold yet."""
+    shared = [e for e in shared_to if e.ts >= since]
+    bought = {friend: fresh for friend, items in friends_purchased.items()
+              if (fresh := {item: ts for item, ts in items.items() if ts >= since})}
+    return shared, bought
+
+
 @dataclass(frozen=True, slots=True)
 class _Profile:
     """The user as the ranker sees them: a state row, the factor models' user rows, the ALS vector."""
@@ -208,11 +218,11 @@ class Recommender:
     def _social_updates(self, context: UserContext) -> SocialUpdates | None:
         """The shares and friends' purchases the store holds from after the bundle's data, in its indexes;
         None when there are none."""
-        since = self.bundle.state.cutoff_seconds
         users, items = self.bundle.users, self.bundle.items
-        shares = [e for e in context.shared_to if e.ts >= since and e.item_id in items]
-        bought = [(friend, item, ts) for friend, purchases in context.friends_purchased.items() if friend in users
-                  for item, ts in purchases.items() if ts >= since and item in items]
+        newer, newer_bought = newer_than(context.shared_to, context.friends_purchased, self.bundle.state.cutoff_seconds)
+        shares = [e for e in newer if e.item_id in items]
+        bought = [(friend, item, ts) for friend, purchases in newer_bought.items() if friend in users
+                  for item, ts in purchases.items() if item in items]
         if not shares and not bought:
             return None
         return SocialUpdates(

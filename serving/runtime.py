@@ -25,7 +25,7 @@ from features.store import OnlineEvent, OnlineStore, UserSnapshot
 from serving import metrics
 from serving.merchandising import Rule, RuleBook
 from serving.privacy import Privacy
-from serving.recommender import Recommender, UserContext
+from serving.recommender import Recommender, UserContext, newer_than
 from serving.recovery import Recovery
 from serving.related import ItemLists
 from serving.settings import ServingSettings
@@ -45,14 +45,6 @@ class UserView:
     context: UserContext | None
     consent: dict[str, bool]
     degraded: bool  # the online store did not answer: the feed comes from the bundle alone
-
-
-def newer_than(snapshot: UserSnapshot, since: float) -> tuple[list[OnlineEvent], dict[str, dict[str, float]]]:
-    """The shares to the user and the friends' purchases of a snapshot at or after `since` (the bundle's end)."""
-    shared = [e for e in snapshot.shared_to if e.ts >= since]
-    bought = {friend: fresh for friend, items in snapshot.friends_purchased.items()
-              if (fresh := {item: ts for item, ts in items.items() if ts >= since})}
-    return shared, bought
 
 
 def pointer_for(path: Path, version: str) -> str:
@@ -202,7 +194,7 @@ class Service:
         """The shares to the user and the friends' purchases newer than the bundle (`since`) that may be
         used: not from an erased sharer, not from a friend erased or withholding `social_proof` (what a
         friend bought shows in the feed). One more store round trip, only when there is any."""
-        shared, bought = newer_than(snapshot, since)
+        shared, bought = newer_than(snapshot.shared_to, snapshot.friends_purchased, since)
         people = list(dict.fromkeys([*(e.user_id for e in shared), *bought]))
         if not people:
             return [], {}

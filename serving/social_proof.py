@@ -79,7 +79,6 @@ class SocialProof:
                 out[int(columns[j])] = Proof(len(who), tuple(who[:MAX_NAMED]))
         return out
 
-
     def _add_recent(self, bought: np.ndarray, friends: np.ndarray, columns: np.ndarray,
                     recent: Mapping[str, Mapping[str, float]]) -> None:
         row_of = {int(f): k for k, f in enumerate(friends.tolist())}
