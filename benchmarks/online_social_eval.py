@@ -32,7 +32,7 @@ from features.dataset import load_dataset
 from features.online import RedisStore
 from features.store import OnlineEvent
 from features.weights import CONVERSION_TYPES
-from serving.recommender import Recommender, UserContext, newer_than
+from serving.recommender import Recommender, UserContext, newer_than, unread_sharers
 from training.evaluate import bootstrap_ratio
 from training.params import TrainParams, load_params
 from training.replay import slice_starts
@@ -77,8 +77,11 @@ def replay(recommender: Recommender, store: RedisStore, test: pd.DataFrame, cut:
                 continue
             targets = set(items.astype(str))
             started = time.perf_counter()
-            snapshot = store.snapshot(str(user), recommender.friend_ids(str(user)))
+            friends = recommender.friend_ids(str(user))
+            snapshot = store.snapshot(str(user), friends)
             shared, friends_bought = newer_than(snapshot.shared_to, snapshot.friends_purchased, since)
+            if unread := unread_sharers(shared, friends, recommender.bundle.users):  # ties since the bundle
+                friends_bought |= newer_than([], store.purchases_of(unread), since)[1]
             context = UserContext(snapshot.recent, snapshot.purchased, shared, friends_bought)
             now = start.to_pydatetime()  # the request's clock: the slice start
             feed = [i.item_id for i in recommender.feed(str(user), K, context=context, now=now).items]

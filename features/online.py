@@ -253,10 +253,14 @@ class MemoryStore:
         with self._lock:
             return {item: float(ts) for item, ts in self._purchases.get(user_id, {}).items()}
 
+    def purchases_of(self, user_ids: Sequence[str]) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {user: self.purchased(user) for user in user_ids if self._purchases.get(user)}
+
     def snapshot(self, user_id: str, friends: Sequence[str] = ()) -> UserSnapshot:
         with self._lock:
             shared = [unpack_share(user_id, record) for record in self._inbox.get(user_id, [])]
-            bought = {friend: self.purchased(friend) for friend in friends if self._purchases.get(friend)}
+            bought = self.purchases_of(friends)
             return UserSnapshot(self.recent(user_id), self.purchased(user_id), self.consent(user_id),
                                 user_id in self._erased, shared, bought)
 
@@ -699,6 +703,12 @@ class RedisStore:
         stored = cast(dict[bytes, bytes], self._redis.hgetall(self.keys.purchases(user_id)))
         return {item.decode(): float(ts) for item, ts in stored.items()}
 
+    def purchases_of(self, user_ids: Sequence[str]) -> dict[str, dict[str, float]]:
+        pipe = self._redis.pipeline(transaction=False)
+        for user in user_ids:
+            pipe.hgetall(self.keys.purchases(user))
+        return _purchases_by_user(user_ids, cast(list[dict[bytes, bytes]], pipe.execute()))
+
     def snapshot(self, user_id: str, friends: Sequence[str] = ()) -> UserSnapshot:
         pipe = self._redis.pipeline(transaction=False)
         pipe.lrange(self.keys.recent(user_id), 0, RECENT_CAP - 1)
@@ -712,9 +722,7 @@ class RedisStore:
         records, bought, given, erased, inbox, *theirs = cast(
             tuple[list[bytes], Stored, Stored, int, list[bytes], *tuple[Stored, ...]], pipe.execute())
         stated = {purpose.decode(): value == b"1" for purpose, value in given.items()}
-        friends_bought = {friend: {item.decode(): float(ts) for item, ts in stored.items()}
-                          for friend, stored in zip(friends, theirs, strict=True)
-                          if stored}
+        friends_bought = _purchases_by_user(friends, theirs)
         return UserSnapshot([unpack_event(user_id, record) for record in records],
                             {item.decode(): float(ts) for item, ts in bought.items()},
                             {purpose: stated.get(purpose, True) for purpose in CONSENT_PURPOSES}, bool(erased),
@@ -867,3 +875,9 @@ def open_store(url: str | None, prefix: str = "sf:") -> OnlineStore:
     if url is None:
         return MemoryStore()
     return RedisStore(url, prefix)
+
+
+def _purchases_by_user(user_ids: Sequence[str], stored: Sequence[dict[bytes, bytes]]) -> dict[str, dict[str, float]]:
+    """Purchase hashes read for `user_ids` (in order), as item id -> time; users without any are left out."""
+    return {user: {item.decode(): float(ts) for item, ts in hashed.items()}
+            for user, hashed in zip(user_ids, stored, strict=True) if hashed}

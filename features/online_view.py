@@ -10,7 +10,7 @@ an aggregate without an online rule keeps its value as of the bundle's cut-off.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,8 @@ class SocialUpdates:
     friends: np.ndarray  # one entry per purchase
     friend_items: np.ndarray
     friend_ts: np.ndarray
+    # people the user sees since the bundle (whoever shared with them): a rebuilt graph would hold these ties
+    ties: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 def _user_fields(state: FeatureState) -> list[str]:
@@ -141,6 +143,8 @@ def user_view(
     view_social = state.social
     if social is not None:
         _shared_to(rows, social)
+        ties = social.ties[social.ties >= 0]
+        rows["user_sees"] = _add(rows["user_sees"], ties, np.ones(len(ties)), "max")
         known_items = (social.friend_items >= 0) & (social.friends >= 0)
         cells = OnlineCells(social.friends[known_items], social.friend_items[known_items],
                             social.friend_ts[known_items].astype(np.float64))

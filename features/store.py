@@ -97,6 +97,10 @@ class OnlineStore(Protocol):
         `friends` (those with any), in one round trip (what a feed reads)."""
         ...
 
+    def purchases_of(self, user_ids: Sequence[str]) -> dict[str, dict[str, float]]:
+        """`purchased` of several users (those with any), in one round trip."""
+        ...
+
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:
         """The n items with the most positive events in the last `hours` (decayed by age), best first."""
         ...

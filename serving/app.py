@@ -31,7 +31,7 @@ from serving.compactor import Compactor
 from serving.deps import RequestId
 from serving.ingest import EventsInFlightError, ingest
 from serving.items import items_router
-from serving.recommender import FeedResult, Recommender, UserContext
+from serving.recommender import FeedResult, Recommender, UserContext, sharers
 from serving.runtime import Service
 from serving.schemas import (
     ConsentIn,
@@ -211,7 +211,8 @@ def _social_proof(service: Service, recommender: Recommender, result: FeedResult
     codes = recommender.bundle.items.indexes([i.item_id for i in result.items])
     known = codes[codes >= 0].tolist()
     found = recommender.social.for_items(result.user_id, known, service.visible_in_social_proof,
-                                         context.friends_purchased if context else None)
+                                         context.friends_purchased if context else None,
+                                         sharers(context.shared_to) if context else ())
     return {recommender.bundle.items.id_of(idx): proof for idx, proof in found.items()}
 
 

@@ -32,6 +32,7 @@ from features.popularity import ranked
 from features.repurchase import NO_CATEGORY
 from features.state import FeatureState
 from features.store import OnlineEvent
+from features.vocab import Vocabulary
 from serving.catalog import Catalog
 from serving.merchandising import Ranked, Rule, apply_rules, diversify
 from serving.social_proof import SocialProof
@@ -84,6 +85,19 @@ def newer_than(shared_to: Sequence[OnlineEvent], friends_purchased: Mapping[str,
     bought = {friend: fresh for friend, items in friends_purchased.items()
               if (fresh := {item: ts for item, ts in items.items() if ts >= since})}
     return shared, bought
+
+
+def sharers(shares: Sequence[OnlineEvent]) -> list[str]:
+    """Who shared with the user, once each, in the order of `shares`: since a share, the recipient sees the
+    sharer's activity (the graph a training builds holds the tie)."""
+    return list(dict.fromkeys(e.user_id for e in shares))
+
+
+def unread_sharers(shares: Sequence[OnlineEvent], read: Sequence[str], known: Vocabulary) -> list[str]:
+    """Sharers among `shares` the bundle knows whose purchases were not `read` with the user's ties: the
+    people the user sees since the bundle, whose purchases since then the online store is asked for."""
+    skip = set(read)
+    return [s for s in sharers(shares) if s not in skip and s in known]
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +237,9 @@ class Recommender:
         shares = [e for e in newer if e.item_id in items]
         bought = [(friend, item, ts) for friend, purchases in newer_bought.items() if friend in users
                   for item, ts in purchases.items() if item in items]
-        if not shares and not bought:
+        ties = users.indexes(sharers(newer))
+        ties = ties[ties >= 0]
+        if not shares and not bought and not len(ties):
             return None
         return SocialUpdates(
             share_items=items.indexes([e.item_id for e in shares]),
@@ -232,6 +248,7 @@ class Recommender:
             friends=users.indexes([friend for friend, _, _ in bought]),
             friend_items=items.indexes([item for _, item, _ in bought]),
             friend_ts=np.asarray([ts for _, _, ts in bought], dtype=np.float64),
+            ties=ties,
         )
 
     def _rank(self, profile: _Profile, blocked: np.ndarray, category: str | None) -> Candidates:

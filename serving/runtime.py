@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,10 +23,11 @@ from features.eventlog import EventLog
 from features.ledger import ControlLedger
 from features.online import STORE_ERRORS
 from features.store import OnlineEvent, OnlineStore, UserSnapshot
+from features.vocab import Vocabulary
 from serving import metrics
 from serving.merchandising import Rule, RuleBook
 from serving.privacy import Privacy
-from serving.recommender import Recommender, UserContext, newer_than
+from serving.recommender import Recommender, UserContext, newer_than, sharers, unread_sharers
 from serving.recovery import Recovery
 from serving.related import ItemLists
 from serving.settings import ServingSettings
@@ -189,18 +191,25 @@ class Service:
         (serving.privacy: the event log's ledger with the store, the ledger alone while the store is away)."""
         return self.privacy.allowed(user_ids, ["social_proof"])
 
-    def _from_others(self, snapshot: UserSnapshot, since: float
+    def _from_others(self, snapshot: UserSnapshot, since: float, friends: Sequence[str], known: Vocabulary | None
                      ) -> tuple[list[OnlineEvent], dict[str, dict[str, float]]]:
         """The shares to the user and the friends' purchases newer than the bundle (`since`) that may be
         used: not from an erased sharer, not from a friend erased or withholding `social_proof` (what a
-        friend bought shows in the feed). One more store round trip, only when there is any."""
+        friend bought shows in the feed). One more store round trip, only when there is any.
+
+        Whoever shared with the user is one of the people they see from then on; the purchases of sharers
+        the snapshot did not read (not among `friends`, and `known` to the bundle) take one more round trip."""
         shared, bought = newer_than(snapshot.shared_to, snapshot.friends_purchased, since)
-        people = list(dict.fromkeys([*(e.user_id for e in shared), *bought]))
+        people = list(dict.fromkeys([*sharers(shared), *bought]))
         if not people:
             return [], {}
         standing = dict(zip(people, self.privacy.standings(people), strict=True))
-        return ([e for e in shared if not standing[e.user_id].erased],
-                {friend: items for friend, items in bought.items() if standing[friend].allows(["social_proof"])})
+        shared = [e for e in shared if not standing[e.user_id].erased]
+        new_ties = [] if known is None else [s for s in unread_sharers(shared, friends, known)
+                                             if standing[s].allows(["social_proof"])]
+        if new_ties:
+            bought.update(newer_than([], self.store.purchases_of(new_ties), since)[1])
+        return shared, {friend: items for friend, items in bought.items() if standing[friend].allows(["social_proof"])}
 
     def user_view(self, user_id: str) -> UserView:
         """The user's online context and consent (an erased user has none: no personalization); degraded
@@ -219,7 +228,8 @@ class Service:
                 if not standing.allows(["personalization"]):
                     return UserView(None, standing.consent, False)
                 since = recommender.bundle.state.cutoff_seconds if recommender is not None else float("inf")
-                shared, bought = self._from_others(snapshot, since)
+                shared, bought = self._from_others(snapshot, since, friends,
+                                                   recommender.bundle.users if recommender is not None else None)
                 return UserView(UserContext(snapshot.recent, snapshot.purchased, shared, bought), standing.consent,
                                 False)
         return UserView(None, self.privacy.from_ledger([user_id])[0].consent, True)

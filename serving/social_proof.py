@@ -42,24 +42,30 @@ class SocialProof:
         self._purchases = bundle.state.pair_purchases
         self._items = bundle.items
 
-    def _ties(self, user_id: str) -> np.ndarray:
-        """The bundle users whose activity `user_id` sees, strongest ties first (at most MAX_FRIENDS_CHECKED)."""
+    def _ties(self, user_id: str, since_bundle: Sequence[str] = ()) -> np.ndarray:
+        """The bundle users whose activity `user_id` sees, strongest ties first (at most MAX_FRIENDS_CHECKED),
+        then those of `since_bundle` (ties the bundle's graph does not hold yet) it lacks."""
         viewer = self._users.index_of(user_id)
-        if viewer is None:
-            return np.empty(0, dtype=np.int64)
-        start, end = self._sees.indptr[viewer], self._sees.indptr[viewer + 1]
-        order = np.argsort(-self._sees.data[start:end], kind="stable")[:MAX_FRIENDS_CHECKED]
-        friends = self._sees.indices[start:end][order]
+        friends = np.empty(0, dtype=np.int64)
+        if viewer is not None:
+            start, end = self._sees.indptr[viewer], self._sees.indptr[viewer + 1]
+            order = np.argsort(-self._sees.data[start:end], kind="stable")[:MAX_FRIENDS_CHECKED]
+            friends = np.asarray(self._sees.indices[start:end][order], dtype=np.int64)
+        if since_bundle:
+            extra = self._users.indexes(list(since_bundle))
+            friends = np.concatenate([friends, extra[(extra >= 0) & ~np.isin(extra, friends)]])
         return np.asarray(friends[friends < self._bundle_users], dtype=np.int64)  # the bundle's users only
 
     def strongest_ties(self, user_id: str, n: int) -> list[str]:
         return [self._users.id_of(int(f)) for f in self._ties(user_id)[:n]]
 
     def for_items(self, user_id: str, items: Sequence[int], allowed: Callable[[list[str]], list[bool]],
-                  recent: Mapping[str, Mapping[str, float]] | None = None) -> dict[int, Proof]:
+                  recent: Mapping[str, Mapping[str, float]] | None = None,
+                  since_bundle: Sequence[str] = ()) -> dict[int, Proof]:
         """Per item idx with at least one friend's purchase: how many friends bought it and who. `recent`:
-        friends' purchases since the bundle (friend id -> item id -> time), from the online store."""
-        friends = self._ties(user_id) if len(items) else np.empty(0, dtype=np.int64)
+        friends' purchases since the bundle (friend id -> item id -> time), from the online store;
+        `since_bundle`: people the user sees since the bundle (who shared with them)."""
+        friends = self._ties(user_id, since_bundle) if len(items) else np.empty(0, dtype=np.int64)
         if not len(friends):
             return {}
         columns = np.asarray(items, dtype=np.int64)

@@ -283,6 +283,8 @@ def test_snapshot_reads_the_friends_purchases_in_the_same_trip(store: OnlineStor
     assert got.friends_purchased == {"f1": {"p1": T0, "p2": T0 + 9}}
     assert got.purchased == {"p4": T0}
     assert store.snapshot("u1").friends_purchased == {}
+    assert store.purchases_of(["f3", "f1", "f2"]) == {"f1": {"p1": T0, "p2": T0 + 9}}  # sharers read later
+    assert store.purchases_of([]) == {}
 
 
 def test_share_records_round_trip() -> None:

@@ -66,14 +66,16 @@ def test_view_after_online_events_equals_the_batch_state_over_all_events(demo_di
 SOCIAL_EXACT = (*(f"friends_bought_{d}" for d in ("1d", "3d", "7d", "30d", "all")), "pair_shared_days")
 
 
-def test_shares_and_friends_purchases_since_the_cut_give_the_batch_social_columns(demo_dir: Path) -> None:
+@pytest.mark.parametrize("strangers", [False, True])
+def test_shares_and_friends_purchases_since_the_cut_give_the_batch_social_columns(demo_dir: Path,
+                                                                                   strangers: bool) -> None:
     """Shares to the user and purchases of the people they see, laid over the bundle's state online, give
-    the friends' purchase windows and the last share the state rebuilt over the same events gives."""
+    the friends' purchase windows and the last share the state rebuilt over the same events gives. With
+    `strangers`, each recipient is also sent a share by a buyer they did not see: from then on they do."""
     data = load_dataset(demo_dir, WEIGHTS.keys())
     events = data.events.loc[data.events["event_type"].isin(list(WEIGHTS))].reset_index(drop=True)
     cutoff = pd.Timestamp(events["ts"].sort_values().iloc[int(len(events) * 0.7)]).floor("D")
     end = cutoff + pd.Timedelta(days=3)
-    window = (events["ts"] >= cutoff) & (events["ts"] < end)
     items = item_vocabulary(events, data.items)
     users = Vocabulary.from_ids(events["user_id"])
     meta = item_meta_frame(items, data.items, ITEM_META_COLUMNS)
@@ -81,14 +83,23 @@ def test_shares_and_friends_purchases_since_the_cut_give_the_batch_social_column
     brands = sorted(meta["brand"].dropna().unique().tolist())
     before = build_state(events.loc[events["ts"] < cutoff], users, items, meta, WEIGHTS, cutoff, categories, brands,
                          social=data.social)
+    window = (events["ts"] >= cutoff) & (events["ts"] < end)
+    recipients = events.loc[window & (events["event_type"] == "share"), "target_user_id"].dropna()
+    recipients = recipients.value_counts().index[:10].tolist()
+    if strangers:
+        events = pd.concat([events, _shares_from_strangers(events, window, before.user_sees, users, recipients,
+                                                           cutoff)], ignore_index=True)
+        window = (events["ts"] >= cutoff) & (events["ts"] < end)
     shares = events.loc[window & (events["event_type"] == "share") & events["target_user_id"].notna()]
-    checked = 0
-    for user in shares["target_user_id"].value_counts().index[:10].tolist():
+    checked = new_ties = 0
+    for user in recipients:
         row = users.index_of(user)
         if row is None:
             continue
-        sees = before.user_sees[row].indices
         to_user = shares.loc[shares["target_user_id"] == user]
+        ties = users.indexes(to_user["user_id"].drop_duplicates())  # a share makes its sharer a tie
+        ties = ties[(ties >= 0) & (ties != row)]
+        sees = np.union1d(before.user_sees[row].indices, ties)
         bought = events.loc[window & (events["event_type"] == "purchase")
                             & events["user_id"].isin([users.id_of(int(f)) for f in sees])]
         own = events.loc[window & (events["user_id"] == user)]
@@ -96,11 +107,13 @@ def test_shares_and_friends_purchases_since_the_cut_give_the_batch_social_column
                      own["ts"].max() if len(own) else to_user["ts"].max()) + pd.Timedelta(1, "s")
         after = build_state(events.loc[events["ts"] < newest], users, items, meta, WEIGHTS, newest, categories,
                             brands, social=data.social)
-        if not np.array_equal(np.sort(after.user_sees[row].indices), np.sort(sees)):
-            continue  # a new sharer became a tie: the online view keeps the bundle's graph, so not comparable
+        if not np.array_equal(np.sort(after.user_sees[row].indices), sees):
+            continue  # a referral made a tie too: the online view does not read referrers
+        new_ties += len(np.setdiff1d(ties, before.user_sees[row].indices))
         seconds = lambda frame: frame["ts"].astype("int64").to_numpy() / 1e9  # noqa: E731
         social = SocialUpdates(items.indexes(to_user["item_id"]), users.indexes(to_user["user_id"]), seconds(to_user),
-                               users.indexes(bought["user_id"]), items.indexes(bought["item_id"]), seconds(bought))
+                               users.indexes(bought["user_id"]), items.indexes(bought["item_id"]), seconds(bought),
+                               ties)
         view = user_view(before, row, blank_user_rows(before, categories, brands), items.indexes(own["item_id"]),
                          own["event_type"].to_numpy(), seconds(own), WEIGHTS, social)
         assert abs(view.cutoff - newest) < pd.Timedelta(1, "ms")
@@ -114,4 +127,21 @@ def test_shares_and_friends_purchases_since_the_cut_give_the_batch_social_column
             np.testing.assert_allclose(got[:, column], want[:, column], rtol=1e-5, err_msg=name)
         assert (got[:, FEATURE_NAMES.index("friends_bought_7d")] > 0).any() or not len(bought)
         checked += 1
-    assert checked >= 2, "too few recipients of shares with an unchanged graph to compare"
+    assert checked >= 2, "too few recipients of shares to compare"
+    assert bool(new_ties) == strangers, "a share from someone the recipient did not see yet makes a tie"
+
+
+def _shares_from_strangers(events: pd.DataFrame, window: pd.Series, sees: object, users: Vocabulary,
+                           recipients: list[str], cutoff: pd.Timestamp) -> pd.DataFrame:
+    """For each recipient, a share an hour after the cut-off from someone who buys in the window and whom the
+    recipient does not see (a share before their purchases, so the rebuilt windows count them)."""
+    buyers = events.loc[window & (events["event_type"] == "purchase"), "user_id"].value_counts().index.tolist()
+    rows = []
+    for k, user in enumerate(recipients):
+        row = users.index_of(user)
+        seen = set() if row is None else set(sees[row].indices.tolist())  # type: ignore[index]
+        stranger = next(b for b in buyers[k:] if b != user and users.index_of(b) not in seen)
+        item = events.loc[events["user_id"] == stranger, "item_id"].iloc[0]
+        rows.append({"user_id": stranger, "item_id": item, "event_type": "share", "target_user_id": user,
+                     "ts": cutoff + pd.Timedelta(hours=1)})
+    return pd.DataFrame(rows).astype({"ts": events["ts"].dtype})

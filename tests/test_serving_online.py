@@ -347,6 +347,43 @@ def test_a_friends_purchase_since_the_bundle_counts_in_features_and_social_proof
     assert hidden.get(item, {}).get("source") != "friends_bought"
 
 
+def test_someone_who_shares_with_the_user_becomes_a_tie_whose_purchases_count(
+        client: TestClient, bundle: Bundle) -> None:
+    """A share makes its sharer one of the people the recipient sees (a rebuilt graph would hold the tie): the
+    sharer's purchases since the bundle reach the recipient's context and social proof, consent permitting."""
+    user, _ = _friend_pair(bundle)
+    row = bundle.users.index_of(user)
+    assert row is not None
+    seen = set(bundle.state.user_sees[row].indices.tolist())
+    stranger = next(bundle.users.id_of(k) for k in range(len(bundle.users)) if k != row and k not in seen)
+    assert stranger not in client.app.state.service.recommender.friend_ids(user)  # type: ignore[attr-defined]
+    feed = _feed(client, user, n=50, explain="true")
+    item = next(i for i in feed["items"] if "social" not in i)["item_id"]  # type: ignore[attr-defined]
+
+    posted = client.post("/v1/events", json={"events": [
+        {"user_id": stranger, "item_id": item, "event_type": "purchase", "timestamp": _now()}]})
+    assert posted.json()["accepted"] == 1, posted.text
+    view = client.app.state.service.user_view(user)  # type: ignore[attr-defined]
+    assert stranger not in view.context.friends_purchased  # not a tie yet: their purchase is not read
+    assert "social" not in {i["item_id"]: i for i in _feed(client, user, n=50)["items"]}.get(item, {})  # type: ignore[attr-defined]
+
+    other = next(i for i in bundle.items.ids.tolist() if i != item)
+    posted = client.post("/v1/events", json={"events": [
+        {"user_id": stranger, "item_id": other, "event_type": "share", "target_user_id": user, "timestamp": _now()}]})
+    assert posted.json()["accepted"] == 1, posted.text
+    view = client.app.state.service.user_view(user)  # type: ignore[attr-defined]
+    assert item in view.context.friends_purchased[stranger]
+    after = {i["item_id"]: i for i in _feed(client, user, n=50, explain="true")["items"]}  # type: ignore[attr-defined]
+    assert after[item]["social"]["friends_bought"] == 1
+    assert after[item]["reason"] == "a friend bought this"
+
+    client.put(f"/v1/users/{stranger}/consent", json={"social_proof": False})
+    view = client.app.state.service.user_view(user)  # type: ignore[attr-defined]
+    assert stranger not in view.context.friends_purchased
+    hidden = {i["item_id"]: i for i in _feed(client, user, n=50, explain="true")["items"]}  # type: ignore[attr-defined]
+    assert "social" not in hidden.get(item, {})
+
+
 def test_fresh_shares_take_the_first_seats_one_per_sharer_and_explain_from_the_users_own_history(
         bundle: Bundle) -> None:
     from features.store import OnlineEvent
