@@ -208,7 +208,10 @@ class Service:
         new_ties = [] if known is None else [s for s in unread_sharers(shared, friends, known)
                                              if standing[s].allows(["social_proof"])]
         if new_ties:
-            bought.update(newer_than([], self.store.purchases_of(new_ties), since)[1])
+            try:
+                bought.update(newer_than([], self.store.purchases_of(new_ties), since)[1])
+            except STORE_ERRORS:  # the feed goes on without them, as if they had bought nothing since
+                log.warning("online store unavailable: purchases of new ties not read", exc_info=True)
         return shared, {friend: items for friend, items in bought.items() if standing[friend].allows(["social_proof"])}
 
     def user_view(self, user_id: str) -> UserView:

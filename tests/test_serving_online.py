@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
-from features.online import RedisStore
+from features.online import MemoryStore, RedisStore
 from serving.app import create_app
 from serving.settings import ServingSettings
 from training.bundle import Bundle, load_bundle
@@ -382,6 +383,38 @@ def test_someone_who_shares_with_the_user_becomes_a_tie_whose_purchases_count(
     assert stranger not in view.context.friends_purchased
     hidden = {i["item_id"]: i for i in _feed(client, user, n=50, explain="true")["items"]}  # type: ignore[attr-defined]
     assert "social" not in hidden.get(item, {})
+
+
+def test_a_store_failure_reading_a_new_ties_purchases_leaves_the_feed_up(bundle: Bundle, tmp_path: Path) -> None:
+    user, _ = _friend_pair(bundle)
+    row = bundle.users.index_of(user)
+    seen = set(bundle.state.user_sees[row].indices.tolist())
+    stranger = next(bundle.users.id_of(k) for k in range(len(bundle.users)) if k != row and k not in seen)
+
+    class Failing(MemoryStore):
+        def purchases_of(self, user_ids: Sequence[str]) -> dict[str, dict[str, float]]:
+            if stranger in user_ids:  # the read after the snapshot
+                raise redis.ConnectionError("down")
+            return super().purchases_of(user_ids)
+
+    settings = ServingSettings(event_log=tmp_path / "log")
+    with TestClient(create_app(settings, bundle=bundle, store=Failing())) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while not service.recovery.ready and time.monotonic() < deadline:  # the first check finds the store
+            time.sleep(0.05)
+        item = bundle.items.ids.tolist()[0]
+        posted = client.post("/v1/events", json={"events": [
+            {"user_id": stranger, "item_id": item, "event_type": "share", "target_user_id": user,
+             "timestamp": _now()}]})
+        assert posted.json()["accepted"] == 1, posted.text
+        feed = _feed(client, user, n=20, explain="true")
+        assert feed["personalized"]
+        assert feed["items"]
+        view = service.user_view(user)
+        assert not view.degraded
+        assert [e.user_id for e in view.context.shared_to] == [stranger]
+        assert service.recovery.ready  # a read that failed is not an outage of the event path
 
 
 def test_fresh_shares_take_the_first_seats_one_per_sharer_and_explain_from_the_users_own_history(
