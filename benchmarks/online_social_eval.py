@@ -32,7 +32,7 @@ from features.dataset import load_dataset
 from features.online import RedisStore
 from features.store import OnlineEvent
 from features.weights import CONVERSION_TYPES
-from serving.recommender import Recommender, UserContext, newer_than, unread_sharers
+from serving.recommender import Recommender, UserContext, new_ties, newer_than, unread
 from training.evaluate import bootstrap_ratio
 from training.params import TrainParams, load_params
 from training.replay import slice_starts
@@ -41,12 +41,15 @@ K = 20
 
 
 def online_events(frame: pd.DataFrame) -> list[OnlineEvent]:
-    targets = frame["target_user_id"] if "target_user_id" in frame.columns else pd.Series(None, index=frame.index)
-    return [OnlineEvent(user, item, kind, ts, None, target if isinstance(target, str) and target else None)
-            for user, item, kind, ts, target in zip(frame["user_id"].tolist(), frame["item_id"].tolist(),
-                                                    frame["event_type"].tolist(),
-                                                    (frame["ts"].astype("int64") / 1e9).tolist(),
-                                                    targets.tolist(), strict=True)]
+    def named(column: str) -> list[str | None]:
+        values = frame[column].tolist() if column in frame.columns else [None] * len(frame)
+        return [v if isinstance(v, str) and v else None for v in values]
+
+    return [OnlineEvent(user, item, kind, ts, None, target, referrer)
+            for user, item, kind, ts, target, referrer in zip(
+                frame["user_id"].tolist(), frame["item_id"].tolist(), frame["event_type"].tolist(),
+                (frame["ts"].astype("int64") / 1e9).tolist(), named("target_user_id"), named("referrer_id"),
+                strict=True)]
 
 
 def ndcg(feed: list[str], bought: set[str]) -> float:
@@ -80,9 +83,10 @@ def replay(recommender: Recommender, store: RedisStore, test: pd.DataFrame, cut:
             friends = recommender.friend_ids(str(user))
             snapshot = store.snapshot(str(user), friends)
             shared, friends_bought = newer_than(snapshot.shared_to, snapshot.friends_purchased, since)
-            if unread := unread_sharers(shared, friends, recommender.bundle.users):  # ties since the bundle
-                friends_bought |= newer_than([], store.purchases_of(unread), since)[1]
-            context = UserContext(snapshot.recent, snapshot.purchased, shared, friends_bought)
+            referred = {r: ts for r, ts in snapshot.referred_by.items() if ts >= since}
+            if ties := unread(new_ties(shared, referred, since), friends, recommender.bundle.users):
+                friends_bought |= newer_than([], store.purchases_of(ties), since)[1]  # ties since the bundle
+            context = UserContext(snapshot.recent, snapshot.purchased, shared, friends_bought, referred)
             now = start.to_pydatetime()  # the request's clock: the slice start
             feed = [i.item_id for i in recommender.feed(str(user), K, context=context, now=now).items]
             seconds["online_social"] += time.perf_counter() - started

@@ -388,8 +388,9 @@ def read_events(directory: Path, since: float | None,
             category = row.get("category")
             if not isinstance(category, str):
                 category = category_of(item_id) if category_of is not None else None
-            target = row.get("target_user_id")
+            target, referrer = row.get("target_user_id"), row.get("referrer_id")
             events.append((key, OnlineEvent(user_id, item_id, kind.strip().lower(), ts, category,
-                                            target if isinstance(target, str) and target else None)))
+                                            target if isinstance(target, str) and target else None,
+                                            referrer if isinstance(referrer, str) and referrer else None)))
     events.sort(key=lambda pair: pair[1].ts)
     return events, skipped

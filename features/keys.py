@@ -49,8 +49,17 @@ class Keys:
         return f"{self.prefix}in:"
 
     def sent(self, user_id: str) -> str:
-        """Set of the users whose inbox holds a share of this user's (scrubbed when the user is erased)."""
+        """Set of the users whose inbox holds a share of this user's, or who came through a referral of
+        theirs (scrubbed when the user is erased)."""
         return f"{self.sent_prefix}{user_id}"
+
+    def referred_by(self, user_id: str) -> str:
+        """Hash: referrer id -> second of the user's last event through a referral of theirs."""
+        return f"{self.referred_by_prefix}{user_id}"
+
+    @property
+    def referred_by_prefix(self) -> str:
+        return f"{self.prefix}rf:"
 
     @property
     def sent_prefix(self) -> str:
@@ -64,7 +73,7 @@ class Keys:
         """Every key holding this user's personal state (what an erasure deletes; their records in other
         users' inboxes are scrubbed apart)."""
         return (self.recent(user_id), self.purchases(user_id), self.inbox(user_id), self.sent(user_id),
-                self.consent(user_id))
+                self.referred_by(user_id), self.consent(user_id))
 
     @property
     def tombstones(self) -> str:

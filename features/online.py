@@ -94,6 +94,13 @@ def inbox_record(event: OnlineEvent) -> bytes | None:
     return pack_share(event.user_id, event.item_id, event.ts)
 
 
+def referred_through(event: OnlineEvent) -> str | None:
+    """The referrer whose tie to the user an event shows (the user sees the referrer's activity from then
+    on), None without one or when it names the user."""
+    referrer = event.referrer_id
+    return referrer if referrer and referrer != event.user_id else None
+
+
 def _positive_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
     """Event types that make an item trend, with how much (refunds and impressions do not)."""
     chosen = DEFAULT_EVENT_WEIGHTS if weights is None else weights
@@ -147,7 +154,8 @@ class MemoryStore:
         self._claims: dict[str, _Held] = {}
         self._recent: dict[str, list[bytes]] = {}  # packed records, newest first
         self._inbox: dict[str, list[bytes]] = {}  # packed share records, newest first
-        self._sent: dict[str, set[str]] = {}  # sharer -> whose inbox holds their shares
+        self._sent: dict[str, set[str]] = {}  # sharer or referrer -> whose inbox or referred_by holds them
+        self._referred_by: dict[str, dict[str, int]] = {}  # user -> referrer -> second of the last such event
         self._purchases: dict[str, dict[str, int]] = {}
         self._consent: dict[str, dict[str, bool]] = {}
         self._erased: set[str] = set()
@@ -227,6 +235,11 @@ class MemoryStore:
                 if shared is not None and event.target_user_id not in self._erased:
                     _insert_recent(self._inbox.setdefault(str(event.target_user_id), []), shared, INBOX_CAP)
                     self._sent.setdefault(event.user_id, set()).add(str(event.target_user_id))
+                referrer = referred_through(event)
+                if referrer is not None and referrer not in self._erased:
+                    through = self._referred_by.setdefault(event.user_id, {})
+                    through[referrer] = max(second, through.get(referrer, second))
+                    self._sent.setdefault(referrer, set()).add(event.user_id)
                 if event.event_type == EventType.PURCHASE:
                     bought = self._purchases.setdefault(event.user_id, {})
                     bought[event.item_id] = max(second, bought.get(event.item_id, second))
@@ -261,8 +274,9 @@ class MemoryStore:
         with self._lock:
             shared = [unpack_share(user_id, record) for record in self._inbox.get(user_id, [])]
             bought = self.purchases_of(friends)
+            referred = {referrer: float(ts) for referrer, ts in self._referred_by.get(user_id, {}).items()}
             return UserSnapshot(self.recent(user_id), self.purchased(user_id), self.consent(user_id),
-                                user_id in self._erased, shared, bought)
+                                user_id in self._erased, shared, bought, referred)
 
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:
         with self._lock:
@@ -298,10 +312,13 @@ class MemoryStore:
         with self._lock:
             for record in self._inbox.get(user_id, []):
                 self._sent.get(unpack_share(user_id, record).user_id, set()).discard(user_id)
+            for referrer in self._referred_by.get(user_id, {}):
+                self._sent.get(referrer, set()).discard(user_id)
             for recipient in self._sent.pop(user_id, set()):
                 inbox = self._inbox.get(recipient, [])
                 inbox[:] = [record for record in inbox if unpack_share(recipient, record).user_id != user_id]
-            for table in (self._recent, self._purchases, self._inbox, self._consent):
+                self._referred_by.get(recipient, {}).pop(user_id, None)
+            for table in (self._recent, self._purchases, self._inbox, self._referred_by, self._consent):
                 table.pop(user_id, None)
             self._erased.add(user_id)
 
@@ -359,6 +376,7 @@ class MemoryStore:
         with self._lock:
             recent = sum(len(record) for record in (*self._recent.get(user_id, []), *self._inbox.get(user_id, [])))
             bought = sum(len(item.encode()) + 4 for item in self._purchases.get(user_id, {}))
+            bought += sum(len(referrer.encode()) + 4 for referrer in self._referred_by.get(user_id, {}))
             given = sum(len(purpose) + 1 for purpose in self._consent.get(user_id, {}))
         return recent + bought + given
 
@@ -417,9 +435,10 @@ def _catalog_row(item: Mapping[str, object]) -> tuple[str, dict[str, object]]:
 # -- Redis ---------------------------------------------------------------------------------------------------
 # KEYS: tombstones, clock, then per event: recent, purchases, global bucket, category bucket (the global
 # one again when the event has no category), the recipient's inbox (any key for an event without one), the
-# sender's sent set. ARGV: cap, user ttl, bucket ttl, clock member, inbox cap, then per event: user, record,
-# second, item, action ("p" purchase, "r" refund, "-"), trending weight ("0" for none), the recipient ("" for
-# none), the inbox record.
+# sender's sent set, the user's referred_by hash, the referrer's sent set (any key without a referrer).
+# ARGV: cap, user ttl, bucket ttl, clock member, inbox cap, then per event: user, record, second, item, action
+# ("p" purchase, "r" refund, "-"), trending weight ("0" for none), the recipient ("" for none), the inbox
+# record, the referrer ("" for none).
 _RECORD = """
 local cap, user_ttl, bucket_ttl, inbox_cap = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[5])
 local erased = {}
@@ -447,8 +466,8 @@ local function insert(key, record, limit)
   redis.call('LTRIM', key, 0, limit - 1)
   redis.call('EXPIRE', key, user_ttl)
 end
-for i = 0, (#KEYS - 2) / 6 - 1 do
-  local k, a = 3 + 6 * i, 6 + 8 * i
+for i = 0, (#KEYS - 2) / 8 - 1 do
+  local k, a = 3 + 8 * i, 6 + 9 * i
   local user, second, item = ARGV[a], ARGV[a + 2], ARGV[a + 3]
   if not is_erased(user) then
     insert(KEYS[k], ARGV[a + 1], cap)
@@ -474,6 +493,13 @@ for i = 0, (#KEYS - 2) / 6 - 1 do
       insert(KEYS[k + 4], ARGV[a + 7], inbox_cap)
       redis.call('SADD', KEYS[k + 5], target)  -- no expiry: it must outlive every inbox holding the share
     end
+    local referrer = ARGV[a + 8]
+    if referrer ~= '' and not is_erased(referrer) then
+      local last = redis.call('HGET', KEYS[k + 6], referrer)
+      if not last or tonumber(last) < tonumber(second) then redis.call('HSET', KEYS[k + 6], referrer, second) end
+      redis.call('EXPIRE', KEYS[k + 6], user_ttl)
+      redis.call('SADD', KEYS[k + 7], user)  -- the referrer's: whom to scrub them from at their erasure
+    end
     redis.call('ZADD', KEYS[2], 'GT', second, ARGV[4])
   end
 end
@@ -482,21 +508,25 @@ return 0
 
 _ACTIONS = {EventType.PURCHASE.value: "p", EventType.REFUND.value: "r"}
 
-# KEYS: tombstones, the user's sent set, the user's inbox, then every key of the user. ARGV: user id, inbox
-# key prefix, sent set key prefix. The user's shares leave the inboxes of everyone they reached, the user
-# leaves the sent sets of those whose shares their inbox holds; then their keys go and the tombstone stays.
+# KEYS: tombstones, the user's sent set, the user's inbox, the user's referred_by hash, then every key of the
+# user. ARGV: user id, inbox key prefix, sent set key prefix, referred_by key prefix. The user's shares leave
+# the inboxes of everyone they reached and the user leaves the referred_by of everyone who came through them;
+# the user leaves the sent sets of those whose shares their inbox holds or through whom they came; then their
+# keys go and the tombstone stays.
 _ERASE = """
 local user = ARGV[1]
 for _, record in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
   local _, length = struct.unpack('>I4I2', record)
   redis.call('SREM', ARGV[3] .. string.sub(record, 7, 6 + length), user)
 end
+for _, referrer in ipairs(redis.call('HKEYS', KEYS[4])) do redis.call('SREM', ARGV[3] .. referrer, user) end
 for _, recipient in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local inbox = ARGV[2] .. recipient
   for _, record in ipairs(redis.call('LRANGE', inbox, 0, -1)) do
     local _, length = struct.unpack('>I4I2', record)
     if string.sub(record, 7, 6 + length) == user then redis.call('LREM', inbox, 0, record) end
   end
+  redis.call('HDEL', ARGV[4] .. recipient, user)
 end
 for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('SADD', KEYS[1], user)
@@ -679,6 +709,7 @@ class RedisStore:
             everywhere = self.keys.trending_bucket(hour)
             shared = inbox_record(event)
             target = str(event.target_user_id) if shared is not None else ""
+            referrer = referred_through(event)
             keys += [
                 self.keys.recent(event.user_id),
                 self.keys.purchases(event.user_id),
@@ -686,11 +717,13 @@ class RedisStore:
                 everywhere if event.category is None else self.keys.trending_bucket(hour, event.category),
                 self.keys.inbox(target) if target else self.keys.recent(event.user_id),  # unused without a target
                 self.keys.sent(event.user_id),
+                self.keys.referred_by(event.user_id),
+                self.keys.sent(referrer) if referrer else self.keys.sent(event.user_id),  # unused without one
             ]
             action = _ACTIONS.get(event.event_type, "-")
             weight = self._weights.get(event.event_type, 0.0)
             args += [event.user_id, pack_event(event.item_id, event.event_type, second), second, event.item_id,
-                     action, repr(weight) if weight else "0", target, shared or b""]
+                     action, repr(weight) if weight else "0", target, shared or b"", referrer or ""]
         self._record(keys=keys, args=args)
 
     def recent(self, user_id: str, limit: int = RECENT_CAP) -> list[OnlineEvent]:
@@ -716,17 +749,19 @@ class RedisStore:
         pipe.hgetall(self.keys.consent(user_id))
         pipe.sismember(self.keys.tombstones, user_id)
         pipe.lrange(self.keys.inbox(user_id), 0, INBOX_CAP - 1)
+        pipe.hgetall(self.keys.referred_by(user_id))
         for friend in friends:
             pipe.hgetall(self.keys.purchases(friend))
         Stored = dict[bytes, bytes]
-        records, bought, given, erased, inbox, *theirs = cast(
-            tuple[list[bytes], Stored, Stored, int, list[bytes], *tuple[Stored, ...]], pipe.execute())
+        records, bought, given, erased, inbox, referred, *theirs = cast(
+            tuple[list[bytes], Stored, Stored, int, list[bytes], Stored, *tuple[Stored, ...]], pipe.execute())
         stated = {purpose.decode(): value == b"1" for purpose, value in given.items()}
         friends_bought = _purchases_by_user(friends, theirs)
         return UserSnapshot([unpack_event(user_id, record) for record in records],
                             {item.decode(): float(ts) for item, ts in bought.items()},
                             {purpose: stated.get(purpose, True) for purpose in CONSENT_PURPOSES}, bool(erased),
-                            [unpack_share(user_id, record) for record in inbox], friends_bought)
+                            [unpack_share(user_id, record) for record in inbox], friends_bought,
+                            {referrer.decode(): float(ts) for referrer, ts in referred.items()})
 
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:
         window = _window(hours)
@@ -772,8 +807,9 @@ class RedisStore:
 
     def erase_user(self, user_id: str) -> None:
         keys = self.keys
-        self._erase(keys=[keys.tombstones, keys.sent(user_id), keys.inbox(user_id), *keys.user_keys(user_id)],
-                    args=[user_id, keys.inbox_prefix, keys.sent_prefix])
+        self._erase(keys=[keys.tombstones, keys.sent(user_id), keys.inbox(user_id), keys.referred_by(user_id),
+                          *keys.user_keys(user_id)],
+                    args=[user_id, keys.inbox_prefix, keys.sent_prefix, keys.referred_by_prefix])
 
     def erased(self, user_ids: Sequence[str]) -> list[bool]:
         if not user_ids:

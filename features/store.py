@@ -43,6 +43,7 @@ class OnlineEvent:
     ts: float  # epoch seconds
     category: str | None = None  # the item's category when known, for per-category trending
     target_user_id: str | None = None  # for a share: the recipient, when known
+    referrer_id: str | None = None  # whose share or link brought the user here, when known
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,7 @@ class UserSnapshot:
     erased: bool = False  # the store holds a tombstone for the user
     shared_to: list[OnlineEvent] = field(default_factory=list)  # shares to the user (user_id: the sharer), newest first
     friends_purchased: dict[str, dict[str, float]] = field(default_factory=dict)  # friend id -> their purchases
+    referred_by: dict[str, float] = field(default_factory=dict)  # referrer id -> the user's last event through them
 
 
 class OnlineStore(Protocol):
@@ -80,8 +82,9 @@ class OnlineStore(Protocol):
 
     def record(self, events: Sequence[OnlineEvent]) -> None:
         """Apply accepted events: each user's recent list (capped at RECENT_CAP), purchases (a refund
-        removes the item again), per-hour item counters (global and per category) for trending, and a share
-        with a recipient in the recipient's inbox (capped at INBOX_CAP; not for an erased recipient)."""
+        removes the item again), per-hour item counters (global and per category) for trending, a share
+        with a recipient in the recipient's inbox (capped at INBOX_CAP; not for an erased recipient), and an
+        event with a referrer in the user's `referred_by` (not for an erased referrer)."""
         ...
 
     def recent(self, user_id: str, limit: int = RECENT_CAP) -> list[OnlineEvent]:
@@ -93,8 +96,8 @@ class OnlineStore(Protocol):
         ...
 
     def snapshot(self, user_id: str, friends: Sequence[str] = ()) -> UserSnapshot:
-        """`recent`, `purchased`, `consent`, the tombstone and the inbox of one user, and the purchases of
-        `friends` (those with any), in one round trip (what a feed reads)."""
+        """`recent`, `purchased`, `consent`, the tombstone, the inbox and `referred_by` of one user, and the
+        purchases of `friends` (those with any), in one round trip (what a feed reads)."""
         ...
 
     def purchases_of(self, user_ids: Sequence[str]) -> dict[str, dict[str, float]]:

@@ -31,7 +31,7 @@ from serving.compactor import Compactor
 from serving.deps import RequestId
 from serving.ingest import EventsInFlightError, ingest
 from serving.items import items_router
-from serving.recommender import FeedResult, Recommender, UserContext, sharers
+from serving.recommender import FeedResult, Recommender, UserContext, new_ties
 from serving.runtime import Service
 from serving.schemas import (
     ConsentIn,
@@ -212,7 +212,8 @@ def _social_proof(service: Service, recommender: Recommender, result: FeedResult
     known = codes[codes >= 0].tolist()
     found = recommender.social.for_items(result.user_id, known, service.visible_in_social_proof,
                                          context.friends_purchased if context else None,
-                                         sharers(context.shared_to) if context else ())
+                                         new_ties(context.shared_to, context.referred_by,
+                                                  recommender.bundle.state.cutoff_seconds) if context else ())
     return {recommender.bundle.items.id_of(idx): proof for idx, proof in found.items()}
 
 

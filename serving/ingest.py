@@ -61,6 +61,11 @@ class IngestResult:
     store_updated: bool  # False when the online store could not be updated now (the log has the events)
 
 
+def _named(value: object) -> str | None:
+    """An optional user id column's value: the id, or None when it is missing or empty."""
+    return value if isinstance(value, str) and value else None
+
+
 def _log_rows(accepted: pd.DataFrame) -> list[dict[str, object]]:
     """Accepted events as the log stores them: the contract's columns, time in ISO 8601 UTC."""
     rows: list[dict[str, object]] = []
@@ -113,11 +118,11 @@ def ingest(
         online.release(new_ids, claim)  # nothing acknowledged: a retry must count
         raise
     online_events = [
-        OnlineEvent(user, item, kind, ts, category_of(item), target if isinstance(target, str) and target else None)
-        for user, item, kind, ts, target in zip(
+        OnlineEvent(user, item, kind, ts, category_of(item), _named(target), _named(referrer))
+        for user, item, kind, ts, target, referrer in zip(
             new["user_id"].tolist(), new["item_id"].tolist(), new["event_type"].tolist(),
             (new["ts"].astype("datetime64[ns, UTC]").astype("int64") / 1e9).tolist(),
-            new["target_user_id"].tolist(), strict=True,
+            new["target_user_id"].tolist(), new["referrer_id"].tolist(), strict=True,
         )
     ]
     recorded = online.record(online_events, new_ids, claim)

@@ -75,6 +75,7 @@ class UserContext:
     purchased: Mapping[str, float] = field(default_factory=dict)  # item id -> time of the last purchase
     shared_to: Sequence[OnlineEvent] = ()  # shares to the user (user_id: the sharer), newest first
     friends_purchased: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # friend -> their purchases
+    referred_by: Mapping[str, float] = field(default_factory=dict)  # referrer -> the user's last event through them
 
 
 def newer_than(shared_to: Sequence[OnlineEvent], friends_purchased: Mapping[str, Mapping[str, float]], since: float,
@@ -87,17 +88,19 @@ def newer_than(shared_to: Sequence[OnlineEvent], friends_purchased: Mapping[str,
     return shared, bought
 
 
-def sharers(shares: Sequence[OnlineEvent]) -> list[str]:
-    """Who shared with the user, once each, in the order of `shares`: since a share, the recipient sees the
-    sharer's activity (the graph a training builds holds the tie)."""
-    return list(dict.fromkeys(e.user_id for e in shares))
+def new_ties(shared_to: Sequence[OnlineEvent], referred_by: Mapping[str, float], since: float) -> list[str]:
+    """The people a user sees since `since` (the bundle's end), once each: who shared with them, then through
+    whose referral they came. The graph a training builds holds these ties (sharer -> recipient, referrer ->
+    referred user); the bundle's does not yet."""
+    return list(dict.fromkeys([*(e.user_id for e in shared_to if e.ts >= since),
+                               *(referrer for referrer, ts in referred_by.items() if ts >= since)]))
 
 
-def unread_sharers(shares: Sequence[OnlineEvent], read: Sequence[str], known: Vocabulary) -> list[str]:
-    """Sharers among `shares` the bundle knows whose purchases were not `read` with the user's ties: the
-    people the user sees since the bundle, whose purchases since then the online store is asked for."""
+def unread(ties: Sequence[str], read: Sequence[str], known: Vocabulary) -> list[str]:
+    """The `ties` the bundle knows whose purchases were not `read` with the user's strongest ties: whose
+    purchases since the bundle the online store is asked for apart."""
     skip = set(read)
-    return [s for s in sharers(shares) if s not in skip and s in known]
+    return [t for t in ties if t not in skip and t in known]
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +240,7 @@ class Recommender:
         shares = [e for e in newer if e.item_id in items]
         bought = [(friend, item, ts) for friend, purchases in newer_bought.items() if friend in users
                   for item, ts in purchases.items() if item in items]
-        ties = users.indexes(sharers(newer))
+        ties = users.indexes(new_ties(newer, context.referred_by, self.bundle.state.cutoff_seconds))
         ties = ties[ties >= 0]
         if not shares and not bought and not len(ties):
             return None

@@ -27,7 +27,7 @@ from features.vocab import Vocabulary
 from serving import metrics
 from serving.merchandising import Rule, RuleBook
 from serving.privacy import Privacy
-from serving.recommender import Recommender, UserContext, newer_than, sharers, unread_sharers
+from serving.recommender import Recommender, UserContext, new_ties, newer_than, unread
 from serving.recovery import Recovery
 from serving.related import ItemLists
 from serving.settings import ServingSettings
@@ -192,27 +192,32 @@ class Service:
         return self.privacy.allowed(user_ids, ["social_proof"])
 
     def _from_others(self, snapshot: UserSnapshot, since: float, friends: Sequence[str], known: Vocabulary | None
-                     ) -> tuple[list[OnlineEvent], dict[str, dict[str, float]]]:
-        """The shares to the user and the friends' purchases newer than the bundle (`since`) that may be
-        used: not from an erased sharer, not from a friend erased or withholding `social_proof` (what a
-        friend bought shows in the feed). One more store round trip, only when there is any.
+                     ) -> tuple[list[OnlineEvent], dict[str, float], dict[str, dict[str, float]]]:
+        """The shares to the user, the referrals they came through and the friends' purchases newer than the
+        bundle (`since`) that may be used: not from an erased sharer or referrer, not from a friend erased or
+        withholding `social_proof` (what a friend bought shows in the feed). One more store round trip, only
+        when there is any.
 
-        Whoever shared with the user is one of the people they see from then on; the purchases of sharers
-        the snapshot did not read (not among `friends`, and `known` to the bundle) take one more round trip."""
+        Whoever shared with the user or referred them is one of the people they see from then on; the
+        purchases of those the snapshot did not read (not among `friends`, and `known` to the bundle) take
+        one more round trip."""
         shared, bought = newer_than(snapshot.shared_to, snapshot.friends_purchased, since)
-        people = list(dict.fromkeys([*sharers(shared), *bought]))
+        referred = {referrer: ts for referrer, ts in snapshot.referred_by.items() if ts >= since}
+        people = list(dict.fromkeys([*(e.user_id for e in shared), *referred, *bought]))
         if not people:
-            return [], {}
+            return [], {}, {}
         standing = dict(zip(people, self.privacy.standings(people), strict=True))
         shared = [e for e in shared if not standing[e.user_id].erased]
-        new_ties = [] if known is None else [s for s in unread_sharers(shared, friends, known)
-                                             if standing[s].allows(["social_proof"])]
-        if new_ties:
+        referred = {referrer: ts for referrer, ts in referred.items() if not standing[referrer].erased}
+        ties = [] if known is None else [t for t in unread(new_ties(shared, referred, since), friends, known)
+                                         if standing[t].allows(["social_proof"])]
+        if ties:
             try:
-                bought.update(newer_than([], self.store.purchases_of(new_ties), since)[1])
+                bought.update(newer_than([], self.store.purchases_of(ties), since)[1])
             except STORE_ERRORS:  # the feed goes on without them, as if they had bought nothing since
                 log.warning("online store unavailable: purchases of new ties not read", exc_info=True)
-        return shared, {friend: items for friend, items in bought.items() if standing[friend].allows(["social_proof"])}
+        return shared, referred, {friend: items for friend, items in bought.items()
+                                  if standing[friend].allows(["social_proof"])}
 
     def user_view(self, user_id: str) -> UserView:
         """The user's online context and consent (an erased user has none: no personalization); degraded
@@ -231,8 +236,8 @@ class Service:
                 if not standing.allows(["personalization"]):
                     return UserView(None, standing.consent, False)
                 since = recommender.bundle.state.cutoff_seconds if recommender is not None else float("inf")
-                shared, bought = self._from_others(snapshot, since, friends,
-                                                   recommender.bundle.users if recommender is not None else None)
-                return UserView(UserContext(snapshot.recent, snapshot.purchased, shared, bought), standing.consent,
-                                False)
+                shared, referred, bought = self._from_others(
+                    snapshot, since, friends, recommender.bundle.users if recommender is not None else None)
+                return UserView(UserContext(snapshot.recent, snapshot.purchased, shared, bought, referred),
+                                standing.consent, False)
         return UserView(None, self.privacy.from_ledger([user_id])[0].consent, True)

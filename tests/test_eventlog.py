@@ -192,6 +192,7 @@ def _state(store: MemoryStore, users: list[str]) -> dict[str, object]:
         "purchased": {u: store.purchased(u) for u in users},
         "consent": {u: store.consent(u) for u in users},
         "erased": store.erased(users),
+        "ties": {u: (store.snapshot(u).shared_to, store.snapshot(u).referred_by) for u in users},
         "trending": store.trending(48, 100),
         "trending_by_category": {c: store.trending(48, 100, category=c) for c in ("c0", "c1", "c2")},
     }
@@ -207,13 +208,19 @@ def test_replay_rebuilds_the_store_that_direct_recording_built(tmp_path: Path) -
          "event_type": rng.choice(kinds), "timestamp": iso(T0 + n * 97.3)}
         for n in range(400)
     ]
+    for n, r in enumerate(rows):  # some shares reach someone, some events come through a referral
+        if r["event_type"] == "share" and n % 2:
+            r["target_user_id"] = rng.choice(users)
+        if n % 5 == 0:
+            r["referrer_id"] = rng.choice(users)
     direct = MemoryStore()
     with EventLog(tmp_path, clock=lambda: T0) as event_log:
         for start in range(0, len(rows), 50):
             batch = rows[start : start + 50]
             event_log.append(batch)
             direct.record([OnlineEvent(str(r["user_id"]), str(r["item_id"]), str(r["event_type"]),
-                                       T0 + int(str(r["event_id"])[1:]) * 97.3, category[str(r["item_id"])])
+                                       T0 + int(str(r["event_id"])[1:]) * 97.3, category[str(r["item_id"])],
+                                       r.get("target_user_id"), r.get("referrer_id"))
                            for r in batch])
         event_log.append([consent_row("u3", {"marketing": False, "social_proof": False}, T0 + 50_000)])
         direct.set_consent("u3", {"marketing": False, "social_proof": False})

@@ -276,6 +276,29 @@ def test_an_erased_recipient_gets_no_inbox_and_erasure_empties_it(store: OnlineS
     assert _sent(store, "u4") == {"u6"}
 
 
+def referred(user: str, item: str, ts: float, referrer: str | None) -> OnlineEvent:
+    return OnlineEvent(user_id=user, item_id=item, event_type="view", ts=ts, referrer_id=referrer)
+
+
+def test_a_referral_ties_the_user_to_the_referrer_until_either_is_erased(store: OnlineStore) -> None:
+    store.record([referred("u1", "p1", T0, "k1"), referred("u1", "p2", T0 + 9, "k1"),
+                  referred("u1", "p3", T0 + 3, "k2"), referred("u1", "p4", T0 + 1, "k1"),
+                  referred("u2", "p1", T0, "u2"), referred("u2", "p1", T0, None), referred("u3", "p1", T0 + 2, "k1")])
+    assert store.snapshot("u1").referred_by == {"k1": T0 + 9, "k2": T0 + 3}  # the last event through each
+    assert store.snapshot("u2").referred_by == {}  # oneself or nobody: no tie
+    assert [e.item_id for e in store.recent("u1")] == ["p2", "p3", "p4", "p1"]  # the events themselves as ever
+    assert _sent(store, "k1") == {"u1", "u3"}
+    assert store.user_bytes("u1") > store.user_bytes("u9")
+    store.erase_user("k1")  # a referrer's erasure: gone from every referred_by
+    assert store.snapshot("u1").referred_by == {"k2": T0 + 3}
+    assert store.snapshot("u3").referred_by == {}
+    store.record([referred("u4", "p1", T0 + 5, "k1")])  # nor does an erased referrer tie anyone again
+    assert store.snapshot("u4").referred_by == {}
+    store.erase_user("u1")  # the referred user's erasure: their ties go, and they leave the referrer's set
+    assert store.snapshot("u1").referred_by == {}
+    assert _sent(store, "k2") == set()
+
+
 def test_snapshot_reads_the_friends_purchases_in_the_same_trip(store: OnlineStore) -> None:
     store.record([ev("f1", "p1", "purchase", T0), ev("f1", "p2", "purchase", T0 + 9), ev("f2", "p3", "view", T0),
                   ev("u1", "p4", "purchase", T0), ev("f3", "p5", "purchase", T0), ev("f3", "p5", "refund", T0 + 1)])

@@ -97,18 +97,18 @@ def test_shares_and_friends_purchases_since_the_cut_give_the_batch_social_column
         if row is None:
             continue
         to_user = shares.loc[shares["target_user_id"] == user]
-        ties = users.indexes(to_user["user_id"].drop_duplicates())  # a share makes its sharer a tie
+        own = events.loc[window & (events["user_id"] == user)]
+        # a share makes its sharer a tie, an event through a referral its referrer
+        ties = users.indexes(pd.concat([to_user["user_id"], own["referrer_id"].dropna()]).drop_duplicates())
         ties = ties[(ties >= 0) & (ties != row)]
         sees = np.union1d(before.user_sees[row].indices, ties)
         bought = events.loc[window & (events["event_type"] == "purchase")
                             & events["user_id"].isin([users.id_of(int(f)) for f in sees])]
-        own = events.loc[window & (events["user_id"] == user)]
         newest = max(to_user["ts"].max(), bought["ts"].max() if len(bought) else to_user["ts"].max(),
                      own["ts"].max() if len(own) else to_user["ts"].max()) + pd.Timedelta(1, "s")
         after = build_state(events.loc[events["ts"] < newest], users, items, meta, WEIGHTS, newest, categories,
                             brands, social=data.social)
-        if not np.array_equal(np.sort(after.user_sees[row].indices), sees):
-            continue  # a referral made a tie too: the online view does not read referrers
+        assert np.array_equal(np.sort(after.user_sees[row].indices), sees), "the rebuilt graph has other ties"
         new_ties += len(np.setdiff1d(ties, before.user_sees[row].indices))
         seconds = lambda frame: frame["ts"].astype("int64").to_numpy() / 1e9  # noqa: E731
         social = SocialUpdates(items.indexes(to_user["item_id"]), users.indexes(to_user["user_id"]), seconds(to_user),
@@ -128,20 +128,22 @@ def test_shares_and_friends_purchases_since_the_cut_give_the_batch_social_column
         assert (got[:, FEATURE_NAMES.index("friends_bought_7d")] > 0).any() or not len(bought)
         checked += 1
     assert checked >= 2, "too few recipients of shares to compare"
-    assert bool(new_ties) == strangers, "a share from someone the recipient did not see yet makes a tie"
+    assert new_ties >= (2 * len(recipients) if strangers else 0), "shares and referrals from strangers make ties"
 
 
 def _shares_from_strangers(events: pd.DataFrame, window: pd.Series, sees: object, users: Vocabulary,
                            recipients: list[str], cutoff: pd.Timestamp) -> pd.DataFrame:
-    """For each recipient, a share an hour after the cut-off from someone who buys in the window and whom the
-    recipient does not see (a share before their purchases, so the rebuilt windows count them)."""
+    """For each recipient, an hour after the cut-off, a share from someone who buys in the window and whom the
+    recipient does not see, and a view through the referral of another such buyer (before their purchases,
+    so the rebuilt windows count them)."""
     buyers = events.loc[window & (events["event_type"] == "purchase"), "user_id"].value_counts().index.tolist()
     rows = []
+    at = cutoff + pd.Timedelta(hours=1)
     for k, user in enumerate(recipients):
         row = users.index_of(user)
         seen = set() if row is None else set(sees[row].indices.tolist())  # type: ignore[index]
-        stranger = next(b for b in buyers[k:] if b != user and users.index_of(b) not in seen)
-        item = events.loc[events["user_id"] == stranger, "item_id"].iloc[0]
-        rows.append({"user_id": stranger, "item_id": item, "event_type": "share", "target_user_id": user,
-                     "ts": cutoff + pd.Timedelta(hours=1)})
+        sharer, referrer = [b for b in buyers[2 * k :] if b != user and users.index_of(b) not in seen][:2]
+        item = events.loc[events["user_id"] == sharer, "item_id"].iloc[0]
+        rows.append({"user_id": sharer, "item_id": item, "event_type": "share", "target_user_id": user, "ts": at})
+        rows.append({"user_id": user, "item_id": item, "event_type": "view", "referrer_id": referrer, "ts": at})
     return pd.DataFrame(rows).astype({"ts": events["ts"].dtype})

@@ -348,10 +348,12 @@ def test_a_friends_purchase_since_the_bundle_counts_in_features_and_social_proof
     assert hidden.get(item, {}).get("source") != "friends_bought"
 
 
-def test_someone_who_shares_with_the_user_becomes_a_tie_whose_purchases_count(
-        client: TestClient, bundle: Bundle) -> None:
-    """A share makes its sharer one of the people the recipient sees (a rebuilt graph would hold the tie): the
-    sharer's purchases since the bundle reach the recipient's context and social proof, consent permitting."""
+@pytest.mark.parametrize("tie", ["share", "referral"])
+def test_someone_who_shares_with_the_user_or_refers_them_becomes_a_tie_whose_purchases_count(
+        client: TestClient, bundle: Bundle, tie: str) -> None:
+    """A share makes its sharer, an event through a referral its referrer, one of the people the user sees (a
+    rebuilt graph would hold the tie): their purchases since the bundle reach the user's context and social
+    proof, consent permitting."""
     user, _ = _friend_pair(bundle)
     row = bundle.users.index_of(user)
     assert row is not None
@@ -369,8 +371,9 @@ def test_someone_who_shares_with_the_user_becomes_a_tie_whose_purchases_count(
     assert "social" not in {i["item_id"]: i for i in _feed(client, user, n=50)["items"]}.get(item, {})  # type: ignore[attr-defined]
 
     other = next(i for i in bundle.items.ids.tolist() if i != item)
-    posted = client.post("/v1/events", json={"events": [
-        {"user_id": stranger, "item_id": other, "event_type": "share", "target_user_id": user, "timestamp": _now()}]})
+    event = ({"user_id": stranger, "item_id": other, "event_type": "share", "target_user_id": user} if tie == "share"
+             else {"user_id": user, "item_id": other, "event_type": "view", "referrer_id": stranger})
+    posted = client.post("/v1/events", json={"events": [{**event, "timestamp": _now()}]})
     assert posted.json()["accepted"] == 1, posted.text
     view = client.app.state.service.user_view(user)  # type: ignore[attr-defined]
     assert item in view.context.friends_purchased[stranger]
