@@ -53,6 +53,15 @@ class Keys:
         theirs (scrubbed when the user is erased)."""
         return f"{self.sent_prefix}{user_id}"
 
+    def came_from(self, user_id: str) -> str:
+        """Set of the users whose share reached this user or through whose referral they came: whose sent
+        sets note them, scrubbed when the user is erased (no expiry, unlike the inbox and referred_by)."""
+        return f"{self.came_from_prefix}{user_id}"
+
+    @property
+    def came_from_prefix(self) -> str:
+        return f"{self.prefix}cf:"
+
     def referred_by(self, user_id: str) -> str:
         """Hash: referrer id -> second of the user's last event through a referral of theirs."""
         return f"{self.referred_by_prefix}{user_id}"
@@ -73,7 +82,7 @@ class Keys:
         """Every key holding this user's personal state (what an erasure deletes; their records in other
         users' inboxes are scrubbed apart)."""
         return (self.recent(user_id), self.purchases(user_id), self.inbox(user_id), self.sent(user_id),
-                self.referred_by(user_id), self.consent(user_id))
+                self.referred_by(user_id), self.came_from(user_id), self.consent(user_id))
 
     @property
     def tombstones(self) -> str:

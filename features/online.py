@@ -31,6 +31,7 @@ from features.store import (
     CONSENT_PURPOSES,
     INBOX_CAP,
     RECENT_CAP,
+    REFERRERS_CAP,
     TRENDING_BUCKET_SECONDS,
     TRENDING_BUCKETS_KEPT,
     ClaimOutcome,
@@ -156,6 +157,7 @@ class MemoryStore:
         self._inbox: dict[str, list[bytes]] = {}  # packed share records, newest first
         self._sent: dict[str, set[str]] = {}  # sharer or referrer -> whose inbox or referred_by holds them
         self._referred_by: dict[str, dict[str, int]] = {}  # user -> referrer -> second of the last such event
+        self._came_from: dict[str, set[str]] = {}  # user -> whose sent sets note them (for their erasure)
         self._purchases: dict[str, dict[str, int]] = {}
         self._consent: dict[str, dict[str, bool]] = {}
         self._erased: set[str] = set()
@@ -234,12 +236,14 @@ class MemoryStore:
                 shared = inbox_record(event)
                 if shared is not None and event.target_user_id not in self._erased:
                     _insert_recent(self._inbox.setdefault(str(event.target_user_id), []), shared, INBOX_CAP)
-                    self._sent.setdefault(event.user_id, set()).add(str(event.target_user_id))
+                    self._note_tie(event.user_id, str(event.target_user_id))
                 referrer = referred_through(event)
                 if referrer is not None and referrer not in self._erased:
                     through = self._referred_by.setdefault(event.user_id, {})
                     through[referrer] = max(second, through.get(referrer, second))
-                    self._sent.setdefault(referrer, set()).add(event.user_id)
+                    if len(through) > REFERRERS_CAP:  # the oldest goes (the lowest id among the oldest)
+                        del through[min(through, key=lambda r: (through[r], r))]
+                    self._note_tie(referrer, event.user_id)
                 if event.event_type == EventType.PURCHASE:
                     bought = self._purchases.setdefault(event.user_id, {})
                     bought[event.item_id] = max(second, bought.get(event.item_id, second))
@@ -256,6 +260,11 @@ class MemoryStore:
                 oldest = hour_of(self._clock) - TRENDING_BUCKETS_KEPT
                 for key in [k for k in self._buckets if k[1] <= oldest]:
                     del self._buckets[key]
+
+    def _note_tie(self, source: str, user: str) -> None:
+        # Called with self._lock held: `user` holds a record of `source`'s (a share, a referral).
+        self._sent.setdefault(source, set()).add(user)
+        self._came_from.setdefault(user, set()).add(source)
 
     def recent(self, user_id: str, limit: int = RECENT_CAP) -> list[OnlineEvent]:
         with self._lock:
@@ -310,14 +319,13 @@ class MemoryStore:
 
     def erase_user(self, user_id: str) -> None:
         with self._lock:
-            for record in self._inbox.get(user_id, []):
-                self._sent.get(unpack_share(user_id, record).user_id, set()).discard(user_id)
-            for referrer in self._referred_by.get(user_id, {}):
-                self._sent.get(referrer, set()).discard(user_id)
+            for source in self._came_from.pop(user_id, set()):
+                self._sent.get(source, set()).discard(user_id)
             for recipient in self._sent.pop(user_id, set()):
                 inbox = self._inbox.get(recipient, [])
                 inbox[:] = [record for record in inbox if unpack_share(recipient, record).user_id != user_id]
                 self._referred_by.get(recipient, {}).pop(user_id, None)
+                self._came_from.get(recipient, set()).discard(user_id)
             for table in (self._recent, self._purchases, self._inbox, self._referred_by, self._consent):
                 table.pop(user_id, None)
             self._erased.add(user_id)
@@ -435,12 +443,14 @@ def _catalog_row(item: Mapping[str, object]) -> tuple[str, dict[str, object]]:
 # -- Redis ---------------------------------------------------------------------------------------------------
 # KEYS: tombstones, clock, then per event: recent, purchases, global bucket, category bucket (the global
 # one again when the event has no category), the recipient's inbox (any key for an event without one), the
-# sender's sent set, the user's referred_by hash, the referrer's sent set (any key without a referrer).
-# ARGV: cap, user ttl, bucket ttl, clock member, inbox cap, then per event: user, record, second, item, action
-# ("p" purchase, "r" refund, "-"), trending weight ("0" for none), the recipient ("" for none), the inbox
-# record, the referrer ("" for none).
+# sender's sent set, the user's referred_by hash, the referrer's sent set (any key without a referrer), the
+# recipient's came_from set (any key without one), the user's came_from set. ARGV: cap, user ttl, bucket ttl,
+# clock member, inbox cap, referrers cap, then per event: user, record, second, item, action ("p" purchase,
+# "r" refund, "-"), trending weight ("0" for none), the recipient ("" for none), the inbox record, the
+# referrer ("" for none).
 _RECORD = """
 local cap, user_ttl, bucket_ttl, inbox_cap = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[5])
+local referrers_cap = tonumber(ARGV[6])
 local erased = {}
 local function is_erased(user)
   if erased[user] == nil then erased[user] = redis.call('SISMEMBER', KEYS[1], user) == 1 end
@@ -466,8 +476,8 @@ local function insert(key, record, limit)
   redis.call('LTRIM', key, 0, limit - 1)
   redis.call('EXPIRE', key, user_ttl)
 end
-for i = 0, (#KEYS - 2) / 8 - 1 do
-  local k, a = 3 + 8 * i, 6 + 9 * i
+for i = 0, (#KEYS - 2) / 10 - 1 do
+  local k, a = 3 + 10 * i, 7 + 9 * i
   local user, second, item = ARGV[a], ARGV[a + 2], ARGV[a + 3]
   if not is_erased(user) then
     insert(KEYS[k], ARGV[a + 1], cap)
@@ -491,14 +501,27 @@ for i = 0, (#KEYS - 2) / 8 - 1 do
     local target = ARGV[a + 6]
     if target ~= '' and not is_erased(target) then
       insert(KEYS[k + 4], ARGV[a + 7], inbox_cap)
-      redis.call('SADD', KEYS[k + 5], target)  -- no expiry: it must outlive every inbox holding the share
+      -- no expiry on either: they must outlive every record they point at
+      redis.call('SADD', KEYS[k + 5], target)
+      redis.call('SADD', KEYS[k + 8], user)
     end
     local referrer = ARGV[a + 8]
     if referrer ~= '' and not is_erased(referrer) then
       local last = redis.call('HGET', KEYS[k + 6], referrer)
       if not last or tonumber(last) < tonumber(second) then redis.call('HSET', KEYS[k + 6], referrer, second) end
+      if redis.call('HLEN', KEYS[k + 6]) > referrers_cap then  -- the oldest goes (the lowest id among the oldest)
+        local fields, oldest, oldest_at = redis.call('HGETALL', KEYS[k + 6]), nil, nil
+        for j = 1, #fields, 2 do
+          local at = tonumber(fields[j + 1])
+          if oldest == nil or at < oldest_at or (at == oldest_at and fields[j] < oldest) then
+            oldest, oldest_at = fields[j], at
+          end
+        end
+        redis.call('HDEL', KEYS[k + 6], oldest)
+      end
       redis.call('EXPIRE', KEYS[k + 6], user_ttl)
-      redis.call('SADD', KEYS[k + 7], user)  -- the referrer's: whom to scrub them from at their erasure
+      redis.call('SADD', KEYS[k + 7], user)
+      redis.call('SADD', KEYS[k + 9], referrer)
     end
     redis.call('ZADD', KEYS[2], 'GT', second, ARGV[4])
   end
@@ -508,18 +531,13 @@ return 0
 
 _ACTIONS = {EventType.PURCHASE.value: "p", EventType.REFUND.value: "r"}
 
-# KEYS: tombstones, the user's sent set, the user's inbox, the user's referred_by hash, then every key of the
-# user. ARGV: user id, inbox key prefix, sent set key prefix, referred_by key prefix. The user's shares leave
-# the inboxes of everyone they reached and the user leaves the referred_by of everyone who came through them;
-# the user leaves the sent sets of those whose shares their inbox holds or through whom they came; then their
-# keys go and the tombstone stays.
+# KEYS: tombstones, the user's sent set, the user's came_from set, then every key of the user. ARGV: user id,
+# inbox, sent set, referred_by and came_from key prefixes. The user leaves the sent sets of those whose shares
+# or referrals reached them; their shares leave the inboxes of everyone they reached, and they leave the
+# referred_by and came_from of everyone who came through them; then their keys go and the tombstone stays.
 _ERASE = """
 local user = ARGV[1]
-for _, record in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
-  local _, length = struct.unpack('>I4I2', record)
-  redis.call('SREM', ARGV[3] .. string.sub(record, 7, 6 + length), user)
-end
-for _, referrer in ipairs(redis.call('HKEYS', KEYS[4])) do redis.call('SREM', ARGV[3] .. referrer, user) end
+for _, source in ipairs(redis.call('SMEMBERS', KEYS[3])) do redis.call('SREM', ARGV[3] .. source, user) end
 for _, recipient in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local inbox = ARGV[2] .. recipient
   for _, record in ipairs(redis.call('LRANGE', inbox, 0, -1)) do
@@ -527,6 +545,7 @@ for _, recipient in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     if string.sub(record, 7, 6 + length) == user then redis.call('LREM', inbox, 0, record) end
   end
   redis.call('HDEL', ARGV[4] .. recipient, user)
+  redis.call('SREM', ARGV[5] .. recipient, user)
 end
 for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('SADD', KEYS[1], user)
@@ -702,7 +721,8 @@ class RedisStore:
         if not events:
             return
         keys: list[str] = [self.keys.tombstones, self.keys.clock]
-        args: list[Any] = [RECENT_CAP, USER_TTL_SECONDS, TRENDING_TTL_SECONDS, CLOCK_MEMBER, INBOX_CAP]
+        args: list[Any] = [RECENT_CAP, USER_TTL_SECONDS, TRENDING_TTL_SECONDS, CLOCK_MEMBER, INBOX_CAP,
+                           REFERRERS_CAP]
         for event in events:
             second = int(event.ts)
             hour = hour_of(second)
@@ -719,6 +739,8 @@ class RedisStore:
                 self.keys.sent(event.user_id),
                 self.keys.referred_by(event.user_id),
                 self.keys.sent(referrer) if referrer else self.keys.sent(event.user_id),  # unused without one
+                self.keys.came_from(target) if target else self.keys.came_from(event.user_id),  # the same
+                self.keys.came_from(event.user_id),
             ]
             action = _ACTIONS.get(event.event_type, "-")
             weight = self._weights.get(event.event_type, 0.0)
@@ -807,9 +829,9 @@ class RedisStore:
 
     def erase_user(self, user_id: str) -> None:
         keys = self.keys
-        self._erase(keys=[keys.tombstones, keys.sent(user_id), keys.inbox(user_id), keys.referred_by(user_id),
-                          *keys.user_keys(user_id)],
-                    args=[user_id, keys.inbox_prefix, keys.sent_prefix, keys.referred_by_prefix])
+        self._erase(keys=[keys.tombstones, keys.sent(user_id), keys.came_from(user_id), *keys.user_keys(user_id)],
+                    args=[user_id, keys.inbox_prefix, keys.sent_prefix, keys.referred_by_prefix,
+                          keys.came_from_prefix])
 
     def erased(self, user_ids: Sequence[str]) -> list[bool]:
         if not user_ids:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 RECENT_CAP = 50  # events kept per user, newest first
 INBOX_CAP = 50  # shares to a user kept, newest first
+REFERRERS_CAP = 50  # referrers a user came through kept per user, the latest
 EVENT_ID_TTL_SECONDS = 7 * 86_400  # how long a seen event_id makes a retry a no-op
 TRENDING_BUCKET_SECONDS = 3_600  # item counters are kept per hour ...
 TRENDING_BUCKETS_KEPT = 7 * 24  # ... for a week, then expire

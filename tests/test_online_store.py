@@ -16,6 +16,7 @@ from features.store import (
     CONSENT_PURPOSES,
     INBOX_CAP,
     RECENT_CAP,
+    REFERRERS_CAP,
     TRENDING_BUCKET_SECONDS,
     TRENDING_BUCKETS_KEPT,
     ClaimOutcome,
@@ -288,7 +289,8 @@ def test_a_referral_ties_the_user_to_the_referrer_until_either_is_erased(store: 
     assert store.snapshot("u2").referred_by == {}  # oneself or nobody: no tie
     assert [e.item_id for e in store.recent("u1")] == ["p2", "p3", "p4", "p1"]  # the events themselves as ever
     assert _sent(store, "k1") == {"u1", "u3"}
-    assert store.user_bytes("u1") > store.user_bytes("u9")
+    store.record([ev("u5", "p1", "view", T0), referred("u6", "p1", T0, "k3")])  # the same event, one referred
+    assert store.user_bytes("u6") > store.user_bytes("u5")
     store.erase_user("k1")  # a referrer's erasure: gone from every referred_by
     assert store.snapshot("u1").referred_by == {"k2": T0 + 3}
     assert store.snapshot("u3").referred_by == {}
@@ -297,6 +299,32 @@ def test_a_referral_ties_the_user_to_the_referrer_until_either_is_erased(store: 
     store.erase_user("u1")  # the referred user's erasure: their ties go, and they leave the referrer's set
     assert store.snapshot("u1").referred_by == {}
     assert _sent(store, "k2") == set()
+
+
+def test_a_user_keeps_the_latest_referrers_only(store: OnlineStore) -> None:
+    store.record([referred("u1", "p1", T0 + n, f"k{n:03d}") for n in range(REFERRERS_CAP + 3)])
+    store.record([referred("u1", "p1", T0 + 100, "k000")])  # a new event through a dropped referrer: back
+    kept = store.snapshot("u1").referred_by
+    assert len(kept) == REFERRERS_CAP
+    assert kept["k000"] == T0 + 100
+    assert min(kept.values()) == T0 + 4
+    assert {"k001", "k002", "k003"}.isdisjoint(kept)
+
+
+def test_erasure_finds_what_points_at_the_user_after_their_records_expired(store: OnlineStore) -> None:
+    """The inbox and referred_by expire, the sent sets do not: an erased user must leave those sets anyway."""
+    store.record([share("s1", "p1", T0, "u1"), referred("u1", "p2", T0, "k1")])
+    if isinstance(store, MemoryStore):
+        store._inbox.pop("u1")
+        store._referred_by.pop("u1")
+    else:
+        assert isinstance(store, RedisStore)
+        store.client.delete(store.keys.inbox("u1"), store.keys.referred_by("u1"))
+    assert _sent(store, "s1") == {"u1"}
+    assert _sent(store, "k1") == {"u1"}
+    store.erase_user("u1")
+    assert _sent(store, "s1") == set()
+    assert _sent(store, "k1") == set()
 
 
 def test_snapshot_reads_the_friends_purchases_in_the_same_trip(store: OnlineStore) -> None:

@@ -386,6 +386,11 @@ def test_someone_who_shares_with_the_user_or_refers_them_becomes_a_tie_whose_pur
     assert stranger not in view.context.friends_purchased
     hidden = {i["item_id"]: i for i in _feed(client, user, n=50, explain="true")["items"]}  # type: ignore[attr-defined]
     assert "social" not in hidden.get(item, {})
+    assert client.delete(f"/v1/users/{stranger}").status_code == 202  # erased: no tie, no share, nothing stored
+    view = client.app.state.service.user_view(user)  # type: ignore[attr-defined]
+    assert stranger not in view.context.referred_by
+    assert stranger not in [e.user_id for e in view.context.shared_to]
+    assert stranger not in client.app.state.service.store.snapshot(user).referred_by  # type: ignore[attr-defined]
 
 
 def test_a_store_failure_reading_a_new_ties_purchases_leaves_the_feed_up(bundle: Bundle, tmp_path: Path) -> None:
@@ -394,9 +399,12 @@ def test_a_store_failure_reading_a_new_ties_purchases_leaves_the_feed_up(bundle:
     seen = set(bundle.state.user_sees[row].indices.tolist())
     stranger = next(bundle.users.id_of(k) for k in range(len(bundle.users)) if k != row and k not in seen)
 
+    asked: list[str] = []
+
     class Failing(MemoryStore):
         def purchases_of(self, user_ids: Sequence[str]) -> dict[str, dict[str, float]]:
             if stranger in user_ids:  # the read after the snapshot
+                asked.append(stranger)
                 raise redis.ConnectionError("down")
             return super().purchases_of(user_ids)
 
@@ -417,6 +425,7 @@ def test_a_store_failure_reading_a_new_ties_purchases_leaves_the_feed_up(bundle:
         view = service.user_view(user)
         assert not view.degraded
         assert [e.user_id for e in view.context.shared_to] == [stranger]
+        assert asked  # the new tie's purchases were asked for, and that failed
         assert service.recovery.ready  # a read that failed is not an outage of the event path
 
 
