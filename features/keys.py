@@ -49,8 +49,8 @@ class Keys:
         return f"{self.prefix}in:"
 
     def sent(self, user_id: str) -> str:
-        """Set of the users whose inbox holds a share of this user's, or who came through a referral of
-        theirs (scrubbed when the user is erased)."""
+        """Set of the users who were sent a share of this user's or came through a referral of theirs (their
+        inbox or referred_by may have let the record go since; scrubbed when the user is erased)."""
         return f"{self.sent_prefix}{user_id}"
 
     def came_from(self, user_id: str) -> str:

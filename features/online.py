@@ -319,7 +319,9 @@ class MemoryStore:
 
     def erase_user(self, user_id: str) -> None:
         with self._lock:
-            for source in self._came_from.pop(user_id, set()):
+            sources = self._came_from.pop(user_id, set()) | set(self._referred_by.get(user_id, {}))
+            sources |= {unpack_share(user_id, record).user_id for record in self._inbox.get(user_id, [])}
+            for source in sources:
                 self._sent.get(source, set()).discard(user_id)
             for recipient in self._sent.pop(user_id, set()):
                 inbox = self._inbox.get(recipient, [])
@@ -451,6 +453,14 @@ def _catalog_row(item: Mapping[str, object]) -> tuple[str, dict[str, object]]:
 _RECORD = """
 local cap, user_ttl, bucket_ttl, inbox_cap = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[5])
 local referrers_cap = tonumber(ARGV[6])
+-- byte order, as Python orders the ids (Lua's < follows the server's locale)
+local function bytewise_before(x, y)
+  for j = 1, math.min(#x, #y) do
+    local a, b = string.byte(x, j), string.byte(y, j)
+    if a ~= b then return a < b end
+  end
+  return #x < #y
+end
 local erased = {}
 local function is_erased(user)
   if erased[user] == nil then erased[user] = redis.call('SISMEMBER', KEYS[1], user) == 1 end
@@ -513,7 +523,7 @@ for i = 0, (#KEYS - 2) / 10 - 1 do
         local fields, oldest, oldest_at = redis.call('HGETALL', KEYS[k + 6]), nil, nil
         for j = 1, #fields, 2 do
           local at = tonumber(fields[j + 1])
-          if oldest == nil or at < oldest_at or (at == oldest_at and fields[j] < oldest) then
+          if oldest == nil or at < oldest_at or (at == oldest_at and bytewise_before(fields[j], oldest)) then
             oldest, oldest_at = fields[j], at
           end
         end
@@ -533,11 +543,19 @@ _ACTIONS = {EventType.PURCHASE.value: "p", EventType.REFUND.value: "r"}
 
 # KEYS: tombstones, the user's sent set, the user's came_from set, then every key of the user. ARGV: user id,
 # inbox, sent set, referred_by and came_from key prefixes. The user leaves the sent sets of those whose shares
-# or referrals reached them; their shares leave the inboxes of everyone they reached, and they leave the
-# referred_by and came_from of everyone who came through them; then their keys go and the tombstone stays.
+# or referrals reached them (the came_from set names them, and so do the user's inbox and referred_by, which
+# records written before the came_from sets need); their shares leave the inboxes of everyone they reached,
+# and they leave the referred_by and came_from of everyone who came through them; then their keys go and the
+# tombstone stays.
 _ERASE = """
 local user = ARGV[1]
 for _, source in ipairs(redis.call('SMEMBERS', KEYS[3])) do redis.call('SREM', ARGV[3] .. source, user) end
+-- and those the user's own records name (records older than the came_from sets have no entry there)
+for _, record in ipairs(redis.call('LRANGE', ARGV[2] .. user, 0, -1)) do
+  local _, length = struct.unpack('>I4I2', record)
+  redis.call('SREM', ARGV[3] .. string.sub(record, 7, 6 + length), user)
+end
+for _, referrer in ipairs(redis.call('HKEYS', ARGV[4] .. user)) do redis.call('SREM', ARGV[3] .. referrer, user) end
 for _, recipient in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local inbox = ARGV[2] .. recipient
   for _, record in ipairs(redis.call('LRANGE', inbox, 0, -1)) do

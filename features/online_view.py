@@ -36,7 +36,7 @@ class SocialUpdates:
     friends: np.ndarray  # one entry per purchase
     friend_items: np.ndarray
     friend_ts: np.ndarray
-    # people the user sees since the bundle (whoever shared with them): a rebuilt graph would hold these ties
+    # people the user sees since the bundle (who shared with them, who referred them): a rebuilt graph holds these
     ties: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 

@@ -64,7 +64,7 @@ class SocialProof:
                   since_bundle: Sequence[str] = ()) -> dict[int, Proof]:
         """Per item idx with at least one friend's purchase: how many friends bought it and who. `recent`:
         friends' purchases since the bundle (friend id -> item id -> time), from the online store;
-        `since_bundle`: people the user sees since the bundle (who shared with them)."""
+        `since_bundle`: people the user sees since the bundle (who shared with them or referred them)."""
         friends = self._ties(user_id, since_bundle) if len(items) else np.empty(0, dtype=np.int64)
         if not len(friends):
             return {}

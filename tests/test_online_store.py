@@ -311,6 +311,12 @@ def test_a_user_keeps_the_latest_referrers_only(store: OnlineStore) -> None:
     assert {"k001", "k002", "k003"}.isdisjoint(kept)
 
 
+def test_among_the_oldest_referrers_the_lowest_id_in_byte_order_goes(store: OnlineStore) -> None:
+    names = ["a", "é", "B", *(f"z{n:03d}" for n in range(REFERRERS_CAP - 2))]  # one too many, all at once
+    store.record([referred("u1", "p1", T0, name) for name in names])
+    assert set(names) - set(store.snapshot("u1").referred_by) == {"B"}  # "B" < "a" < "z..." < "é"
+
+
 def test_erasure_finds_what_points_at_the_user_after_their_records_expired(store: OnlineStore) -> None:
     """The inbox and referred_by expire, the sent sets do not: an erased user must leave those sets anyway."""
     store.record([share("s1", "p1", T0, "u1"), referred("u1", "p2", T0, "k1")])
@@ -322,6 +328,29 @@ def test_erasure_finds_what_points_at_the_user_after_their_records_expired(store
         store.client.delete(store.keys.inbox("u1"), store.keys.referred_by("u1"))
     assert _sent(store, "s1") == {"u1"}
     assert _sent(store, "k1") == {"u1"}
+    store.record([share("s2", "p1", T0, "u1"), referred("u1", "p2", T0, "k2")])
+    store.erase_user("s2")  # the sharer's erasure: gone from the recipient's came_from set too
+    store.erase_user("k2")
+    assert _came_from(store, "u1") == {"s1", "k1"}
+    store.erase_user("u1")
+    assert _sent(store, "s1") == set()
+    assert _sent(store, "k1") == set()
+
+
+def _came_from(store: OnlineStore, user: str) -> set[str]:
+    if isinstance(store, MemoryStore):
+        return set(store._came_from.get(user, set()))
+    assert isinstance(store, RedisStore)
+    return {member.decode() for member in store.client.smembers(store.keys.came_from(user))}
+
+
+def test_erasure_reads_the_users_own_records_for_ties_noted_before_the_came_from_sets(store: OnlineStore) -> None:
+    store.record([share("s1", "p1", T0, "u1"), referred("u1", "p2", T0, "k1")])
+    if isinstance(store, MemoryStore):
+        store._came_from.pop("u1")
+    else:
+        assert isinstance(store, RedisStore)
+        store.client.delete(store.keys.came_from("u1"))
     store.erase_user("u1")
     assert _sent(store, "s1") == set()
     assert _sent(store, "k1") == set()
