@@ -44,18 +44,21 @@ class Setup:
     settings: dict[str, object] = field(default_factory=dict)  # LightGBM settings over fit_ranker's
 
 
+LAMBDARANK = {"objective": "lambdarank"}  # named, since the parameters file may choose another objective
+
 SETUPS = (
     Setup("served"),
+    Setup("lambdarank", LAMBDARANK),
     Setup("binary", {"objective": "binary"}),
     Setup("xendcg", {"objective": "rank_xendcg"}),
-    Setup("lambdarank_truncation_250", settings={"lambdarank_truncation_level": 250}),
-    Setup("lambdarank_linear_gain", settings={"label_gain": [0.0, 1.0, 2.0]}),
-    Setup("small_data", SMALL_DATA),
+    Setup("lambdarank_truncation_250", LAMBDARANK, settings={"lambdarank_truncation_level": 250}),
+    Setup("lambdarank_linear_gain", LAMBDARANK, settings={"label_gain": [0.0, 1.0, 2.0]}),
+    Setup("small_data", {**LAMBDARANK, **SMALL_DATA}),
     Setup("binary_small_data", {"objective": "binary", **SMALL_DATA}),
     Setup("binary_31_leaves", {"objective": "binary", "num_leaves": 31, "min_data_in_leaf": 50}),
-    Setup("all_negatives", {"negatives_per_group": ALL_NEGATIVES}),
+    Setup("all_negatives", {**LAMBDARANK, "negatives_per_group": ALL_NEGATIVES}),
     Setup("binary_all_negatives", {"objective": "binary", "negatives_per_group": ALL_NEGATIVES}),
-    Setup("windows_6", {"label_windows": 6}),
+    Setup("windows_6", {**LAMBDARANK, "label_windows": 6}),
     Setup("binary_windows_6", {"objective": "binary", "label_windows": 6}),
 )
 
