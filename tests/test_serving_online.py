@@ -348,6 +348,14 @@ def test_a_friends_purchase_since_the_bundle_counts_in_features_and_social_proof
     assert hidden.get(item, {}).get("source") != "friends_bought"
 
 
+def _stranger(bundle: Bundle, user: str) -> str:
+    """A bundle user whom `user` does not see."""
+    row = bundle.users.index_of(user)
+    assert row is not None
+    seen = set(bundle.state.user_sees[row].indices.tolist())
+    return next(bundle.users.id_of(k) for k in range(len(bundle.users)) if k != row and k not in seen)
+
+
 @pytest.mark.parametrize("tie", ["share", "referral"])
 def test_someone_who_shares_with_the_user_or_refers_them_becomes_a_tie_whose_purchases_count(
         client: TestClient, bundle: Bundle, tie: str) -> None:
@@ -355,10 +363,7 @@ def test_someone_who_shares_with_the_user_or_refers_them_becomes_a_tie_whose_pur
     rebuilt graph would hold the tie): their purchases since the bundle reach the user's context and social
     proof, consent permitting."""
     user, _ = _friend_pair(bundle)
-    row = bundle.users.index_of(user)
-    assert row is not None
-    seen = set(bundle.state.user_sees[row].indices.tolist())
-    stranger = next(bundle.users.id_of(k) for k in range(len(bundle.users)) if k != row and k not in seen)
+    stranger = _stranger(bundle, user)
     assert stranger not in client.app.state.service.recommender.friend_ids(user)  # type: ignore[attr-defined]
     feed = _feed(client, user, n=50, explain="true")
     item = next(i for i in feed["items"] if "social" not in i)["item_id"]  # type: ignore[attr-defined]
@@ -395,10 +400,7 @@ def test_someone_who_shares_with_the_user_or_refers_them_becomes_a_tie_whose_pur
 
 def test_a_store_failure_reading_a_new_ties_purchases_leaves_the_feed_up(bundle: Bundle, tmp_path: Path) -> None:
     user, _ = _friend_pair(bundle)
-    row = bundle.users.index_of(user)
-    seen = set(bundle.state.user_sees[row].indices.tolist())
-    stranger = next(bundle.users.id_of(k) for k in range(len(bundle.users)) if k != row and k not in seen)
-
+    stranger = _stranger(bundle, user)
     asked: list[str] = []
 
     class Failing(MemoryStore):
