@@ -348,6 +348,37 @@ def test_a_friends_purchase_since_the_bundle_counts_in_features_and_social_proof
     assert hidden.get(item, {}).get("source") != "friends_bought"
 
 
+def test_what_a_friend_shares_since_the_bundle_counts_in_the_users_features(client: TestClient, bundle: Bundle
+                                                                           ) -> None:
+    from features.ranking import FEATURE_NAMES, pair_features
+    from serving.recommender import Recommender
+
+    user, friend = _friend_pair(bundle)
+    item = bundle.items.ids.tolist()[-1]
+    recommender = Recommender(bundle)
+    user_idx, item_idx = bundle.users.index_of(user), bundle.items.index_of(item)
+    assert user_idx is not None
+    assert item_idx is not None
+    column = FEATURE_NAMES.index("friends_shared_1d")
+
+    def friends_shared_1d() -> float:
+        view = client.app.state.service.user_view(user)  # type: ignore[attr-defined]
+        profile = recommender._profile(user_idx, view.context)
+        assert profile is not None
+        return float(pair_features(profile.state, np.asarray([profile.row]), np.asarray([item_idx]), {}, {})[0, column])
+
+    before = friends_shared_1d()
+    posted = client.post("/v1/events", json={"events": [  # shared with someone else: the user still sees it
+        {"user_id": friend, "item_id": item, "event_type": "share", "target_user_id": _stranger(bundle, user),
+         "timestamp": _now()}]})
+    assert posted.json()["accepted"] == 1, posted.text
+    view = client.app.state.service.user_view(user)  # type: ignore[attr-defined]
+    assert item in view.context.friends_shared[friend]
+    assert friends_shared_1d() == before + 1
+    client.put(f"/v1/users/{friend}/consent", json={"social_proof": False})
+    assert friend not in client.app.state.service.user_view(user).context.friends_shared  # type: ignore[attr-defined]
+
+
 def _stranger(bundle: Bundle, user: str) -> str:
     """A bundle user whom `user` does not see."""
     row = bundle.users.index_of(user)
@@ -404,11 +435,12 @@ def test_a_store_failure_reading_a_new_ties_purchases_leaves_the_feed_up(bundle:
     asked: list[str] = []
 
     class Failing(MemoryStore):
-        def purchases_of(self, user_ids: Sequence[str]) -> dict[str, dict[str, float]]:
+        def activity_of(self, user_ids: Sequence[str]
+                        ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
             if stranger in user_ids:  # the read after the snapshot
                 asked.append(stranger)
                 raise redis.ConnectionError("down")
-            return super().purchases_of(user_ids)
+            return super().activity_of(user_ids)
 
     settings = ServingSettings(event_log=tmp_path / "log")
     with TestClient(create_app(settings, bundle=bundle, store=Failing())) as client:
