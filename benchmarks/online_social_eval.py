@@ -83,10 +83,14 @@ def replay(recommender: Recommender, store: RedisStore, test: pd.DataFrame, cut:
             friends = recommender.friend_ids(str(user))
             snapshot = store.snapshot(str(user), friends)
             shared, friends_bought = newer_than(snapshot.shared_to, snapshot.friends_purchased, since)
+            friends_shared = newer_than([], snapshot.friends_shared, since)[1]
             referred = {r: ts for r, ts in snapshot.referred_by.items() if ts >= since}
             if ties := unread(new_ties(shared, referred, since), friends, recommender.bundle.users):
-                friends_bought |= newer_than([], store.purchases_of(ties), since)[1]  # ties since the bundle
-            context = UserContext(snapshot.recent, snapshot.purchased, shared, friends_bought, referred)
+                ties_bought, ties_shared = store.activity_of(ties)  # ties since the bundle
+                friends_bought |= newer_than([], ties_bought, since)[1]
+                friends_shared |= newer_than([], ties_shared, since)[1]
+            context = UserContext(snapshot.recent, snapshot.purchased, shared, friends_bought, referred,
+                                  friends_shared)
             now = start.to_pydatetime()  # the request's clock: the slice start
             feed = [i.item_id for i in recommender.feed(str(user), K, context=context, now=now).items]
             seconds["online_social"] += time.perf_counter() - started

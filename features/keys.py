@@ -40,6 +40,10 @@ class Keys:
         """Hash: item id -> second of the last purchase."""
         return f"{self.prefix}p:{user_id}"
 
+    def shared_items(self, user_id: str) -> str:
+        """Hash: item id -> second of the user's last share of it (to anyone)."""
+        return f"{self.prefix}sh:{user_id}"
+
     def inbox(self, user_id: str) -> str:
         """List of packed share records (who shared which item with the user), newest first (INBOX_CAP kept)."""
         return f"{self.inbox_prefix}{user_id}"
@@ -81,7 +85,8 @@ class Keys:
     def user_keys(self, user_id: str) -> tuple[str, ...]:
         """Every key holding this user's personal state (what an erasure deletes; their records in other
         users' inboxes are scrubbed apart)."""
-        return (self.recent(user_id), self.purchases(user_id), self.inbox(user_id), self.sent(user_id),
+        return (self.recent(user_id), self.purchases(user_id), self.shared_items(user_id), self.inbox(user_id),
+                self.sent(user_id),
                 self.referred_by(user_id), self.came_from(user_id), self.consent(user_id))
 
     @property

@@ -159,6 +159,7 @@ class MemoryStore:
         self._referred_by: dict[str, dict[str, int]] = {}  # user -> referrer -> second of the last such event
         self._came_from: dict[str, set[str]] = {}  # user -> whose sent sets note them (for their erasure)
         self._purchases: dict[str, dict[str, int]] = {}
+        self._shared_items: dict[str, dict[str, int]] = {}  # user -> item -> second of their last share of it
         self._consent: dict[str, dict[str, bool]] = {}
         self._erased: set[str] = set()
         self._buckets: dict[tuple[str | None, int], dict[str, float]] = {}
@@ -244,9 +245,10 @@ class MemoryStore:
                     if len(through) > REFERRERS_CAP:  # the oldest goes (the lowest id among the oldest)
                         del through[min(through, key=lambda r: (through[r], r))]
                     self._note_tie(referrer, event.user_id)
-                if event.event_type == EventType.PURCHASE:
-                    bought = self._purchases.setdefault(event.user_id, {})
-                    bought[event.item_id] = max(second, bought.get(event.item_id, second))
+                if event.event_type in (EventType.PURCHASE, EventType.SHARE):
+                    table = self._purchases if event.event_type == EventType.PURCHASE else self._shared_items
+                    last = table.setdefault(event.user_id, {})
+                    last[event.item_id] = max(second, last.get(event.item_id, second))
                 elif event.event_type == EventType.REFUND:
                     self._purchases.get(event.user_id, {}).pop(event.item_id, None)
                 weight = self._weights.get(event.event_type, 0.0)
@@ -275,17 +277,19 @@ class MemoryStore:
         with self._lock:
             return {item: float(ts) for item, ts in self._purchases.get(user_id, {}).items()}
 
-    def purchases_of(self, user_ids: Sequence[str]) -> dict[str, dict[str, float]]:
+    def activity_of(self, user_ids: Sequence[str]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
         with self._lock:
-            return {user: self.purchased(user) for user in user_ids if self._purchases.get(user)}
+            return tuple(  # type: ignore[return-value]
+                {user: {item: float(ts) for item, ts in table[user].items()} for user in user_ids if table.get(user)}
+                for table in (self._purchases, self._shared_items))
 
     def snapshot(self, user_id: str, friends: Sequence[str] = ()) -> UserSnapshot:
         with self._lock:
             shared = [unpack_share(user_id, record) for record in self._inbox.get(user_id, [])]
-            bought = self.purchases_of(friends)
+            bought, their_shares = self.activity_of(friends)
             referred = {referrer: float(ts) for referrer, ts in self._referred_by.get(user_id, {}).items()}
             return UserSnapshot(self.recent(user_id), self.purchased(user_id), self.consent(user_id),
-                                user_id in self._erased, shared, bought, referred)
+                                user_id in self._erased, shared, bought, referred, their_shares)
 
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:
         with self._lock:
@@ -328,7 +332,8 @@ class MemoryStore:
                 inbox[:] = [record for record in inbox if unpack_share(recipient, record).user_id != user_id]
                 self._referred_by.get(recipient, {}).pop(user_id, None)
                 self._came_from.get(recipient, set()).discard(user_id)
-            for table in (self._recent, self._purchases, self._inbox, self._referred_by, self._consent):
+            for table in (self._recent, self._purchases, self._shared_items, self._inbox, self._referred_by,
+                          self._consent):
                 table.pop(user_id, None)
             self._erased.add(user_id)
 
@@ -386,6 +391,7 @@ class MemoryStore:
         with self._lock:
             recent = sum(len(record) for record in (*self._recent.get(user_id, []), *self._inbox.get(user_id, [])))
             bought = sum(len(item.encode()) + 4 for item in self._purchases.get(user_id, {}))
+            bought += sum(len(item.encode()) + 4 for item in self._shared_items.get(user_id, {}))
             bought += sum(len(referrer.encode()) + 4 for referrer in self._referred_by.get(user_id, {}))
             given = sum(len(purpose) + 1 for purpose in self._consent.get(user_id, {}))
         return recent + bought + given
@@ -443,12 +449,13 @@ def _catalog_row(item: Mapping[str, object]) -> tuple[str, dict[str, object]]:
 
 
 # -- Redis ---------------------------------------------------------------------------------------------------
-# KEYS: tombstones, clock, then per event: recent, purchases, global bucket, category bucket (the global
-# one again when the event has no category), the recipient's inbox (any key for an event without one), the
-# sender's sent set, the user's referred_by hash, the referrer's sent set (any key without a referrer), the
-# recipient's came_from set (any key without one), the user's came_from set. ARGV: cap, user ttl, bucket ttl,
-# clock member, inbox cap, referrers cap, then per event: user, record, second, item, action ("p" purchase,
-# "r" refund, "-"), trending weight ("0" for none), the recipient ("" for none), the inbox record, the
+# KEYS: tombstones, clock, then per event: recent, the hash the action writes (purchases; shared items for a
+# share), global bucket, category bucket (the global one again when the event has no category), the
+# recipient's inbox (any key for an event without one), the sender's sent set, the user's referred_by hash,
+# the referrer's sent set (any key without a referrer), the recipient's came_from set (any key without one),
+# the user's came_from set. ARGV: cap, user ttl, bucket ttl, clock member, inbox cap, referrers cap, then per
+# event: user, record, second, item, action ("p" purchase and "s" share: the last second per item; "r" refund:
+# the purchase goes; "-"), trending weight ("0" for none), the recipient ("" for none), the inbox record, the
 # referrer ("" for none).
 _RECORD = """
 local cap, user_ttl, bucket_ttl, inbox_cap = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[5])
@@ -492,7 +499,7 @@ for i = 0, (#KEYS - 2) / 10 - 1 do
   if not is_erased(user) then
     insert(KEYS[k], ARGV[a + 1], cap)
     local action = ARGV[a + 4]
-    if action == 'p' then
+    if action == 'p' or action == 's' then
       local last = redis.call('HGET', KEYS[k + 1], item)
       if not last or tonumber(last) < tonumber(second) then redis.call('HSET', KEYS[k + 1], item, second) end
       redis.call('EXPIRE', KEYS[k + 1], user_ttl)
@@ -539,7 +546,7 @@ end
 return 0
 """
 
-_ACTIONS = {EventType.PURCHASE.value: "p", EventType.REFUND.value: "r"}
+_ACTIONS = {EventType.PURCHASE.value: "p", EventType.REFUND.value: "r", EventType.SHARE.value: "s"}
 
 # KEYS: tombstones, the user's sent set, the user's came_from set, then every key of the user. ARGV: user id,
 # inbox, sent set, referred_by and came_from key prefixes. The user leaves the sent sets of those whose shares
@@ -750,7 +757,8 @@ class RedisStore:
             referrer = referred_through(event)
             keys += [
                 self.keys.recent(event.user_id),
-                self.keys.purchases(event.user_id),
+                self.keys.shared_items(event.user_id) if event.event_type == EventType.SHARE
+                else self.keys.purchases(event.user_id),
                 everywhere,
                 everywhere if event.category is None else self.keys.trending_bucket(hour, event.category),
                 self.keys.inbox(target) if target else self.keys.recent(event.user_id),  # unused without a target
@@ -776,11 +784,16 @@ class RedisStore:
         stored = cast(dict[bytes, bytes], self._redis.hgetall(self.keys.purchases(user_id)))
         return {item.decode(): float(ts) for item, ts in stored.items()}
 
-    def purchases_of(self, user_ids: Sequence[str]) -> dict[str, dict[str, float]]:
+    def activity_of(self, user_ids: Sequence[str]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
         pipe = self._redis.pipeline(transaction=False)
+        self._read_activity(pipe, user_ids)
+        return _activity(user_ids, cast(list[dict[bytes, bytes]], pipe.execute()))
+
+    def _read_activity(self, pipe: Any, user_ids: Sequence[str]) -> None:
         for user in user_ids:
             pipe.hgetall(self.keys.purchases(user))
-        return _purchases_by_user(user_ids, cast(list[dict[bytes, bytes]], pipe.execute()))
+        for user in user_ids:
+            pipe.hgetall(self.keys.shared_items(user))
 
     def snapshot(self, user_id: str, friends: Sequence[str] = ()) -> UserSnapshot:
         pipe = self._redis.pipeline(transaction=False)
@@ -790,18 +803,17 @@ class RedisStore:
         pipe.sismember(self.keys.tombstones, user_id)
         pipe.lrange(self.keys.inbox(user_id), 0, INBOX_CAP - 1)
         pipe.hgetall(self.keys.referred_by(user_id))
-        for friend in friends:
-            pipe.hgetall(self.keys.purchases(friend))
+        self._read_activity(pipe, friends)
         Stored = dict[bytes, bytes]
         records, bought, given, erased, inbox, referred, *theirs = cast(
             tuple[list[bytes], Stored, Stored, int, list[bytes], Stored, *tuple[Stored, ...]], pipe.execute())
         stated = {purpose.decode(): value == b"1" for purpose, value in given.items()}
-        friends_bought = _purchases_by_user(friends, theirs)
+        friends_bought, friends_shared = _activity(friends, theirs)
         return UserSnapshot([unpack_event(user_id, record) for record in records],
                             {item.decode(): float(ts) for item, ts in bought.items()},
                             {purpose: stated.get(purpose, True) for purpose in CONSENT_PURPOSES}, bool(erased),
                             [unpack_share(user_id, record) for record in inbox], friends_bought,
-                            {referrer.decode(): float(ts) for referrer, ts in referred.items()})
+                            {referrer.decode(): float(ts) for referrer, ts in referred.items()}, friends_shared)
 
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:
         window = _window(hours)
@@ -953,7 +965,12 @@ def open_store(url: str | None, prefix: str = "sf:") -> OnlineStore:
     return RedisStore(url, prefix)
 
 
-def _purchases_by_user(user_ids: Sequence[str], stored: Sequence[dict[bytes, bytes]]) -> dict[str, dict[str, float]]:
-    """Purchase hashes read for `user_ids` (in order), as item id -> time; users without any are left out."""
-    return {user: {item.decode(): float(ts) for item, ts in hashed.items()}
-            for user, hashed in zip(user_ids, stored, strict=True) if hashed}
+def _activity(user_ids: Sequence[str], stored: Sequence[dict[bytes, bytes]]
+              ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """The purchase hashes then the shared-item hashes read for `user_ids` (in order each), as item id -> time;
+    users without any are left out."""
+    def by_user(hashes: Sequence[dict[bytes, bytes]]) -> dict[str, dict[str, float]]:
+        return {user: {item.decode(): float(ts) for item, ts in hashed.items()}
+                for user, hashed in zip(user_ids, hashes, strict=True) if hashed}
+
+    return by_user(stored[: len(user_ids)]), by_user(stored[len(user_ids) :])

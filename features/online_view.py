@@ -38,6 +38,7 @@ class SocialUpdates:
     friend_ts: np.ndarray
     # people the user sees since the bundle (who shared with them, who referred them): a rebuilt graph holds these
     ties: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    friend_shares: OnlineCells | None = None  # what friends shared (to anyone): friend, item, time
 
 
 def _user_fields(state: FeatureState) -> list[str]:
@@ -145,11 +146,11 @@ def user_view(
         _shared_to(rows, social)
         ties = social.ties[social.ties >= 0]
         rows["user_sees"] = _add(rows["user_sees"], ties, np.ones(len(ties)), "max")
-        known_items = (social.friend_items >= 0) & (social.friends >= 0)
-        cells = OnlineCells(social.friends[known_items], social.friend_items[known_items],
-                            social.friend_ts[known_items].astype(np.float64))
-        view_social = replace(state.social, recent_purchases=cells)
-        all_times = np.concatenate([all_times, social.share_ts, social.friend_ts]).astype(np.float64)
+        cells = _known(OnlineCells(social.friends, social.friend_items, social.friend_ts))
+        shares = _known(social.friend_shares) if social.friend_shares is not None else None
+        view_social = replace(state.social, recent_purchases=cells, recent_shares=shares)
+        share_times = shares.value if shares is not None else np.empty(0)
+        all_times = np.concatenate([all_times, social.share_ts, social.friend_ts, share_times]).astype(np.float64)
     if not len(all_times):
         return replace(state, **rows)
     # Events seen online are the newest the system knows of: friends' windows end at them, as they end at
@@ -157,6 +158,12 @@ def user_view(
     view_social = replace(view_social, newest=float(np.nanmax([view_social.newest, all_times.max()])))
     newest = pd.Timestamp(float(all_times.max()) + 1.0, unit="s", tz="UTC")
     return replace(state, cutoff=max(state.cutoff, newest), social=view_social, **rows)
+
+
+def _known(cells: OnlineCells) -> OnlineCells:
+    """The cells whose person and item the bundle knows, times as float64."""
+    keep = (cells.person >= 0) & (cells.col >= 0)
+    return OnlineCells(cells.person[keep], cells.col[keep], cells.value[keep].astype(np.float64))
 
 
 def _shared_to(rows: dict[str, Any], social: SocialUpdates) -> None:

@@ -44,17 +44,23 @@ class SocialView:
     sees: sp.csr_matrix  # users x users (the state's user_sees): for whom the user's friends see
     newest: float = float("nan")  # epoch seconds of the newest cell in the rows above; NaN when all are empty
     recent_purchases: OnlineCells | None = None  # a one-user view's: the friends' purchases since the cut-off
+    recent_shares: OnlineCells | None = None  # a one-user view's: what the friends shared since the cut-off
 
     def bought_cells(self, people: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`row_cells` of `bought` for `people`, with their purchases since the cut-off."""
         return merged_cells(self.bought, self.recent_purchases, people)
 
     def touched_cells(self, people: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`row_cells` of `touched` for `people`, with their purchases since the cut-off (a positive event)."""
-        return merged_cells(self.touched, self.recent_purchases, people)
+        """`row_cells` of `touched` for `people`, with their purchases and shares since the cut-off (positive
+        events; their views are not read online)."""
+        recent = [c for c in (self.recent_purchases, self.recent_shares) if c is not None]
+        both = OnlineCells(*(np.concatenate([getattr(c, f) for c in recent]) for f in ("person", "col", "value"))
+                           ) if len(recent) > 1 else (recent[0] if recent else None)
+        return merged_cells(self.touched, both, people)
 
     def shared_cells(self, people: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return row_cells(self.shared, people)
+        """`row_cells` of `shared` for `people`, with what they shared since the cut-off."""
+        return merged_cells(self.shared, self.recent_shares, people)
 
     @classmethod
     def of(cls, touched: sp.csr_matrix, bought: sp.csr_matrix, shared: sp.csr_matrix, influence: np.ndarray,

@@ -56,6 +56,7 @@ class UserSnapshot:
     shared_to: list[OnlineEvent] = field(default_factory=list)  # shares to the user (user_id: the sharer), newest first
     friends_purchased: dict[str, dict[str, float]] = field(default_factory=dict)  # friend id -> their purchases
     referred_by: dict[str, float] = field(default_factory=dict)  # referrer id -> the user's last event through them
+    friends_shared: dict[str, dict[str, float]] = field(default_factory=dict)  # friend id -> items they shared
 
 
 class OnlineStore(Protocol):
@@ -83,7 +84,7 @@ class OnlineStore(Protocol):
 
     def record(self, events: Sequence[OnlineEvent]) -> None:
         """Apply accepted events: each user's recent list (capped at RECENT_CAP), purchases (a refund
-        removes the item again), per-hour item counters (global and per category) for trending, a share
+        removes the item again) and shared items, per-hour item counters (global and per category) for trending, a share
         with a recipient in the recipient's inbox (capped at INBOX_CAP; not for an erased recipient), and an
         event with a referrer in the user's `referred_by` (not for an erased referrer)."""
         ...
@@ -97,12 +98,13 @@ class OnlineStore(Protocol):
         ...
 
     def snapshot(self, user_id: str, friends: Sequence[str] = ()) -> UserSnapshot:
-        """`recent`, `purchased`, `consent`, the tombstone, the inbox and `referred_by` of one user, and the
-        purchases of `friends` (those with any), in one round trip (what a feed reads)."""
+        """`recent`, `purchased`, `consent`, the tombstone, the inbox and `referred_by` of one user, and what
+        `friends` bought and shared (those with any), in one round trip (what a feed reads)."""
         ...
 
-    def purchases_of(self, user_ids: Sequence[str]) -> dict[str, dict[str, float]]:
-        """`purchased` of several users (those with any), in one round trip."""
+    def activity_of(self, user_ids: Sequence[str]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+        """What several users bought and shared since the bundle's data (item id -> time of the last purchase,
+        of the last share; users without any left out), in one round trip."""
         ...
 
     def trending(self, hours: int, n: int, category: str | None = None) -> list[tuple[str, float]]:

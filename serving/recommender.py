@@ -30,6 +30,7 @@ from features.foldin import FoldIn
 from features.online_view import SocialUpdates, blank_user_rows, user_view
 from features.popularity import ranked
 from features.repurchase import NO_CATEGORY
+from features.social_state import OnlineCells
 from features.state import FeatureState
 from features.store import OnlineEvent
 from features.vocab import Vocabulary
@@ -76,6 +77,7 @@ class UserContext:
     shared_to: Sequence[OnlineEvent] = ()  # shares to the user (user_id: the sharer), newest first
     friends_purchased: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # friend -> their purchases
     referred_by: Mapping[str, float] = field(default_factory=dict)  # referrer -> the user's last event through them
+    friends_shared: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # friend -> items they shared
 
 
 def newer_than(shared_to: Sequence[OnlineEvent], friends_purchased: Mapping[str, Mapping[str, float]], since: float,
@@ -238,11 +240,16 @@ class Recommender:
         users, items = self.bundle.users, self.bundle.items
         newer, newer_bought = newer_than(context.shared_to, context.friends_purchased, self.bundle.state.cutoff_seconds)
         shares = [e for e in newer if e.item_id in items]
-        bought = [(friend, item, ts) for friend, purchases in newer_bought.items() if friend in users
-                  for item, ts in purchases.items() if item in items]
-        ties = users.indexes(new_ties(newer, context.referred_by, self.bundle.state.cutoff_seconds))
+        since = self.bundle.state.cutoff_seconds
+
+        def known(activity: Mapping[str, Mapping[str, float]]) -> list[tuple[str, str, float]]:
+            return [(friend, item, ts) for friend, done in newer_than([], activity, since)[1].items()
+                    if friend in users for item, ts in done.items() if item in items]
+
+        bought, their_shares = known(newer_bought), known(context.friends_shared)
+        ties = users.indexes(new_ties(newer, context.referred_by, since))
         ties = ties[ties >= 0]
-        if not shares and not bought and not len(ties):
+        if not shares and not bought and not their_shares and not len(ties):
             return None
         return SocialUpdates(
             share_items=items.indexes([e.item_id for e in shares]),
@@ -252,6 +259,9 @@ class Recommender:
             friend_items=items.indexes([item for _, item, _ in bought]),
             friend_ts=np.asarray([ts for _, _, ts in bought], dtype=np.float64),
             ties=ties,
+            friend_shares=OnlineCells(users.indexes([friend for friend, _, _ in their_shares]),
+                                      items.indexes([item for _, item, _ in their_shares]),
+                                      np.asarray([ts for _, _, ts in their_shares], dtype=np.float64)),
         )
 
     def _rank(self, profile: _Profile, blocked: np.ndarray, category: str | None) -> Candidates:

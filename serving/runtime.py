@@ -22,7 +22,7 @@ import orjson
 from features.eventlog import EventLog
 from features.ledger import ControlLedger
 from features.online import STORE_ERRORS
-from features.store import OnlineEvent, OnlineStore, UserSnapshot
+from features.store import OnlineStore, UserSnapshot
 from features.vocab import Vocabulary
 from serving import metrics
 from serving.merchandising import Rule, RuleBook
@@ -191,21 +191,22 @@ class Service:
         (serving.privacy: the event log's ledger with the store, the ledger alone while the store is away)."""
         return self.privacy.allowed(user_ids, ["social_proof"])
 
-    def _from_others(self, snapshot: UserSnapshot, since: float, friends: Sequence[str], known: Vocabulary | None
-                     ) -> tuple[list[OnlineEvent], dict[str, float], dict[str, dict[str, float]]]:
-        """The shares to the user, the referrals they came through and the friends' purchases newer than the
-        bundle (`since`) that may be used: not from an erased sharer or referrer, not from a friend erased or
-        withholding `social_proof` (what a friend bought shows in the feed). One more store round trip, only
-        when there is any.
+    def _context(self, snapshot: UserSnapshot, since: float, friends: Sequence[str], known: Vocabulary | None
+                 ) -> UserContext:
+        """The user's context: their own records, and the shares to them, the referrals they came through and
+        what their friends bought and shared newer than the bundle (`since`) that may be used: not from an
+        erased sharer or referrer, not from a friend erased or withholding `social_proof` (what a friend bought
+        shows in the feed). One more store round trip, only when there is any.
 
-        Whoever shared with the user or referred them is one of the people they see from then on; the
-        purchases of those the snapshot did not read (not among `friends`, and `known` to the bundle) take
-        one more round trip."""
+        Whoever shared with the user or referred them is one of the people they see from then on; what those
+        the snapshot did not read (not among `friends`, and `known` to the bundle) bought and shared takes one
+        more round trip."""
         shared, bought = newer_than(snapshot.shared_to, snapshot.friends_purchased, since)
+        their_shares = newer_than([], snapshot.friends_shared, since)[1]
         referred = {referrer: ts for referrer, ts in snapshot.referred_by.items() if ts >= since}
-        people = list(dict.fromkeys([*(e.user_id for e in shared), *referred, *bought]))
+        people = list(dict.fromkeys([*(e.user_id for e in shared), *referred, *bought, *their_shares]))
         if not people:
-            return [], {}, {}
+            return UserContext(snapshot.recent, snapshot.purchased)
         standing = dict(zip(people, self.privacy.standings(people), strict=True))
         shared = [e for e in shared if not standing[e.user_id].erased]
         referred = {referrer: ts for referrer, ts in referred.items() if not standing[referrer].erased}
@@ -213,11 +214,17 @@ class Service:
                                          if standing[t].allows(["social_proof"])]
         if ties:
             try:
-                bought.update(newer_than([], self.store.purchases_of(ties), since)[1])
-            except STORE_ERRORS:  # the feed goes on without them, as if they had bought nothing since
-                log.warning("online store unavailable: purchases of new ties not read", exc_info=True)
-        return shared, referred, {friend: items for friend, items in bought.items()
-                                  if standing[friend].allows(["social_proof"])}
+                ties_bought, ties_shared = self.store.activity_of(ties)
+                bought.update(newer_than([], ties_bought, since)[1])
+                their_shares.update(newer_than([], ties_shared, since)[1])
+            except STORE_ERRORS:  # the feed goes on without them, as if they had done nothing since
+                log.warning("online store unavailable: activity of new ties not read", exc_info=True)
+
+        def allowed(activity: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+            return {friend: items for friend, items in activity.items() if standing[friend].allows(["social_proof"])}
+
+        return UserContext(snapshot.recent, snapshot.purchased, shared, allowed(bought), referred,
+                           allowed(their_shares))
 
     def user_view(self, user_id: str) -> UserView:
         """The user's online context and consent (an erased user has none: no personalization); degraded
@@ -236,8 +243,7 @@ class Service:
                 if not standing.allows(["personalization"]):
                     return UserView(None, standing.consent, False)
                 since = recommender.bundle.state.cutoff_seconds if recommender is not None else float("inf")
-                shared, referred, bought = self._from_others(
-                    snapshot, since, friends, recommender.bundle.users if recommender is not None else None)
-                return UserView(UserContext(snapshot.recent, snapshot.purchased, shared, bought, referred),
-                                standing.consent, False)
+                context = self._context(snapshot, since, friends,
+                                        recommender.bundle.users if recommender is not None else None)
+                return UserView(context, standing.consent, False)
         return UserView(None, self.privacy.from_ledger([user_id])[0].consent, True)

@@ -363,8 +363,20 @@ def test_snapshot_reads_the_friends_purchases_in_the_same_trip(store: OnlineStor
     assert got.friends_purchased == {"f1": {"p1": T0, "p2": T0 + 9}}
     assert got.purchased == {"p4": T0}
     assert store.snapshot("u1").friends_purchased == {}
-    assert store.purchases_of(["f3", "f1", "f2"]) == {"f1": {"p1": T0, "p2": T0 + 9}}  # sharers read later
-    assert store.purchases_of([]) == {}
+    assert store.activity_of(["f3", "f1", "f2"]) == ({"f1": {"p1": T0, "p2": T0 + 9}}, {})  # new ties, later
+    assert store.activity_of([]) == ({}, {})
+
+
+def test_what_friends_share_is_read_with_their_purchases(store: OnlineStore) -> None:
+    store.record([share("f1", "p1", T0, "u9"), share("f1", "p1", T0 + 5, None), share("f1", "p2", T0 + 2, "u1"),
+                  ev("f1", "p3", "purchase", T0), share("f2", "p4", T0 + 1, None), ev("f3", "p5", "view", T0)])
+    got = store.snapshot("u1", ["f1", "f2", "f3"])
+    assert got.friends_shared == {"f1": {"p1": T0 + 5, "p2": T0 + 2}, "f2": {"p4": T0 + 1}}  # the last share each
+    assert got.friends_purchased == {"f1": {"p3": T0}}  # a share is no purchase
+    assert store.activity_of(["f2"]) == ({}, {"f2": {"p4": T0 + 1}})
+    assert store.purchased("f1") == {"p3": T0}
+    store.erase_user("f1")
+    assert store.snapshot("u1", ["f1"]).friends_shared == {}
 
 
 def test_share_records_round_trip() -> None:

@@ -11,6 +11,7 @@ import pytest
 from features.dataset import load_dataset
 from features.online_view import SocialUpdates, blank_user_rows, user_view
 from features.ranking import FEATURE_NAMES, pair_features
+from features.social_state import OnlineCells
 from features.state import build_state
 from features.vocab import Vocabulary
 from features.weights import merged_weights
@@ -63,7 +64,9 @@ def test_view_after_online_events_equals_the_batch_state_over_all_events(demo_di
     assert view.item_trending is before.item_trending  # item aggregates are shared, not copied
 
 
-SOCIAL_EXACT = (*(f"friends_bought_{d}" for d in ("1d", "3d", "7d", "30d", "all")), "pair_shared_days")
+WINDOWS = ("1d", "3d", "7d", "30d", "all")
+SOCIAL_EXACT = (*(f"friends_bought_{d}" for d in WINDOWS), *(f"friends_shared_{d}" for d in WINDOWS),
+                "pair_shared_days")
 
 
 @pytest.mark.parametrize("strangers", [False, True])
@@ -91,7 +94,7 @@ def test_shares_and_friends_purchases_since_the_cut_give_the_batch_social_column
                                                            cutoff)], ignore_index=True)
         window = (events["ts"] >= cutoff) & (events["ts"] < end)
     shares = events.loc[window & (events["event_type"] == "share") & events["target_user_id"].notna()]
-    checked = new_ties = 0
+    checked = new_ties = shared_by_friends = 0
     for user in recipients:
         row = users.index_of(user)
         if row is None:
@@ -102,10 +105,10 @@ def test_shares_and_friends_purchases_since_the_cut_give_the_batch_social_column
         ties = users.indexes(pd.concat([to_user["user_id"], own["referrer_id"].dropna()]).drop_duplicates())
         ties = ties[(ties >= 0) & (ties != row)]
         sees = np.union1d(before.user_sees[row].indices, ties)
-        bought = events.loc[window & (events["event_type"] == "purchase")
-                            & events["user_id"].isin([users.id_of(int(f)) for f in sees])]
-        newest = max(to_user["ts"].max(), bought["ts"].max() if len(bought) else to_user["ts"].max(),
-                     own["ts"].max() if len(own) else to_user["ts"].max()) + pd.Timedelta(1, "s")
+        by_friends = window & events["user_id"].isin([users.id_of(int(f)) for f in sees])
+        bought = events.loc[by_friends & (events["event_type"] == "purchase")]
+        theirs = events.loc[by_friends & (events["event_type"] == "share")]  # to anyone
+        newest = max(frame["ts"].max() for frame in (to_user, bought, theirs, own) if len(frame)) + pd.Timedelta(1, "s")
         after = build_state(events.loc[events["ts"] < newest], users, items, meta, WEIGHTS, newest, categories,
                             brands, social=data.social)
         assert np.array_equal(np.sort(after.user_sees[row].indices), sees), "the rebuilt graph has other ties"
@@ -113,12 +116,14 @@ def test_shares_and_friends_purchases_since_the_cut_give_the_batch_social_column
         seconds = lambda frame: frame["ts"].astype("int64").to_numpy() / 1e9  # noqa: E731
         social = SocialUpdates(items.indexes(to_user["item_id"]), users.indexes(to_user["user_id"]), seconds(to_user),
                                users.indexes(bought["user_id"]), items.indexes(bought["item_id"]), seconds(bought),
-                               ties)
+                               ties, OnlineCells(users.indexes(theirs["user_id"]), items.indexes(theirs["item_id"]),
+                                                 seconds(theirs)))
+        shared_by_friends += len(theirs)
         view = user_view(before, row, blank_user_rows(before, categories, brands), items.indexes(own["item_id"]),
                          own["event_type"].to_numpy(), seconds(own), WEIGHTS, social)
         assert abs(view.cutoff - newest) < pd.Timedelta(1, "ms")
         asked = np.unique(np.concatenate([items.indexes(to_user["item_id"]), items.indexes(bought["item_id"]),
-                                          np.arange(0, len(items), 7)]))
+                                          items.indexes(theirs["item_id"]), np.arange(0, len(items), 7)]))
         asked = asked[asked >= 0]
         got = pair_features(view, np.zeros(len(asked), dtype=np.int64), asked, {}, {})
         want = pair_features(after, np.full(len(asked), row), asked, {}, {})
@@ -128,6 +133,7 @@ def test_shares_and_friends_purchases_since_the_cut_give_the_batch_social_column
         assert (got[:, FEATURE_NAMES.index("friends_bought_7d")] > 0).any() or not len(bought)
         checked += 1
     assert checked >= 2, "too few recipients of shares to compare"
+    assert shared_by_friends, "no friend shared anything in the window"
     assert new_ties >= (2 * len(recipients) if strangers else 0), "shares and referrals from strangers make ties"
 
 

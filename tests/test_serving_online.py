@@ -348,6 +348,38 @@ def test_a_friends_purchase_since_the_bundle_counts_in_features_and_social_proof
     assert hidden.get(item, {}).get("source") != "friends_bought"
 
 
+def test_what_a_friend_shares_since_the_bundle_counts_in_the_users_features(client: TestClient, bundle: Bundle
+                                                                           ) -> None:
+    from features.ranking import FEATURE_NAMES, pair_features
+    from serving.recommender import Recommender
+
+    user, friend = _friend_pair(bundle)
+    item = bundle.items.ids.tolist()[-1]
+    recommender = Recommender(bundle)
+    user_idx, item_idx = bundle.users.index_of(user), bundle.items.index_of(item)
+    assert user_idx is not None
+    assert item_idx is not None
+    columns = [FEATURE_NAMES.index("friends_shared_1d"), FEATURE_NAMES.index("friends_viewed_1d")]
+
+    def friends_shared_and_viewed_1d() -> list[float]:
+        view = client.app.state.service.user_view(user)  # type: ignore[attr-defined]
+        profile = recommender._profile(user_idx, view.context)
+        assert profile is not None
+        row = pair_features(profile.state, np.asarray([profile.row]), np.asarray([item_idx]), {}, {})
+        return [float(row[0, c]) for c in columns]
+
+    before = friends_shared_and_viewed_1d()
+    posted = client.post("/v1/events", json={"events": [  # shared with someone else: the user still sees it
+        {"user_id": friend, "item_id": item, "event_type": "share", "target_user_id": _stranger(bundle, user),
+         "timestamp": _now()}]})
+    assert posted.json()["accepted"] == 1, posted.text
+    view = client.app.state.service.user_view(user)  # type: ignore[attr-defined]
+    assert item in view.context.friends_shared[friend]
+    assert friends_shared_and_viewed_1d() == [before[0] + 1, before[1] + 1]  # a share is a positive event too
+    client.put(f"/v1/users/{friend}/consent", json={"social_proof": False})
+    assert friend not in client.app.state.service.user_view(user).context.friends_shared  # type: ignore[attr-defined]
+
+
 def _stranger(bundle: Bundle, user: str) -> str:
     """A bundle user whom `user` does not see."""
     row = bundle.users.index_of(user)
@@ -368,11 +400,14 @@ def test_someone_who_shares_with_the_user_or_refers_them_becomes_a_tie_whose_pur
     feed = _feed(client, user, n=50, explain="true")
     item = next(i for i in feed["items"] if "social" not in i)["item_id"]  # type: ignore[attr-defined]
 
+    passed_on = bundle.items.ids.tolist()[-1]
     posted = client.post("/v1/events", json={"events": [
-        {"user_id": stranger, "item_id": item, "event_type": "purchase", "timestamp": _now()}]})
-    assert posted.json()["accepted"] == 1, posted.text
+        {"user_id": stranger, "item_id": item, "event_type": "purchase", "timestamp": _now()},
+        {"user_id": stranger, "item_id": passed_on, "event_type": "share", "timestamp": _now()}]})
+    assert posted.json()["accepted"] == 2, posted.text
     view = client.app.state.service.user_view(user)  # type: ignore[attr-defined]
     assert stranger not in view.context.friends_purchased  # not a tie yet: their purchase is not read
+    assert stranger not in view.context.friends_shared
     assert "social" not in {i["item_id"]: i for i in _feed(client, user, n=50)["items"]}.get(item, {})  # type: ignore[attr-defined]
 
     other = next(i for i in bundle.items.ids.tolist() if i != item)
@@ -382,6 +417,7 @@ def test_someone_who_shares_with_the_user_or_refers_them_becomes_a_tie_whose_pur
     assert posted.json()["accepted"] == 1, posted.text
     view = client.app.state.service.user_view(user)  # type: ignore[attr-defined]
     assert item in view.context.friends_purchased[stranger]
+    assert passed_on in view.context.friends_shared[stranger]
     after = {i["item_id"]: i for i in _feed(client, user, n=50, explain="true")["items"]}  # type: ignore[attr-defined]
     assert after[item]["social"]["friends_bought"] == 1
     assert after[item]["reason"] == "a friend bought this"
@@ -404,11 +440,12 @@ def test_a_store_failure_reading_a_new_ties_purchases_leaves_the_feed_up(bundle:
     asked: list[str] = []
 
     class Failing(MemoryStore):
-        def purchases_of(self, user_ids: Sequence[str]) -> dict[str, dict[str, float]]:
+        def activity_of(self, user_ids: Sequence[str]
+                        ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
             if stranger in user_ids:  # the read after the snapshot
                 asked.append(stranger)
                 raise redis.ConnectionError("down")
-            return super().purchases_of(user_ids)
+            return super().activity_of(user_ids)
 
     settings = ServingSettings(event_log=tmp_path / "log")
     with TestClient(create_app(settings, bundle=bundle, store=Failing())) as client:
