@@ -32,7 +32,7 @@ from features.dataset import load_dataset
 from features.online import RedisStore
 from features.store import OnlineEvent
 from features.weights import CONVERSION_TYPES
-from serving.recommender import Recommender, UserContext, new_ties, newer_than, unread
+from serving.recommender import Recommender, UserContext, new_ties, newer_activity, newer_than, unread
 from training.evaluate import bootstrap_ratio
 from training.params import TrainParams, load_params
 from training.replay import slice_starts
@@ -83,12 +83,12 @@ def replay(recommender: Recommender, store: RedisStore, test: pd.DataFrame, cut:
             friends = recommender.friend_ids(str(user))
             snapshot = store.snapshot(str(user), friends)
             shared, friends_bought = newer_than(snapshot.shared_to, snapshot.friends_purchased, since)
-            friends_shared = newer_than([], snapshot.friends_shared, since)[1]
+            friends_shared = newer_activity(snapshot.friends_shared, since)
             referred = {r: ts for r, ts in snapshot.referred_by.items() if ts >= since}
             if ties := unread(new_ties(shared, referred, since), friends, recommender.bundle.users):
                 ties_bought, ties_shared = store.activity_of(ties)  # ties since the bundle
-                friends_bought |= newer_than([], ties_bought, since)[1]
-                friends_shared |= newer_than([], ties_shared, since)[1]
+                friends_bought |= newer_activity(ties_bought, since)
+                friends_shared |= newer_activity(ties_shared, since)
             context = UserContext(snapshot.recent, snapshot.purchased, shared, friends_bought, referred,
                                   friends_shared)
             now = start.to_pydatetime()  # the request's clock: the slice start

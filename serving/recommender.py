@@ -84,10 +84,13 @@ def newer_than(shared_to: Sequence[OnlineEvent], friends_purchased: Mapping[str,
                ) -> tuple[list[OnlineEvent], dict[str, dict[str, float]]]:
     """The shares to a user and their friends' purchases at or after `since` (the bundle's end): what the
     bundle does not hold yet."""
-    shared = [e for e in shared_to if e.ts >= since]
-    bought = {friend: fresh for friend, items in friends_purchased.items()
-              if (fresh := {item: ts for item, ts in items.items() if ts >= since})}
-    return shared, bought
+    return [e for e in shared_to if e.ts >= since], newer_activity(friends_purchased, since)
+
+
+def newer_activity(activity: Mapping[str, Mapping[str, float]], since: float) -> dict[str, dict[str, float]]:
+    """Per person, the items they bought (or shared) at or after `since`; people with none are left out."""
+    return {person: fresh for person, items in activity.items()
+            if (fresh := {item: ts for item, ts in items.items() if ts >= since})}
 
 
 def new_ties(shared_to: Sequence[OnlineEvent], referred_by: Mapping[str, float], since: float) -> list[str]:
@@ -235,33 +238,34 @@ class Recommender:
         return self.social.strongest_ties(user_id, FRIENDS_READ_ONLINE)
 
     def _social_updates(self, context: UserContext) -> SocialUpdates | None:
-        """The shares and friends' purchases the store holds from after the bundle's data, in its indexes;
-        None when there are none."""
+        """What reached the user from others after the bundle's data, in its indexes: shares to them, their
+        friends' purchases and shares, their new ties; None when there is nothing."""
         users, items = self.bundle.users, self.bundle.items
-        newer, newer_bought = newer_than(context.shared_to, context.friends_purchased, self.bundle.state.cutoff_seconds)
-        shares = [e for e in newer if e.item_id in items]
         since = self.bundle.state.cutoff_seconds
+        newer, newer_bought = newer_than(context.shared_to, context.friends_purchased, since)
+        shares = [e for e in newer if e.item_id in items]
 
-        def known(activity: Mapping[str, Mapping[str, float]]) -> list[tuple[str, str, float]]:
-            return [(friend, item, ts) for friend, done in newer_than([], activity, since)[1].items()
-                    if friend in users for item, ts in done.items() if item in items]
+        def cells(activity: Mapping[str, Mapping[str, float]]) -> OnlineCells:
+            done = [(person, item, ts) for person, items_done in activity.items() if person in users
+                    for item, ts in items_done.items() if item in items]
+            return OnlineCells(users.indexes([person for person, _, _ in done]),
+                               items.indexes([item for _, item, _ in done]),
+                               np.asarray([ts for _, _, ts in done], dtype=np.float64))
 
-        bought, their_shares = known(newer_bought), known(context.friends_shared)
+        bought, their_shares = cells(newer_bought), cells(newer_activity(context.friends_shared, since))
         ties = users.indexes(new_ties(newer, context.referred_by, since))
         ties = ties[ties >= 0]
-        if not shares and not bought and not their_shares and not len(ties):
+        if not shares and not len(bought.person) and not len(their_shares.person) and not len(ties):
             return None
         return SocialUpdates(
             share_items=items.indexes([e.item_id for e in shares]),
             sharers=users.indexes([e.user_id for e in shares]),
             share_ts=np.asarray([e.ts for e in shares], dtype=np.float64),
-            friends=users.indexes([friend for friend, _, _ in bought]),
-            friend_items=items.indexes([item for _, item, _ in bought]),
-            friend_ts=np.asarray([ts for _, _, ts in bought], dtype=np.float64),
+            friends=bought.person,
+            friend_items=bought.col,
+            friend_ts=bought.value,
             ties=ties,
-            friend_shares=OnlineCells(users.indexes([friend for friend, _, _ in their_shares]),
-                                      items.indexes([item for _, item, _ in their_shares]),
-                                      np.asarray([ts for _, _, ts in their_shares], dtype=np.float64)),
+            friend_shares=their_shares,
         )
 
     def _rank(self, profile: _Profile, blocked: np.ndarray, category: str | None) -> Candidates:

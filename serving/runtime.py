@@ -27,7 +27,7 @@ from features.vocab import Vocabulary
 from serving import metrics
 from serving.merchandising import Rule, RuleBook
 from serving.privacy import Privacy
-from serving.recommender import Recommender, UserContext, new_ties, newer_than, unread
+from serving.recommender import Recommender, UserContext, new_ties, newer_activity, newer_than, unread
 from serving.recovery import Recovery
 from serving.related import ItemLists
 from serving.settings import ServingSettings
@@ -202,7 +202,7 @@ class Service:
         the snapshot did not read (not among `friends`, and `known` to the bundle) bought and shared takes one
         more round trip."""
         shared, bought = newer_than(snapshot.shared_to, snapshot.friends_purchased, since)
-        their_shares = newer_than([], snapshot.friends_shared, since)[1]
+        their_shares = newer_activity(snapshot.friends_shared, since)
         referred = {referrer: ts for referrer, ts in snapshot.referred_by.items() if ts >= since}
         people = list(dict.fromkeys([*(e.user_id for e in shared), *referred, *bought, *their_shares]))
         if not people:
@@ -215,8 +215,8 @@ class Service:
         if ties:
             try:
                 ties_bought, ties_shared = self.store.activity_of(ties)
-                bought.update(newer_than([], ties_bought, since)[1])
-                their_shares.update(newer_than([], ties_shared, since)[1])
+                bought.update(newer_activity(ties_bought, since))
+                their_shares.update(newer_activity(ties_shared, since))
             except STORE_ERRORS:  # the feed goes on without them, as if they had done nothing since
                 log.warning("online store unavailable: activity of new ties not read", exc_info=True)
 

@@ -6,6 +6,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from typing import Literal
 
 import pytest
 import redis
@@ -236,11 +237,16 @@ def share(sharer: str, item: str, ts: float, to: str | None) -> OnlineEvent:
 
 
 def _sent(store: OnlineStore, sharer: str) -> set[str]:
-    """Whose inbox the store notes as holding the sharer's shares (what an erasure of the sharer scrubs)."""
+    """Who the store notes as holding a share or referral of the sharer's (what an erasure of the sharer scrubs)."""
+    return _stored_set(store, "sent", sharer)
+
+
+def _stored_set(store: OnlineStore, kind: Literal["sent", "came_from"], user: str) -> set[str]:
+    """One of the user's erasure sets, read from either store."""
     if isinstance(store, MemoryStore):
-        return set(store._sent.get(sharer, set()))
+        return set(getattr(store, f"_{kind}").get(user, set()))
     assert isinstance(store, RedisStore)
-    return {member.decode() for member in store.client.smembers(store.keys.sent(sharer))}
+    return {member.decode() for member in store.client.smembers(getattr(store.keys, kind)(user))}
 
 
 def test_a_share_reaches_its_recipients_inbox_newest_first_and_capped(store: OnlineStore) -> None:
@@ -338,10 +344,7 @@ def test_erasure_finds_what_points_at_the_user_after_their_records_expired(store
 
 
 def _came_from(store: OnlineStore, user: str) -> set[str]:
-    if isinstance(store, MemoryStore):
-        return set(store._came_from.get(user, set()))
-    assert isinstance(store, RedisStore)
-    return {member.decode() for member in store.client.smembers(store.keys.came_from(user))}
+    return _stored_set(store, "came_from", user)
 
 
 def test_erasure_reads_the_users_own_records_for_ties_noted_before_the_came_from_sets(store: OnlineStore) -> None:
