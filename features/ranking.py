@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from features.social_state import friend_window_counts
+from features.social_state import friend_activity
 from features.state import DAY, ITEM_WINDOWS_DAYS, RECENT_BASKETS, USER_EVENT_TYPES, FeatureState, cell_values
 
 SOCIAL_SOURCES = ("shared", "friends_bought", "friends_trending")
@@ -22,6 +22,8 @@ FRIEND_WINDOWS_DAYS = (1, 3, 7, 30)  # plus all time; friends notice a purchase 
 SOCIAL_FEATURES: tuple[str, ...] = (
     *(f"friends_bought_{d}d" for d in FRIEND_WINDOWS_DAYS),
     "friends_bought_all",
+    "friends_bought_days",  # days since the newest purchase of the item by someone the user sees; NaN if none
+    "friends_bought_sway_7d",  # those buyers of the last 7 days, each weighted by how much people act on them
     *(f"friends_shared_{d}d" for d in FRIEND_WINDOWS_DAYS),
     "friends_shared_all",
     *(f"friends_viewed_{d}d" for d in FRIEND_WINDOWS_DAYS),
@@ -29,6 +31,7 @@ SOCIAL_FEATURES: tuple[str, ...] = (
     "user_friends",
     "pair_shared_days",  # days since the item was last shared to the user; NaN if never
     "pair_sharer_influence",  # influence of that last sharer (attribution as of the cut-off)
+    "pair_sharer_sway",  # how often people open that sharer's shares, over the usual rate
     "item_share_rate",
     "item_referral_rate",
 )
@@ -199,7 +202,12 @@ def _social(state: FeatureState, rows: np.ndarray, item_idx: np.ndarray) -> list
     since = (*(now - d * DAY for d in FRIEND_WINDOWS_DAYS), -np.inf)
     social = state.social
     readers = (social.bought_cells, social.shared_cells, social.touched_cells)
-    columns = friend_window_counts(state.user_sees, readers, rows, item_idx, since)
+    bought, shared, touched = friend_activity(state.user_sees, readers, rows, item_idx, since, social.sway)
+    week = FRIEND_WINDOWS_DAYS.index(7)
+    columns = [bought.counts,
+               np.where(bought.latest > 0, (now - bought.latest) / DAY, np.nan),
+               bought.weighted[:, week],
+               shared.counts, touched.counts]
     known = rows >= 0
     indptr = state.user_sees.indptr
     at = np.maximum(rows, 0)
@@ -207,9 +215,9 @@ def _social(state: FeatureState, rows: np.ndarray, item_idx: np.ndarray) -> list
     shared_last = cell_values(state.pair_shared_last, rows, item_idx)
     columns.append(np.where(shared_last > 0, (now - shared_last) / DAY, np.nan))
     sharer = cell_values(state.pair_shared_by, rows, item_idx).astype(np.int64) - 1
-    influence = social.influence
-    columns.append(np.where(sharer >= 0, influence[np.clip(sharer, 0, max(len(influence) - 1, 0))]
-                            if len(influence) else np.nan, np.nan))
+    for per_user in (social.influence, social.sway):
+        columns.append(np.where(sharer >= 0, per_user[np.clip(sharer, 0, max(len(per_user) - 1, 0))]
+                                if len(per_user) else np.nan, np.nan))
     columns.append(state.item_share_rate[item_idx])
     columns.append(state.item_referral_rate[item_idx])
     return columns

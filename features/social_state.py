@@ -41,6 +41,7 @@ class SocialView:
     bought: sp.csr_matrix  # users x items: epoch seconds of the last purchase (the state's pair_last_purchase)
     shared: sp.csr_matrix  # users x items: epoch seconds of the last share of the item BY the user
     influence: np.ndarray  # per user idx: sharer influence from attribution as of the cut (0: none)
+    sway: np.ndarray  # per user idx: how often people act on the user's shares, over the usual rate (1: unknown)
     sees: sp.csr_matrix  # users x users (the state's user_sees): for whom the user's friends see
     newest: float = float("nan")  # epoch seconds of the newest cell in the rows above; NaN when all are empty
     recent_purchases: OnlineCells | None = None  # a one-user view's: the friends' purchases since the cut-off
@@ -64,10 +65,10 @@ class SocialView:
 
     @classmethod
     def of(cls, touched: sp.csr_matrix, bought: sp.csr_matrix, shared: sp.csr_matrix, influence: np.ndarray,
-           sees: sp.csr_matrix) -> SocialView:
+           sway: np.ndarray, sees: sp.csr_matrix) -> SocialView:
         """The view, with the time of its newest cell (friends' windows are measured back from it)."""
         newest = max((float(m.data.max()) for m in (touched, bought, shared) if m.nnz), default=float("nan"))
-        return cls(touched, bought, shared, influence, sees, newest)
+        return cls(touched, bought, shared, influence, sway, sees, newest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,7 @@ class SocialFields:
     item_referral_rate: np.ndarray  # referred purchases per referred view; NaN when never referred
     shared: sp.csr_matrix
     influence: np.ndarray
+    sway: np.ndarray
 
 
 def _last_by(rows: np.ndarray, cols: np.ndarray, ts: np.ndarray, by: np.ndarray,
@@ -122,9 +124,13 @@ def build_social_fields(past: pd.DataFrame, u: np.ndarray, i: np.ndarray, ts: np
 
     attribution = attribute(past, cutoff)
     influence = np.zeros(n_users)
+    sway = np.ones(n_users)
     if len(attribution.users):
         idx = users.indexes(pd.Series(attribution.users.index, dtype="str"))
         influence[idx[idx >= 0]] = attribution.users["influence"].to_numpy(np.float64)[idx >= 0]
+        if attribution.rates["open_rate"] > 0:  # smoothed toward the usual rate: few shares say little
+            opened = attribution.users["open_rate"].to_numpy(np.float64) / attribution.rates["open_rate"]
+            sway[idx[idx >= 0]] = opened[idx >= 0]
     share_rate = np.full(n_items, np.nan)
     referral_rate = np.full(n_items, np.nan)
     if len(attribution.items):
@@ -134,7 +140,7 @@ def build_social_fields(past: pd.DataFrame, u: np.ndarray, i: np.ndarray, ts: np
         share_rate[idx[ok]] = stats["share_rate"].to_numpy(np.float64)[ok]
         referred = stats["referred_views"].to_numpy() > 0
         referral_rate[idx[ok & referred]] = stats["referral_conversion_rate"].to_numpy(np.float64)[ok & referred]
-    return SocialFields(sees, to_last, to_by, share_rate, referral_rate, shared, influence)
+    return SocialFields(sees, to_last, to_by, share_rate, referral_rate, shared, influence, sway)
 
 
 def row_cells(matrix: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -223,19 +229,29 @@ def _without(ordered: np.ndarray, drop: np.ndarray) -> np.ndarray:
 CellReader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
-def friend_window_counts(sees: sp.csr_matrix, readers: Sequence[CellReader], rows: np.ndarray,
-                         item_idx: np.ndarray, since: tuple[float, ...]) -> list[np.ndarray]:
-    """Per reader, pair and threshold: how many people the pair's user sees have a cell (epoch seconds) on
-    the item at or after the threshold. `rows` index `sees`; a reader gives the cells of everyone's rows
-    (columns: items) as `row_cells` does, one per (person, item). One array of pairs x thresholds per reader."""
-    out = [np.zeros((len(rows), len(since))) for _ in readers]
+@dataclass(frozen=True, slots=True)
+class FriendActivity:
+    """What the people a pair's user sees did with the pair's item, read from one matrix of epoch seconds."""
+
+    counts: np.ndarray  # pairs x thresholds: how many of them have a cell at or after the threshold
+    weighted: np.ndarray  # pairs x thresholds: the same people summed by their weight (1 each without weights)
+    latest: np.ndarray  # pairs: the newest of their cells; 0 when none has one
+
+
+def friend_activity(sees: sp.csr_matrix, readers: Sequence[CellReader], rows: np.ndarray, item_idx: np.ndarray,
+                    since: tuple[float, ...], weights: np.ndarray | None = None) -> list[FriendActivity]:
+    """Per reader: the activity of the people each pair's user sees on the pair's item. `rows` index `sees`;
+    a reader gives the cells (epoch seconds) of everyone's rows (columns: items) as `row_cells` does, one per
+    (person, item); `weights` (per user idx) weigh each person in `weighted`."""
+    width = len(since)
+    out = [FriendActivity(np.zeros((len(rows), width)), np.zeros((len(rows), width)), np.zeros(len(rows)))
+           for _ in readers]
     if not len(rows):
         return out
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]
     bounds = np.flatnonzero(np.concatenate([[True], sorted_rows[1:] != sorted_rows[:-1], [True]]))
     thresholds = np.asarray(since)
-    width = len(since)
     for start, end in pairwise(bounds.tolist()):
         user = int(sorted_rows[start])
         friends = friends_of(sees, user)
@@ -245,17 +261,27 @@ def friend_window_counts(sees: sp.csr_matrix, readers: Sequence[CellReader], row
         wanted = item_idx[positions]
         rank = np.argsort(wanted, kind="stable")
         ordered = wanted[rank]
-        first_of = rank[np.searchsorted(ordered, wanted)]  # an item listed twice for a user: same counts on both
-        for read, counts in zip(readers, out, strict=True):
-            _, cols, values = read(friends)
+        first_of = rank[np.searchsorted(ordered, wanted)]  # an item listed twice for a user: same values on both
+        for read, activity in zip(readers, out, strict=True):
+            owner, cols, values = read(friends)
             if not len(cols):
                 continue
             at = np.minimum(np.searchsorted(ordered, cols), len(ordered) - 1)
             hit = ordered[at] == cols
             if not hit.any():
                 continue
-            reached = values[hit][:, None] >= thresholds[None, :]  # friend cell x threshold
-            cells = (rank[at[hit]][:, None] * width + np.arange(width))[reached]
-            per_item = np.bincount(cells, minlength=len(wanted) * width).reshape(len(wanted), width)
-            counts[positions] = per_item[first_of]
+            slot, value = rank[at[hit]], values[hit]
+            reached = value[:, None] >= thresholds[None, :]  # person's cell x threshold
+            cells = (slot[:, None] * width + np.arange(width))[reached]
+            size = len(wanted) * width
+            activity.counts[positions] = np.bincount(cells, minlength=size).reshape(len(wanted), width)[first_of]
+            if weights is None:
+                activity.weighted[positions] = activity.counts[positions]
+            else:
+                weight = np.broadcast_to(weights[friends[owner[hit]]][:, None], reached.shape)[reached]
+                summed = np.bincount(cells, weights=weight, minlength=size).reshape(len(wanted), width)
+                activity.weighted[positions] = summed[first_of]
+            latest = np.zeros(len(wanted))
+            np.maximum.at(latest, slot, value)
+            activity.latest[positions] = latest[first_of]
     return out

@@ -305,7 +305,8 @@ def build_state(
         user_sees=friends.user_sees,
         pair_shared_last=friends.pair_shared_last,
         pair_shared_by=friends.pair_shared_by,
-        social=SocialView.of(pair_last, pair_last_purchase, friends.shared, friends.influence, friends.user_sees),
+        social=SocialView.of(pair_last, pair_last_purchase, friends.shared, friends.influence, friends.sway,
+                              friends.user_sees),
     )
 
 
@@ -338,6 +339,7 @@ def save_state(state: FeatureState, directory: Path) -> list[Path]:
     }
     dense["cutoff_ns"] = np.asarray([state.cutoff.value], dtype=np.int64)
     dense["social_influence"] = state.social.influence
+    dense["social_sway"] = state.social.sway
     written = [directory / "state.npz"]
     np.savez(written[0], allow_pickle=False, **dense)
     for name in _SPARSE_FIELDS:
@@ -353,13 +355,13 @@ def save_state(state: FeatureState, directory: Path) -> list[Path]:
 def load_state(directory: Path) -> FeatureState:
     with np.load(directory / "state.npz", allow_pickle=False) as dense:
         values: dict[str, object] = {
-            name: dense[name] for name in dense.files if name not in ("cutoff_ns", "social_influence")
+            name: dense[name] for name in dense.files if name not in ("cutoff_ns", "social_influence", "social_sway")
         }
         values["cutoff"] = pd.Timestamp(int(dense["cutoff_ns"][0]), unit="ns", tz="UTC")
-        influence = dense["social_influence"]
+        influence, sway = dense["social_influence"], dense["social_sway"]
     for name in _SPARSE_FIELDS:
         values[name] = sp.load_npz(directory / f"state_{name}.npz").tocsr()
     shared = sp.load_npz(directory / "state_social_shared.npz").tocsr()
     values["social"] = SocialView.of(values["pair_last"], values["pair_last_purchase"],
-                                     shared, influence, values["user_sees"])
+                                     shared, influence, sway, values["user_sees"])
     return FeatureState(**values)  # type: ignore[arg-type]

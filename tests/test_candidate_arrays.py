@@ -1,7 +1,7 @@
 """The request path's array forms agree with the plain definitions they replace, on any input.
 
 `merge_candidates` (reciprocal rank fusion of the sources' lists), `cell_values` (a request's cells of a
-user's row) and `friend_window_counts` (friends' recent activity per candidate) run per request in serving
+user's row) and `friend_activity` (friends' recent activity per candidate) run per request in serving
 and per user in training; each is checked here against a per-item loop that states the definition.
 """
 
@@ -23,7 +23,7 @@ from features.social_state import (
     COMMUNITY_CAP,
     OnlineCells,
     community_of,
-    friend_window_counts,
+    friend_activity,
     merged_cells,
     row_cells,
     sorted_unique,
@@ -141,18 +141,23 @@ def friends_and_activity(draw: st.DrawFn) -> tuple[sp.csr_matrix, list[sp.csr_ma
 
 
 @PROPERTY
-@given(friends_and_activity())
-def test_friend_window_counts_count_the_friends(case: tuple[sp.csr_matrix, list[sp.csr_matrix], np.ndarray,
-                                                             np.ndarray]) -> None:
+@given(friends_and_activity(), st.booleans())
+def test_friend_activity_counts_weighs_and_dates_the_friends(
+        case: tuple[sp.csr_matrix, list[sp.csr_matrix], np.ndarray, np.ndarray], weighted: bool) -> None:
     sees, matrices, rows, items = case
     since = (30.0, 10.0, -np.inf)
-    got = friend_window_counts(sees, [partial(row_cells, m) for m in matrices], rows, items, since)
-    for matrix, counts in zip(matrices, got, strict=True):
+    weights = np.linspace(0.5, 2.0, sees.shape[0]) if weighted else None
+    got = friend_activity(sees, [partial(row_cells, m) for m in matrices], rows, items, since, weights)
+    for matrix, activity in zip(matrices, got, strict=True):
         dense = matrix.toarray()
         for pair, (user, item) in enumerate(zip(rows.tolist(), items.tolist(), strict=True)):
             friends = sees.indices[sees.indptr[user] : sees.indptr[user + 1]] if user >= 0 else []
-            want = [sum(1 for f in friends if dense[f, item] and dense[f, item] >= t) for t in since]
-            np.testing.assert_array_equal(counts[pair], want)
+            cells = [(f, dense[f, item]) for f in friends if dense[f, item]]
+            weight = {f: (1.0 if weights is None else weights[f]) for f, _ in cells}
+            np.testing.assert_array_equal(activity.counts[pair], [sum(1 for _, v in cells if v >= t) for t in since])
+            np.testing.assert_allclose(activity.weighted[pair],
+                                       [sum(weight[f] for f, v in cells if v >= t) for t in since])
+            assert activity.latest[pair] == max((v for _, v in cells), default=0.0)
 
 
 @PROPERTY

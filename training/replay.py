@@ -18,7 +18,7 @@ import pandas as pd
 
 from features.candidates import PopularLists
 from features.feed import Source
-from features.social_state import friend_window_counts
+from features.social_state import friend_activity
 from features.state import build_state, cell_values
 from features.weights import CONVERSION_TYPES
 from training.evaluate import Targets, bootstrap_ratio, holdout_targets, per_user_metrics, score_lists
@@ -337,9 +337,9 @@ def friends_bought_targets(window: Window, targets: Targets, since: pd.Timestamp
     if not sum(sizes):
         return [False] * len(sizes)
     rows = np.repeat(targets.user_idx, sizes)
-    (counts,) = friend_window_counts(window.state.user_sees, [window.state.social.bought_cells], rows,
-                                     np.concatenate(targets.items), (since.timestamp(),))
-    hit = counts[:, 0] > 0
+    (activity,) = friend_activity(window.state.user_sees, [window.state.social.bought_cells], rows,
+                                  np.concatenate(targets.items), (since.timestamp(),))
+    hit = activity.counts[:, 0] > 0
     ends = np.cumsum(sizes)
     return [bool(hit[end - size : end].any()) for size, end in zip(sizes, ends.tolist(), strict=True)]
 
