@@ -168,6 +168,16 @@ def test_tampered_or_foreign_bundle_is_refused(trained: TrainResult, tmp_path: P
     with pytest.raises(BundleError, match=r"no manifest\.json"):
         load_bundle(tmp_path)
 
+    # a bundle of an earlier feature list (here: before the sway columns) is refused before its arrays are read
+    older = tmp_path / "older"
+    shutil.copytree(trained.bundle_path, older)
+    manifest = orjson.loads((older / MANIFEST).read_bytes())
+    manifest["feature_names"] = [n for n in manifest["feature_names"] if "sway" not in n and n != "friends_bought_days"]
+    (older / MANIFEST).write_bytes(orjson.dumps(manifest))
+    expected = r"another feature list .*missing: friends_bought_days, friends_bought_sway_7d"
+    with pytest.raises(BundleError, match=expected):
+        load_bundle(older)
+
 
 def _with_bad_rows(demo_dir: Path, target: Path, bad: int) -> Path:
     """A copy of the demo data in CSV with `bad` broken rows appended to the events."""

@@ -67,7 +67,7 @@ def test_view_after_online_events_equals_the_batch_state_over_all_events(demo_di
 
 WINDOWS = ("1d", "3d", "7d", "30d", "all")
 SOCIAL_EXACT = (*(f"friends_bought_{d}" for d in WINDOWS), *(f"friends_shared_{d}" for d in WINDOWS),
-                "friends_bought_days", "friends_bought_sway_7d", "pair_shared_days")
+                "friends_bought_days", "friends_bought_sway_7d", "pair_shared_days", "pair_sharer_sway")
 
 
 @pytest.mark.parametrize("strangers", [False, True])

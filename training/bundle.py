@@ -271,6 +271,12 @@ def load_bundle(path: Path) -> Bundle:
     """Load a bundle for serving, refusing it on any integrity problem."""
     path = Path(path)
     manifest = verify_bundle(path)
+    if tuple(manifest.feature_names) != FEATURE_NAMES:
+        # checked before the arrays are read: another feature list may also mean other arrays in the state
+        missing = [name for name in FEATURE_NAMES if name not in manifest.feature_names]
+        raise BundleError(f"bundle {path} was trained with another feature list ({len(manifest.feature_names)} "
+                          f"columns, this version has {len(FEATURE_NAMES)}; missing: "
+                          f"{', '.join(missing[:5]) or 'none'}): train it again with this version")
     try:
         items = Vocabulary.load(path / "items.parquet")
         meta = pq.read_table(path / "item_meta.parquet").to_pandas()
@@ -319,7 +325,6 @@ def load_bundle(path: Path) -> Bundle:
         "state pairs shape": (bundle.state.pair_last.shape, (n_users, n_items)),
         "neighbours shape": (bundle.models.item_neighbours.shape, (n_items, n_items)),
         "bought_together shape": (bundle.bought_together.shape, (n_items, n_items)),
-        "feature names": (tuple(manifest.feature_names), FEATURE_NAMES),
         "social graph's leading users": (bool(np.array_equal(bundle.social_graph.users.ids[:n_users],
                                                              bundle.users.ids)), True),
     }
