@@ -57,6 +57,10 @@ class Keys:
         inbox or referred_by may have let the record go since; scrubbed when the user is erased)."""
         return f"{self.sent_prefix}{user_id}"
 
+    @property
+    def sent_prefix(self) -> str:
+        return f"{self.prefix}sn:"
+
     def came_from(self, user_id: str) -> str:
         """Set of the users whose share reached this user or through whose referral they came: whose sent
         sets note them, scrubbed when the user is erased (no expiry, unlike the inbox and referred_by)."""
@@ -74,10 +78,6 @@ class Keys:
     def referred_by_prefix(self) -> str:
         return f"{self.prefix}rf:"
 
-    @property
-    def sent_prefix(self) -> str:
-        return f"{self.prefix}sn:"
-
     def consent(self, user_id: str) -> str:
         """Hash: purpose -> "1" / "0"; an absent purpose is consent."""
         return f"{self.prefix}c:{user_id}"
@@ -86,8 +86,7 @@ class Keys:
         """Every key holding this user's personal state (what an erasure deletes; their records in other
         users' inboxes are scrubbed apart)."""
         return (self.recent(user_id), self.purchases(user_id), self.shared_items(user_id), self.inbox(user_id),
-                self.sent(user_id),
-                self.referred_by(user_id), self.came_from(user_id), self.consent(user_id))
+                self.sent(user_id), self.referred_by(user_id), self.came_from(user_id), self.consent(user_id))
 
     @property
     def tombstones(self) -> str:
