@@ -23,7 +23,9 @@ NEW_ARRIVAL_DAYS = 14.0
 TOP_CATEGORIES = 3
 SHARED_DAYS = 30.0  # items shared to the user this recently are proposed ...
 SHARED_HALF_LIFE_DAYS = 7.0  # ... newest first
-FRIENDS_DAYS = 30.0  # friends' purchases this recent are proposed, weighted by recency
+FRIENDS_DAYS = 30.0  # friends' purchases this recent are proposed, weighted by recency ...
+FRIENDS_HALF_LIFE_DAYS = 3.0  # ... halving every 3 days: people look at what a friend bought within days
+FRIEND_SWAY_RANGE = (0.05, 3.0)  # ... and by the buyer's sway, kept in this range
 COMMUNITY_DAYS = 14.0  # the community's activity this recent makes an item trend among them
 RRF_K = 60.0  # reciprocal rank fusion constant: the candidate union's order without a ranker
 SOURCE_ORDER: tuple[Source, ...] = tuple(Source(s) for s in SOURCE_FEATURES)
@@ -142,12 +144,14 @@ def shared_candidates(state: FeatureState, user: int, k: int, blocked: np.ndarra
 
 def friends_bought_candidates(state: FeatureState, user: int, k: int, blocked: np.ndarray | None
                               ) -> tuple[np.ndarray, np.ndarray]:
-    """What the people the user sees bought in the last FRIENDS_DAYS, more friends and more recent first."""
+    """What the people the user sees bought in the last FRIENDS_DAYS: each buyer counts by their sway (a buyer
+    whose shares nobody opens counts for little), a purchase of days ago much less than one of today."""
     friends = friends_of(state.user_sees, user)
     if not len(friends):
         return _empty()
-    _, cols, seconds = state.social.bought_cells(friends)
-    return _decayed_sum(np.ones(len(cols)), cols, seconds, state.social_seconds, FRIENDS_DAYS, 14.0, k, blocked)
+    owner, cols, seconds = state.social.bought_cells(friends)
+    sway = np.clip(state.social.sway[friends[owner]], *FRIEND_SWAY_RANGE)
+    return _decayed_sum(sway, cols, seconds, state.social_seconds, FRIENDS_DAYS, FRIENDS_HALF_LIFE_DAYS, k, blocked)
 
 
 def friends_trending_candidates(state: FeatureState, user: int, k: int, blocked: np.ndarray | None

@@ -1,8 +1,12 @@
 """Friends' activity windows end at the cut-off, or at the newest event when that is over a day older: on
 bucketed data (every event at its bucket's start, the cut-off at the next bucket's start) the latest bucket is
-"recent", not half a year old; on continuous and daily data the windows are as they were."""
+"recent", not half a year old; on continuous and daily data the windows are as they were. The friends' purchases
+source puts today's purchase of one friend before one of two friends a fortnight ago, and a buyer nobody acts
+on last."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -76,3 +80,34 @@ def test_nothing_after_the_cut_moves_the_windows() -> None:
     events = pd.concat([_events(BUCKETS[:2]), later], ignore_index=True)
     state = build_state(events, users, items, meta, {"purchase": 5.0, "view": 1.0}, BUCKETS[2], [], [], SOCIAL)
     assert state.social_seconds == BUCKETS[1].value / 1e9
+
+
+def _friends_bought_order(rows: list[tuple[str, str, pd.Timedelta]], sway: dict[str, float]) -> list[str]:
+    """Ann sees ben, cat and dan, who bought (person, item, how long before the cut); `sway` overrides theirs."""
+    cutoff = pd.Timestamp("2024-03-10", tz="UTC")
+    events = pd.DataFrame({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                           "event_type": "purchase",
+                           "ts": pd.Series([cutoff - r[2] for r in rows], dtype="datetime64[ns, UTC]")})
+    people = ["ann", "ben", "cat", "dan"]
+    users, items = Vocabulary.from_ids(people), Vocabulary.from_ids(sorted({r[1] for r in rows}))
+    social = pd.DataFrame({"user_id": "ann", "friend_id": people[1:], "kind": "friend"})
+    state = build_state(events, users, items, item_meta_frame(items, None, ITEM_META_COLUMNS), {"purchase": 5.0},
+                        cutoff, [], [], social)
+    weights = state.social.sway.copy()
+    for person, value in sway.items():
+        weights[people.index(person)] = value
+    state = replace(state, social=replace(state.social, sway=weights))
+    found, _ = friends_bought_candidates(state, 0, 10, None)
+    return [items.id_of(int(i)) for i in found]
+
+
+def test_a_friend_s_purchase_of_today_comes_before_two_of_a_fortnight_ago() -> None:
+    rows = [("ben", "lamp", pd.Timedelta(days=14)), ("cat", "lamp", pd.Timedelta(days=14)),
+            ("dan", "rug", pd.Timedelta(hours=2))]
+    assert _friends_bought_order(rows, {}) == ["rug", "lamp"]
+
+
+def test_a_buyer_whose_shares_nobody_opens_counts_for_little() -> None:
+    rows = [("ben", "lamp", pd.Timedelta(hours=1)), ("cat", "rug", pd.Timedelta(hours=3))]
+    assert _friends_bought_order(rows, {}) == ["lamp", "rug"]  # the newer first when both are usual sharers
+    assert _friends_bought_order(rows, {"ben": 0.06}) == ["rug", "lamp"]
