@@ -202,7 +202,7 @@ def _social(state: FeatureState, rows: np.ndarray, item_idx: np.ndarray) -> list
     since = (*(now - d * DAY for d in FRIEND_WINDOWS_DAYS), -np.inf)
     social = state.social
     readers = (social.bought_cells, social.shared_cells, social.touched_cells)
-    bought, shared, touched = friend_activity(state.user_sees, readers, rows, item_idx, since, social.sway)
+    bought, shared, touched = friend_activity(state.user_sees, readers, rows, item_idx, since, [social.sway])
     week = FRIEND_WINDOWS_DAYS.index(7)
     columns = [bought.counts,
                np.where(bought.latest > 0, (now - bought.latest) / DAY, np.nan),

@@ -239,10 +239,12 @@ class FriendActivity:
 
 
 def friend_activity(sees: sp.csr_matrix, readers: Sequence[CellReader], rows: np.ndarray, item_idx: np.ndarray,
-                    since: tuple[float, ...], weights: np.ndarray | None = None) -> list[FriendActivity]:
+                    since: tuple[float, ...], weights: Sequence[np.ndarray | None] = ()) -> list[FriendActivity]:
     """Per reader: the activity of the people each pair's user sees on the pair's item. `rows` index `sees`;
     a reader gives the cells (epoch seconds) of everyone's rows (columns: items) as `row_cells` does, one per
-    (person, item); `weights` (per user idx) weigh each person in `weighted`."""
+    (person, item); `weights[k]` (per user idx) weigh each person in reader k's `weighted`; a reader without
+    weights (None, or past the end of `weights`) sums 1 per person, its `weighted` equal to its `counts`."""
+    per_reader = [*weights, *[None] * (len(readers) - len(weights))]
     width = len(since)
     out = [FriendActivity(np.zeros((len(rows), width)), np.zeros((len(rows), width)), np.zeros(len(rows)))
            for _ in readers]
@@ -262,7 +264,7 @@ def friend_activity(sees: sp.csr_matrix, readers: Sequence[CellReader], rows: np
         rank = np.argsort(wanted, kind="stable")
         ordered = wanted[rank]
         first_of = rank[np.searchsorted(ordered, wanted)]  # an item listed twice for a user: same values on both
-        for read, activity in zip(readers, out, strict=True):
+        for read, activity, weight_of in zip(readers, out, per_reader, strict=True):
             owner, cols, values = read(friends)
             if not len(cols):
                 continue
@@ -275,10 +277,10 @@ def friend_activity(sees: sp.csr_matrix, readers: Sequence[CellReader], rows: np
             cells = (slot[:, None] * width + np.arange(width))[reached]
             size = len(wanted) * width
             activity.counts[positions] = np.bincount(cells, minlength=size).reshape(len(wanted), width)[first_of]
-            if weights is None:
+            if weight_of is None:
                 activity.weighted[positions] = activity.counts[positions]
             else:
-                weight = np.broadcast_to(weights[friends[owner[hit]]][:, None], reached.shape)[reached]
+                weight = np.broadcast_to(weight_of[friends[owner[hit]]][:, None], reached.shape)[reached]
                 summed = np.bincount(cells, weights=weight, minlength=size).reshape(len(wanted), width)
                 activity.weighted[positions] = summed[first_of]
             latest = np.zeros(len(wanted))

@@ -147,7 +147,8 @@ def test_friend_activity_counts_weighs_and_dates_the_friends(
     sees, matrices, rows, items = case
     since = (30.0, 10.0, -np.inf)
     weights = np.linspace(0.5, 2.0, sees.shape[0]) if weighted else None
-    got = friend_activity(sees, [partial(row_cells, m) for m in matrices], rows, items, since, weights)
+    got = friend_activity(sees, [partial(row_cells, m) for m in matrices], rows, items, since,
+                          [weights] * len(matrices))
     for matrix, activity in zip(matrices, got, strict=True):
         dense = matrix.toarray()
         for pair, (user, item) in enumerate(zip(rows.tolist(), items.tolist(), strict=True)):
