@@ -68,6 +68,9 @@ class RankerParams(_Strict):
     learning_rate: float = Field(0.05, gt=0.0)
     max_rounds: int = Field(400, ge=1)
     early_stopping_rounds: int = Field(40, ge=1)
+    # 0: stop on the validation users' NDCG@20; k >= 2: pick the round count by k-fold cross-validation over the
+    # training groups (their mean NDCG@20 curve), for data whose validation users are too few to stop on
+    stopping_folds: int = Field(0, ge=0, le=20)
     min_data_in_leaf: int = Field(50, ge=1)
     feature_fraction: float = Field(0.8, gt=0.0, le=1.0)
     bagging_fraction: float = Field(0.8, gt=0.0, le=1.0)
@@ -77,6 +80,12 @@ class RankerParams(_Strict):
     label_windows: int = Field(1, ge=1, le=12)  # training groups from this many consecutive label windows
     social: bool = True  # False: no social candidate sources, social features left missing
     seed: int = 23
+
+    @model_validator(mode="after")
+    def _folds_split(self) -> RankerParams:
+        if self.stopping_folds == 1:
+            raise ValueError("ranker.stopping_folds: 0 stops on the validation users, 2 or more cross-validates")
+        return self
 
 
 class PropensityParams(_Strict):
