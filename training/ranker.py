@@ -156,7 +156,8 @@ def rounds_by_folds(
     With a hundred validation users the NDCG@20 curve is noisy enough that early stopping on it picks 5 rounds
     at one seed and 80 at the next; the mean over folds of every training group is steadier. The folds split
     whole groups, rows are shuffled within groups first (see `shuffled_within_groups`), and at least as many
-    groups as folds are needed.
+    groups as folds are needed. Under the binary objective the folds' NDCG reads the 0/1 labels the trees learn
+    (one LightGBM data set serves both), not the graded ones holdout early stopping reads.
     """
     folds = params.stopping_folds
     if len(train.group_sizes) < folds:
