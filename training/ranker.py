@@ -129,10 +129,7 @@ def fit_ranker(
         "force_row_wise": True,
         **(settings or {}),
     }
-    labels = (train.labels > 0).astype(np.int32) if params.objective == "binary" else train.labels
-    train_set = lgb.Dataset(
-        train.features, labels, group=train.group_sizes, feature_name=list(feature_names), free_raw_data=False
-    )
+    train_set = _dataset(train, params, feature_names)
     callbacks: list[Callable[..., Any]] = []
     valid_sets = []
     if rounds is None and params.stopping_folds >= 2:
@@ -146,6 +143,14 @@ def fit_ranker(
     )
     best = booster.best_iteration if booster.best_iteration > 0 else booster.current_iteration()
     return Ranker(booster, best)
+
+
+def _dataset(data: RankerData, params: RankerParams, feature_names: tuple[str, ...]) -> lgb.Dataset:
+    """LightGBM's view of the groups; the binary objective learns "bought or carted" (label > 0)."""
+    labels = (data.labels > 0).astype(np.int32) if params.objective == "binary" else data.labels
+    return lgb.Dataset(
+        data.features, labels, group=data.group_sizes, feature_name=list(feature_names), free_raw_data=False
+    )
 
 
 def rounds_by_folds(
@@ -163,7 +168,6 @@ def rounds_by_folds(
     if len(train.group_sizes) < folds:
         raise ValueError(f"{len(train.group_sizes)} training groups cannot be split into {folds} folds")
     data = shuffled_within_groups(train, params.seed)
-    labels = (data.labels > 0).astype(np.int32) if params.objective == "binary" else data.labels
     # The binary objective has no query groups of its own, so its folds are drawn here, by whole group.
     group_of_row = np.repeat(np.arange(len(data.group_sizes)), data.group_sizes)
     fold_of_group = np.random.default_rng(params.seed).permutation(len(data.group_sizes)) % folds
@@ -171,12 +175,9 @@ def rounds_by_folds(
         (np.flatnonzero(fold_of_group[group_of_row] != f), np.flatnonzero(fold_of_group[group_of_row] == f))
         for f in range(folds)
     ]
-    full = lgb.Dataset(
-        data.features, labels, group=data.group_sizes, feature_name=list(feature_names), free_raw_data=False
-    )
     curves = lgb.cv(
-        {**lgb_settings, "metric": "ndcg", "ndcg_eval_at": [20]},
-        full,
+        dict(lgb_settings),
+        _dataset(data, params, feature_names),
         num_boost_round=params.max_rounds,
         folds=splits,
         callbacks=[lgb.early_stopping(params.early_stopping_rounds, verbose=False)],
