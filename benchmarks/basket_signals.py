@@ -79,7 +79,7 @@ class Part:
     extra: dict[str, np.ndarray]
 
 
-def _lines(events: pd.DataFrame, window: Window) -> pd.DataFrame:
+def occasion_lines(events: pd.DataFrame, window: Window) -> pd.DataFrame:
     """One row per (user, item, occasion) before the cut-off: day, occasion ordinal, position in the basket."""
     bought = events.loc[(events["ts"] < window.cutoff) & events["event_type"].isin(CONVERSION_TYPES)]
     user = window.users.indexes(bought["user_id"])
@@ -150,7 +150,7 @@ def _window_rates(lines: pd.DataFrame, cut_day: int, shape: tuple[int, int]) -> 
 def extra_columns(events: pd.DataFrame, window: Window, rows: CandidateRows) -> dict[str, np.ndarray]:
     """Every extra column for the window's candidate rows, from purchases before its cut-off."""
     shape = (len(window.users), len(window.items))
-    lines = _lines(events, window)
+    lines = occasion_lines(events, window)
     users = lines["u"].to_numpy()
     baskets = np.zeros(shape[0])
     np.maximum.at(baskets, users, lines["o"].to_numpy().astype(np.float64))
@@ -201,7 +201,7 @@ def extra_columns(events: pd.DataFrame, window: Window, rows: CandidateRows) -> 
 def unbought_hits(part: Part, events: pd.DataFrame, per_user: int = 10) -> dict[str, float]:
     """Targets hit per user among `per_user` items the user never bought: neighbours' vectors against ALS."""
     shape = (len(part.window.users), len(part.window.items))
-    lines = _lines(events, part.window)
+    lines = occasion_lines(events, part.window)
     baskets = np.zeros(shape[0])
     np.maximum.at(baskets, lines["u"].to_numpy(), lines["o"].to_numpy().astype(np.float64))
     own, neighbours = _tifu(lines, baskets, shape)
@@ -251,11 +251,11 @@ def label_window_parts(data: Dataset, params: TrainParams, windows: int) -> list
     return parts
 
 
-def _features(part: Part, names: tuple[str, ...]) -> np.ndarray:
+def part_features(part: Part, names: tuple[str, ...]) -> np.ndarray:
     return np.column_stack([part.rows.features, *(part.extra[name] for name in names)]).astype(np.float32)
 
 
-def _feeds(part: Part, ranked: list[np.ndarray]) -> list[np.ndarray]:
+def part_feeds(part: Part, ranked: list[np.ndarray]) -> list[np.ndarray]:
     """Each user's list then the trending fallback, blocked items removed (as the evaluation composes them)."""
     state = part.window.state
     score = state.item_trending + 1e-6 * state.item_buyers
@@ -284,7 +284,7 @@ def ranker_ratio(train: list[Part], test: Part, names: tuple[str, ...], params: 
     held = dict(zip(users, (rng.random(len(users)) < params.ranker.validation_share).tolist(), strict=True))
     fitting, stopping = [], []
     for part in train:
-        features = _features(part, names)
+        features = part_features(part, names)
         valid = np.asarray([held[u] for u in part.rows.user_ids], dtype=bool)
         fitting.append(sample_negatives(with_positive_groups(features, part.labels, part.rows.group_sizes, ~valid),
                                         params.ranker.negatives_per_group, rng))
@@ -292,10 +292,10 @@ def ranker_ratio(train: list[Part], test: Part, names: tuple[str, ...], params: 
     ranker_params = params.ranker.model_copy(update={"seed": seed})
     ranker = fit_ranker(stack(fitting), ranker_params, stack(stopping), feature_names=(*FEATURE_NAMES, *names),
                         settings=settings)
-    scores = ranker.predict(_features(test, names))
+    scores = ranker.predict(part_features(test, names))
     ranked = [test.rows.items[s][np.argsort(-scores[s], kind="stable")] for s in test.rows.group_slices()]
-    ours = per_user_metrics(_feeds(test, ranked), test.targets, N)
-    repeat = per_user_metrics(_feeds(test, test.rows.per_source["repeat"]), test.targets, N)
+    ours = per_user_metrics(part_feeds(test, ranked), test.targets, N)
+    repeat = per_user_metrics(part_feeds(test, test.rows.per_source["repeat"]), test.targets, N)
     return float(ours.mean() / repeat.mean())
 
 
