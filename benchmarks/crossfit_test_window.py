@@ -84,17 +84,18 @@ def cross_fitted_scores(windows: list[Part], test: Part, setup: str, names: tupl
     """A score for every candidate row of `test`, each group scored by a ranker trained without its user."""
     rng = np.random.default_rng(seed)
     n_groups = len(test.rows.user_ids)
-    fold_of = rng.permutation(n_groups) % folds if setup != "windows" else np.zeros(n_groups, dtype=np.int64)
-    every = [(part, np.ones(len(part.rows.user_ids), dtype=bool)) for part in windows]
+    cross_fitted = setup != "windows"
+    folds = folds if cross_fitted else 1
+    fold_of = rng.permutation(n_groups) % folds if cross_fitted else np.zeros(n_groups, dtype=np.int64)
+    every_group = [(part, np.ones(len(part.rows.user_ids), dtype=bool)) for part in windows]
+    earlier = [] if setup == "test_folds" else every_group
     ranker_params = params.ranker.model_copy(update={"seed": seed})
     features = part_features(test, names)
     scores = np.zeros(len(test.rows.items), dtype=np.float64)
     rows_fold = np.repeat(fold_of, test.rows.group_sizes)
-    for fold in range(folds if setup != "windows" else 1):
-        parts = list(every) if setup != "test_folds" else []
-        if setup != "windows":
-            parts.append((test, fold_of != fold))
-        fitting, stopping = _training_sets(parts, names, params, rng)
+    for fold in range(folds):
+        others = [(test, fold_of != fold)] if cross_fitted else []
+        fitting, stopping = _training_sets([*earlier, *others], names, params, rng)
         ranker = fit_ranker(fitting, ranker_params, stopping, feature_names=(*FEATURE_NAMES, *names))
         mine = rows_fold == fold
         scores[mine] = ranker.predict(features[mine])
