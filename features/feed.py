@@ -20,6 +20,7 @@ class Source(StrEnum):
     ALS = "als"
     BPR = "bpr"
     ITEM_KNN = "item_knn"
+    EASE = "ease"  # EASE item weights over the user's history (a served single source, not a ranker candidate)
     REPEAT = "repeat"
     CATEGORY_TRENDING = "category_trending"  # trending in the user's favourite categories
     NEW_ARRIVALS = "new_arrivals"

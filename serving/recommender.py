@@ -25,11 +25,19 @@ from features.candidates import (
     top_scores,
     user_candidates,
 )
-from features.feed import Candidates, Feed, Source, compose_feed, interleave
+from features.feed import Candidates, Feed, Source, interleave
 from features.foldin import FoldIn
 from features.online_view import SocialUpdates, blank_user_rows, user_view
-from features.popularity import ranked
 from features.repurchase import NO_CATEGORY
+from features.served import (
+    ITEM_WEIGHT_PIPELINES,
+    Pipeline,
+    fallback_steps,
+    final_list,
+    history_of,
+    personal_step,
+    seen_items,
+)
 from features.social_state import OnlineCells
 from features.state import FeatureState
 from features.store import OnlineEvent
@@ -143,12 +151,15 @@ class Recommender:
         policy = bundle.manifest.repurchase
         self._once_only = ~policy.repeatable_mask(self._category)
         pop = bundle.popularity
-        trending, popular = ranked(pop.trending, FALLBACK_DEPTH), ranked(pop.popular, FALLBACK_DEPTH)
-        self._trending = Candidates(Source.TRENDING, trending, pop.trending[trending])
-        self._popular = Candidates(Source.POPULAR, popular, pop.popular[popular])
+        self._fallback = fallback_steps(pop.trending, pop.popular, FALLBACK_DEPTH, Pipeline(
+            bundle.manifest.served.pipeline))
         norms = np.linalg.norm(bundle.item_factors, axis=1, keepdims=True)
         self._unit_items = bundle.item_factors / np.maximum(norms, 1e-12)
         self._ranker = Ranker.from_string(bundle.ranker_text) if bundle.ranker_text else None
+        served = bundle.manifest.served
+        self.pipeline = Pipeline(served.pipeline)
+        self._exclude_seen = served.exclude_seen
+        self._repeatable = ~self._once_only
         self._lists = PopularLists.from_state(bundle.state)
         self._k = {Source(name): int(k) for name, k in bundle.manifest.candidates.items()}
         model = bundle.manifest.model
@@ -291,6 +302,20 @@ class Recommender:
         return Candidates(chain_source, items[order], predicted[order].astype(np.float32),
                           tuple(SOURCE_ORDER[i] for i in first[order].tolist()))
 
+    def _seen(self, profile: _Profile, user_idx: int | None, context: UserContext | None) -> np.ndarray:
+        """Items the user interacted with that the served pipeline keeps out of their list (repeat buys aside)."""
+        history = history_of(profile.state.pair_weight, profile.row)[0]
+        if user_idx is not None:  # the bundle's history too: an online view holds only the new events
+            history = np.union1d(history, history_of(self.bundle.state.pair_weight, user_idx)[0])
+        bought = np.empty(0, dtype=np.int64)
+        if user_idx is not None:
+            b = self.bundle.bought
+            bought = b.indices[b.indptr[user_idx] : b.indptr[user_idx + 1]].astype(np.int64)
+        if context is not None and context.purchased:
+            codes = self.bundle.items.indexes(list(context.purchased))
+            bought = np.union1d(bought, codes[codes >= 0])
+        return seen_items(history.astype(np.int64), bought, self._repeatable)
+
     @staticmethod
     def _factor_top(retrieved: Candidates, k: int, blocked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         keep = ~blocked[retrieved.items]
@@ -370,12 +395,20 @@ class Recommender:
             user_idx = self.bundle.users.index_of(user_id)
         blocked = self._blocked(user_idx, context, exclude, category, price_range)
         profile = self._profile(user_idx, context)
+        if profile is not None and self._exclude_seen:
+            blocked[self._seen(profile, user_idx, context)] = True
         chain: list[Candidates] = []
         ranked = 0
-        if profile is not None and self._ranker is not None:
+        if profile is not None and self._ranker is not None and self.pipeline is Pipeline.RANKER:
             chain.append(self._rank(profile, blocked, category))
             ranked = len(chain[0].items)
-        elif profile is not None:
+        elif profile is not None and self.pipeline in ITEM_WEIGHT_PIPELINES:
+            single = personal_step(self.pipeline, (DIVERSITY_RESERVE + 2) * n, blocked,
+                                   item_weights=self.bundle.item_weights,
+                                   history=history_of(profile.state.pair_weight, profile.row))
+            if single is not None:
+                chain.append(single)
+        elif profile is not None and self.pipeline is not Pipeline.TRENDING and self.pipeline is not Pipeline.POPULAR:
             retrieved = self._retrieve(profile.vector, n, blocked, category)
             chain.append(Candidates(Source.FOLD_IN if profile.online else Source.ALS, retrieved.items,
                                     retrieved.scores))
@@ -398,8 +431,7 @@ class Recommender:
                 profile.state, self.bundle.models.item_neighbours, 0, FALLBACK_DEPTH, blocked)))
         if category is not None:
             chain.append(self._category_trending(category))
-        chain += [self._trending, self._popular]
-        feed = compose_feed(chain, n + reserve, blocked)
+        feed = final_list(chain, self._fallback, n + reserve, blocked)
         main = next((s for s in feed.steps if s != Source.SHARED), feed.step)  # the seats are not the step
         step = Source.FOLD_IN if profile is not None and profile.online and len(feed.items) else main
         items = self._items(feed, profile)

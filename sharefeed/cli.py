@@ -14,6 +14,22 @@ def _echo(message: str) -> None:
     click.echo(message, err=True)
 
 
+_PROTOCOL = click.option(
+    "--protocol", type=click.Choice(["auto", "time", "random", "last"]), default=None,
+    help="How the holdout is made, for evaluation, selection and the ranker's labels: time (a cut in time), "
+         "random (each user's distinct items split at random), last (each user's newest item); auto (the "
+         "default) picks time when time has order and its holdout has enough users, else random.")
+
+
+def _with_protocol(params_file: Path | None, protocol: str | None):  # type: ignore[no-untyped-def]
+    from training.params import load_params
+
+    params = load_params(params_file)
+    if protocol is None:
+        return params
+    return params.model_copy(update={"split": params.split.model_copy(update={"protocol": protocol})})
+
+
 @click.group()
 def main() -> None:
     """sharefeed: recommendations and audience segments for social e-commerce."""
@@ -73,10 +89,11 @@ def demo_data(out: Path, users: int, items: int, categories: int, days: int, int
 @click.option("--rejects", type=click.Path(path_type=Path), help="Default: BUNDLE.rejects.csv beside the bundle.")
 @click.option("--now", type=click.DateTime(formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"]),
               help="Pin 'now' for time windows (default: the newest event).")
-def train(data_dir: Path, out: Path, params_file: Path | None, rejects: Path | None, now: datetime | None) -> None:
-    """Train, evaluate against baselines, log to MLflow and write the bundle."""
+@_PROTOCOL
+def train(data_dir: Path, out: Path, params_file: Path | None, rejects: Path | None, now: datetime | None,
+          protocol: str | None) -> None:
+    """Train, choose the served pipeline on validation, log to MLflow and write the bundle."""
     from features.dataset import RejectLimitError
-    from training.params import load_params
     from training.pipeline import train as run_training
     from training.settings import TrainingSettings
 
@@ -84,7 +101,8 @@ def train(data_dir: Path, out: Path, params_file: Path | None, rejects: Path | N
     if now is not None:
         settings = settings.model_copy(update={"now": now})
     try:
-        run_training(data_dir, out, load_params(params_file), settings, rejects_path=rejects, say=_echo)
+        run_training(data_dir, out, _with_protocol(params_file, protocol), settings, rejects_path=rejects,
+                     say=_echo)
     except RejectLimitError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -94,16 +112,16 @@ def train(data_dir: Path, out: Path, params_file: Path | None, rejects: Path | N
 @click.option("--params", "params_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Training parameters YAML (see docs/training.md).")
 @click.option("--rejects", type=click.Path(path_type=Path), default=Path("rejects.csv"), show_default=True)
-def evaluate(data_dir: Path, params_file: Path | None, rejects: Path) -> None:
-    """The holdout table (ranker and baselines on the same users), tracked in MLflow; writes no bundle."""
+@_PROTOCOL
+def evaluate(data_dir: Path, params_file: Path | None, rejects: Path, protocol: str | None) -> None:
+    """The holdout table (every pipeline on the same users), tracked in MLflow; writes no bundle."""
     from features.dataset import RejectLimitError
-    from training.params import load_params
     from training.pipeline import evaluate as run_evaluation
     from training.settings import TrainingSettings
 
     try:
-        _, run_id = run_evaluation(data_dir, load_params(params_file), TrainingSettings(), rejects_path=rejects,
-                                   say=_echo)
+        _, run_id = run_evaluation(data_dir, _with_protocol(params_file, protocol), TrainingSettings(),
+                                   rejects_path=rejects, say=_echo)
     except RejectLimitError as exc:
         raise click.ClickException(str(exc)) from exc
     _echo(f"MLflow run {run_id}")

@@ -30,11 +30,12 @@ from features.popularity import ItemPopularity
 from features.propensity import PropensityModel
 from features.ranking import FEATURE_NAMES
 from features.repurchase import RepurchasePolicy
+from features.served import ItemWeights
 from features.social import SocialGraph
 from features.state import FeatureState, load_state, save_state
 from features.vocab import Vocabulary
 
-SCHEMA_VERSION = 4  # 3: bought_together.npz; 4: social graph, user influence, item share stats (issue #5)
+SCHEMA_VERSION = 5  # 4: social graph, user influence, item share stats; 5: the served pipeline and its item weights
 MANIFEST = "manifest.json"
 ITEM_META_COLUMNS = ("category", "brand", "title", "price", "in_stock", "created_at")
 
@@ -67,6 +68,18 @@ class ModelInfo(BaseModel):
     ef_search: int
 
 
+class ServedInfo(BaseModel):
+    """The pipeline that answers feeds (features.served.Pipeline), chosen on validation, and its evidence."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    pipeline: str
+    candidate: str  # the setting that won, e.g. "ease_l200" or "als_linear"
+    exclude_seen: bool  # lists leave out items the user already interacted with (repeat buys aside)
+    protocol: str  # the evaluation protocol it was chosen under: time, random or last
+    note: str
+    evidence: dict[str, float] = {}
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     schema_version: int
@@ -93,6 +106,7 @@ class Manifest(BaseModel):
     # segments' propensity model per target kind (item, category, brand); a kind without one, and every bundle
     # written before it existed, is scored with the fixed formula (features.propensity.fixed_score)
     propensity: dict[str, PropensityModel] = {}
+    served: ServedInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +132,7 @@ class Bundle:
     social_graph: SocialGraph  # who reaches whom; its first len(users) ids are `users` in order (features.social)
     user_influence: pd.DataFrame  # by user_id: share funnel and influence (features.attribution.USER_COLUMNS)
     item_share_stats: pd.DataFrame  # by item_id: share rate, referral conversion, viral coefficient
+    item_weights: ItemWeights | None  # the served neighbour / EASE pipeline's items x items weights
 
     @property
     def version(self) -> str:
@@ -145,6 +160,7 @@ class BundleContents:
     social_graph: SocialGraph
     user_influence: pd.DataFrame
     item_share_stats: pd.DataFrame
+    item_weights: ItemWeights | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -202,6 +218,8 @@ def write_bundle(out: Path, contents: BundleContents, manifest: Manifest) -> Man
         _write_keyed(tmp / "item_share_stats.parquet", contents.item_share_stats, "item_id", ITEM_SHARE_COLUMNS)
         if contents.ranker_text is not None:
             (tmp / "ranker.txt").write_text(contents.ranker_text)
+        if contents.item_weights is not None:
+            sp.save_npz(tmp / "item_weights.npz", contents.item_weights.weights.tocsr(), compressed=False)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         content_digest = hashlib.sha256("".join(f"{k}{v}" for k, v in files.items()).encode()).hexdigest()
         created = datetime.now(UTC)
@@ -311,6 +329,9 @@ def load_bundle(path: Path) -> Bundle:
             popularity=ItemPopularity(
                 popular=meta["popular"].to_numpy(np.float32), trending=meta["trending"].to_numpy(np.float32)
             ),
+            item_weights=(ItemWeights(sp.load_npz(path / "item_weights.npz").tocsr(),
+                                      binary=manifest.served.pipeline == "ease")
+                          if (path / "item_weights.npz").is_file() else None),
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise BundleError(f"bundle {path} cannot be loaded: {exc}") from exc
@@ -325,6 +346,8 @@ def load_bundle(path: Path) -> Bundle:
         "state pairs shape": (bundle.state.pair_last.shape, (n_users, n_items)),
         "neighbours shape": (bundle.models.item_neighbours.shape, (n_items, n_items)),
         "bought_together shape": (bundle.bought_together.shape, (n_items, n_items)),
+        "item weights": ((bundle.item_weights.weights.shape if bundle.item_weights is not None else None),
+                         ((n_items, n_items) if manifest.served.pipeline in ("item_knn", "ease") else None)),
         "social graph's leading users": (bool(np.array_equal(bundle.social_graph.users.ids[:n_users],
                                                              bundle.users.ids)), True),
     }

@@ -100,8 +100,9 @@ class PropensityParams(_Strict):
 
 
 class SplitParams(_Strict):
-    """The time holdout: a cut on the data's own time resolution."""
+    """The holdout: its protocol, and for `time` a cut on the data's own time resolution."""
 
+    protocol: Literal["auto", "time", "random", "last"] = "auto"
     test_fraction: float = Field(0.1, gt=0.0, lt=0.9)
     cut: datetime | None = None  # an explicit cut (UTC) overrides test_fraction
     max_buckets: int = Field(60, ge=2)  # at most this many distinct times: a bucketed data set

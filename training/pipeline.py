@@ -22,14 +22,14 @@ import scipy.sparse as sp
 from features.attribution import attribute
 from features.copurchase import bought_together
 from features.dataset import Dataset, load_dataset
-from features.interactions import user_items_matrix
 from features.popularity import item_popularity
 from features.propensity import PropensityModel
 from features.ranking import FEATURE_NAMES
+from features.served import ItemWeights, Pipeline
 from features.social import build_social_graph
 from features.vocab import Vocabulary
 from training import registry, tracking
-from training.als import fit_als
+from training.als import Factors
 from training.bundle import (
     ITEM_META_COLUMNS,
     SCHEMA_VERSION,
@@ -38,26 +38,24 @@ from training.bundle import (
     HoldoutInfo,
     Manifest,
     ModelInfo,
+    ServedInfo,
     write_bundle,
 )
 from training.evaluate import (
     CURVE_K,
     EvalReport,
-    als_chains,
-    fallback_chain,
-    holdout_targets,
-    recommend_lists,
-    score_lists,
 )
 from training.index import build_item_index, index_kind
 from training.params import TrainParams
 from training.replay import replay_lines, run_replay, serving_ranker
+from training.selection import Selection, item_categories, select_pipeline, validation_set
 from training.settings import TrainingSettings
-from training.split import Holdout, time_holdout
-from training.twostage import UNION_SIZE, evaluate_two_stage
+from training.sources import fit_bm25, fit_ease
+from training.split import Holdout, choose_protocol, protocol_holdout
+from training.twostage import UNION_SIZE, TwoStageResult, blank_social, evaluate_two_stage, ranked_rows
 from training.window import (
-    blocked_matrix,
     bought_matrix,
+    candidate_rows,
     fit_window,
     item_meta_frame,
     item_vocabulary,
@@ -110,35 +108,45 @@ def _recent(events: pd.DataFrame, users: Vocabulary, items: Vocabulary, weights:
     return sp.csr_matrix((seconds[keep], (rows[keep], cols[keep])), shape=(len(users), len(items)))
 
 
-def evaluate_on_holdout(data: Dataset, holdout: Holdout, params: TrainParams, clock: StageClock) -> EvalReport:
-    """Fit on the train part; score ALS and the popularity baselines on the test part's users."""
-    weights = params.weights
+def _select_on_holdout(data: Dataset, holdout: Holdout, params: TrainParams, clock: StageClock,
+                       say: Callable[[str], None], two_stage: TwoStageResult | None = None) -> Selection:
+    """Score every pipeline on the holdout's users (the ranker too when `two_stage` trained one) and choose."""
     train = holdout.train
-    users = Vocabulary.from_ids(train["user_id"])
-    items = item_vocabulary(train, None)
-    meta = item_meta_frame(items, data.items, ITEM_META_COLUMNS)
-    as_of = holdout.cut if holdout.cut is not None else train["ts"].max()
-    with clock.stage("holdout: fit ALS"):
-        matrix = user_items_matrix(train, users, items, weights, now=as_of,
-                                   half_life_days=params.als.recency_half_life_days)
-        factors = fit_als(matrix, params.als)
-    popularity = item_popularity(train, items, weights, as_of, params.popularity.trending_half_life_days)
-    blocked = blocked_matrix(bought_matrix(train, users, items), meta, repurchase_policy(train, data.items, params))
-    targets = holdout_targets(holdout.test, users, items, weights)
-    n = max(params.evaluation.k)
-    fallback = fallback_chain(popularity, n + 1000)
-    report = EvalReport(k=params.evaluation.k, users=len(targets.user_ids), target_kind=targets.target_kind,
-                        unseen_item_share=targets.unseen_item_share, cold_user_share=targets.cold_user_share)
-    candidates = {
-        "popular": lambda chunk: [[fallback[1]] for _ in chunk],
-        "trending": lambda chunk: [fallback for _ in chunk],
-        "als": als_chains(factors.user_factors, factors.item_factors, blocked, fallback, n),
-    }
-    with clock.stage("holdout: evaluate"):
-        for name, chains in candidates.items():
-            lists = recommend_lists(targets, n, len(items), blocked, chains)
-            report.rows[name] = score_lists(lists, targets, params.evaluation.k, len(items))
-    return report
+    if two_stage is not None:  # the window the ranker was measured on: its vocabularies and fitted ALS
+        window = two_stage.test_window
+        users, items, meta, policy = window.users, window.items, window.item_meta, window.policy
+    else:
+        users = Vocabulary.from_ids(train["user_id"])
+        items = item_vocabulary(train, data.items)
+        meta = item_meta_frame(items, data.items, ITEM_META_COLUMNS)
+        policy = repurchase_policy(train, data.items, params)
+    valid = validation_set(train, holdout.test, users, items, item_categories(meta), policy, params)
+    say(f"selection: {len(valid.targets.user_ids):,} users, targets {valid.targets.target_kind}")
+    ranker_lists: dict[int, np.ndarray] | None = None
+    als_fits: dict[str, Factors] = {}
+    if two_stage is not None:
+        window = two_stage.test_window
+        known = [str(u) for u, row in zip(valid.targets.user_ids, valid.targets.user_idx, strict=True) if row >= 0]
+        rows = candidate_rows(window, known, params, UNION_SIZE)
+        if not params.ranker.social:
+            blank_social(rows)
+        ranked = ranked_rows(rows, two_stage.rankers["ranker"].predict(rows.features))
+        ranker_lists = {int(r): items_ for r, items_ in zip(rows.user_idx.tolist(), ranked, strict=True)}
+        als_fits["als"] = Factors(window.models.als_users, window.models.als_items, params.als.regularization,
+                                  params.als.alpha)
+    with clock.stage("pipeline selection"):
+        return select_pipeline(valid, params, say, ranker_lists, als_fits)
+
+
+def _served_item_weights(pipeline: Pipeline, ease_lambda: float | None,
+                         history: sp.csr_matrix) -> ItemWeights | None:
+    """The item-to-item weights of a served neighbour or EASE pipeline, refit on all the data."""
+    if pipeline is Pipeline.ITEM_KNN:
+        return fit_bm25(history)
+    if pipeline is Pipeline.EASE:
+        assert ease_lambda is not None
+        return fit_ease(history, ease_lambda)
+    return None
 
 
 def _feature_set_digest(params: TrainParams) -> str:
@@ -167,6 +175,8 @@ class Evaluation:
     ranker_training: str  # how that ranker was trained: static, replay or stacked (training.replay)
     windows: dict[str, str]
     propensity: dict[str, PropensityModel]  # segments' model per target kind; empty without time order
+    selection: Selection  # the served pipeline and the validation evidence it was chosen on
+    protocol: str
 
 
 def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callable[[str], None], *,
@@ -174,13 +184,17 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
     """The holdout table: the two-stage ranker and every baseline on the same users; `for_serving` also
     refits the ranker for the bundle the request-time way when replay kept a request-time trained one."""
     events = data.events
-    holdout = time_holdout(events, params.split)
+    protocol, why = choose_protocol(events, params.split, params.split.protocol)
+    say(f"protocol: {protocol} ({why})")
+    holdout = protocol_holdout(events, params.split, protocol)
     say(f"holdout: {holdout.note}; train {len(holdout.train):,} / test {len(holdout.test):,} events")
+    two_stage: TwoStageResult | None = None
     ranker_text: str | None = None
     ranker_training = "static"
     windows: dict[str, str] = {}
     propensity: dict[str, PropensityModel] = {}
-    if holdout.cut is not None:
+    report = EvalReport(k=params.evaluation.k)
+    if protocol == "time" and holdout.cut is not None:
         with clock.stage("two-stage evaluation"):
             two_stage = evaluate_two_stage(events, data.items, holdout, params, ITEM_META_COLUMNS, say,
                                            social=data.social)
@@ -198,11 +212,15 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
                 say(f"the bundle's ranker is trained {ranker_training} ({served.rounds} rounds), the way kept on "
                     "the request-time validation groups")
     else:
-        say("no time order: the ranker needs one, so only ALS and popularity are evaluated and served")
-        report = evaluate_on_holdout(data, holdout, params, clock)
-    say(f"evaluated {report.users:,} users on {report.target_kind}; unseen-item share "
-        f"{report.unseen_item_share:.1%}, cold-user share {report.cold_user_share:.1%}")
-    say(report.table().round(4).to_string())
+        say(f"protocol {protocol}: the ranker learns from a time window, so the single sources compete alone")
+    selection = _select_on_holdout(data, holdout, params, clock, say, two_stage)
+    if report.rows:
+        say(f"evaluated {report.users:,} users on {report.target_kind}; unseen-item share "
+            f"{report.unseen_item_share:.1%}, cold-user share {report.cold_user_share:.1%}")
+        say(report.table().round(4).to_string())
+    report.rows |= {f"select.{name}": row for name, row in selection.rows.items()}
+    say("selection table (targets: " + "new pairs and repeat buys" + "):")
+    say(pd.DataFrame.from_dict(selection.rows, orient="index").round(4).to_string())
     if report.comparison:
         c = report.comparison
         say(f"ranker / best baseline ({c['best_baseline']}) NDCG@{c['k']}: {float(c['ratio']):.3f} "
@@ -214,7 +232,9 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
     if report.replay:
         for line in replay_lines(report.replay_rows, report.replay):
             say(line)
-    return Evaluation(holdout, report, ranker_text, ranker_training, windows, propensity)
+    if selection.chosen.pipeline is not Pipeline.RANKER:
+        ranker_text = None  # a ranker without validation evidence over the best single source is not served
+    return Evaluation(holdout, report, ranker_text, ranker_training, windows, propensity, selection, protocol)
 
 
 def evaluate(data_dir: Path, params: TrainParams, settings: TrainingSettings, *, rejects_path: Path,
@@ -252,10 +272,15 @@ def train(
         holdout, report = evaluation.holdout, evaluation.report
         ranker_text, windows = evaluation.ranker_text, evaluation.windows
 
+        selection = evaluation.selection
+        chosen = selection.chosen
+        if chosen.als is not None:  # the ALS setting that won on validation is the one served
+            params = params.model_copy(update={"als": chosen.als})
         with clock.stage("refit on all data"):
             window = fit_window(events, data.items, params, now + pd.Timedelta(1, "ns"), ITEM_META_COLUMNS,
                                 data.social)
             users, items = window.users, window.items
+            item_weights = _served_item_weights(chosen.pipeline, chosen.ease_lambda, window.state.pair_weight)
             popularity = item_popularity(events, items, params.weights, now,
                                          params.popularity.trending_half_life_days)
         with clock.stage("social graph and attribution"):
@@ -287,11 +312,14 @@ def train(
                 repurchase=window.policy,
                 event_weights=params.weights,
                 counts={"users": len(users), "items": len(items), "events": len(events)},
-                metrics=report.flat_metrics(),
+                metrics=report.flat_metrics() | selection.evidence(),
                 mlflow_run_id=run_id,
                 files={},
                 social=attribution.rates,
                 propensity=evaluation.propensity,
+                served=ServedInfo(pipeline=chosen.pipeline.value, candidate=chosen.name,
+                                  exclude_seen=selection.exclude_seen, protocol=evaluation.protocol,
+                                  note=selection.note, evidence=selection.evidence()),
             )
             als_items = window.models.als_items
             bundle = BundleContents(
@@ -302,10 +330,12 @@ def train(
                 models=window.models, state=window.state, ranker_text=ranker_text,
                 bought_together=bought_together(events.loc[events["ts"] <= now], items),
                 social_graph=social_graph, user_influence=attribution.users, item_share_stats=attribution.items,
+                item_weights=item_weights,
             )
             manifest = write_bundle(out, bundle, manifest)
         tracking.log_metrics(report.flat_metrics() | {f"time.{k}_s": v for k, v in clock.seconds.items()})
-        tracking.set_tags({"bundle_version": manifest.bundle_version, "holdout": holdout.kind,
+        tracking.set_tags({"served_pipeline": chosen.name, "protocol": evaluation.protocol,
+                           "bundle_version": manifest.bundle_version, "holdout": holdout.kind,
                            "ranker_training": evaluation.ranker_training})
         tracking.log_metric_curves(report.curves, CURVE_K)
         tracking.log_artifacts(rejects_path, "validation")

@@ -1,0 +1,114 @@
+"""The served pipeline: which model answers a feed, its personal step, and the one function that builds a
+user's final list from it.
+
+Training's selection table, batch `recommend` and the HTTP feed all build a list with `final_list`, so the
+list a pipeline was chosen on is the list that is served. A pipeline is either the ranker over the candidate
+union or one source on its own: ALS factors, item-to-item weights (BM25 neighbours or EASE) summed over the
+user's history, or plain popularity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+import scipy.sparse as sp
+
+from features.candidates import top_scores
+from features.feed import Candidates, Feed, Source, compose_feed
+from features.social_state import row_cells
+
+
+class Pipeline(StrEnum):
+    """What orders the personal part of a feed; the manifest names the one chosen on validation."""
+
+    RANKER = "ranker"  # LightGBM over the union of every candidate source
+    ALS = "als"  # ALS factors alone
+    ITEM_KNN = "item_knn"  # BM25-weighted item neighbours summed over the user's history
+    EASE = "ease"  # EASE item weights summed over the user's history (catalogs small enough to invert)
+    TRENDING = "trending"  # no personal step: trending, then popular
+    POPULAR = "popular"  # no personal step: all-time popular first
+
+
+ITEM_WEIGHT_PIPELINES = frozenset({Pipeline.ITEM_KNN, Pipeline.EASE})
+SOURCE_OF = {Pipeline.ALS: Source.ALS, Pipeline.ITEM_KNN: Source.ITEM_KNN, Pipeline.EASE: Source.EASE}
+
+
+@dataclass(frozen=True, slots=True)
+class ItemWeights:
+    """An item-to-item model: a user's score for item i is the sum over their history h of value(h) * W[h, i]."""
+
+    weights: sp.csr_matrix  # items x items
+    binary: bool  # EASE was fitted on a 0/1 matrix: the history counts each item once
+
+    def scores(self, history_items: np.ndarray, history_values: np.ndarray, n_items: int) -> np.ndarray:
+        values = np.ones(len(history_items)) if self.binary else np.asarray(history_values, dtype=np.float64)
+        owner, cols, weight = row_cells(self.weights, np.asarray(history_items, dtype=np.int64))
+        if not len(cols):
+            return np.zeros(n_items, dtype=np.float64)
+        return np.bincount(cols, weights=weight * values[owner], minlength=n_items)
+
+
+def history_of(pair_weight: sp.csr_matrix, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """A user's items with a positive summed weight, and those weights."""
+    start, end = pair_weight.indptr[row], pair_weight.indptr[row + 1]
+    items, values = pair_weight.indices[start:end], pair_weight.data[start:end]
+    positive = values > 0
+    return items[positive].astype(np.int64), values[positive]
+
+
+def personal_step(pipeline: Pipeline, depth: int, blocked: np.ndarray, *, user_vector: np.ndarray | None = None,
+                  item_factors: np.ndarray | None = None, item_weights: ItemWeights | None = None,
+                  history: tuple[np.ndarray, np.ndarray] | None = None) -> Candidates | None:
+    """The single-source pipeline's best `depth` items for one user, blocked items skipped; None when the
+    pipeline has no personal step or knows nothing of the user (the fallback then answers)."""
+    if pipeline in ITEM_WEIGHT_PIPELINES:
+        if item_weights is None or history is None or not len(history[0]):
+            return None
+        scores = item_weights.scores(history[0], history[1], len(blocked))
+        scores[scores <= 0] = -np.inf  # an item no history item points to is no pick
+    elif pipeline is Pipeline.ALS:
+        if user_vector is None or item_factors is None:
+            return None
+        scores = item_factors @ user_vector
+    else:
+        return None
+    items, values = top_scores(scores, depth, blocked)
+    return Candidates(SOURCE_OF[pipeline], items, values)
+
+
+def fallback_steps(trending: np.ndarray, popular: np.ndarray, depth: int, pipeline: Pipeline) -> list[Candidates]:
+    """The non-personal end of every chain (trending, then popular); `popular` first for that pipeline."""
+    steps = [_ranked(Source.TRENDING, trending, depth), _ranked(Source.POPULAR, popular, depth)]
+    return steps[::-1] if pipeline is Pipeline.POPULAR else steps
+
+
+def _ranked(source: Source, scores: np.ndarray, depth: int) -> Candidates:
+    positive = np.flatnonzero(scores > 0)
+    order = positive[np.lexsort((positive, -scores[positive]))][:depth]
+    return Candidates(source, order.astype(np.int64), scores[order].astype(np.float32))
+
+
+def final_list(personal: Sequence[Candidates], fallback: Sequence[Candidates], n: int,
+               blocked: np.ndarray) -> Feed:
+    """A user's final list: the personal steps, then the fallback, blocked and repeated items skipped."""
+    return compose_feed([*personal, *fallback], n, blocked)
+
+
+def seen_items(history: np.ndarray, bought: np.ndarray, repeatable: np.ndarray) -> np.ndarray:
+    """The items of a user's history a list leaves out when the pipeline blocks seen items: all of them but
+    the ones bought in a category that is bought again (a repeat buy may be due)."""
+    again = bought[repeatable[bought]]
+    return history[~np.isin(history, again)]
+
+
+def blocked_items(n_items: int, once_only_bought: np.ndarray, seen: np.ndarray | None) -> np.ndarray:
+    """Items a user's list must not show: bought in a category not offered again, and, when the served
+    pipeline blocks them, every item the user already interacted with."""
+    mask = np.zeros(n_items, dtype=bool)
+    mask[once_only_bought] = True
+    if seen is not None:
+        mask[seen] = True
+    return mask

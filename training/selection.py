@@ -1,0 +1,266 @@
+"""Choosing the served pipeline on validation: the ranker, or one source on its own.
+
+Every candidate pipeline (each single source at a few settings, and the ranker when the protocol trained
+one) builds each validation user's final list with `features.served.final_list`, the function serving
+uses, and is scored on the same users. The best single source wins unless the ranker beats it with the
+lower end of its paired-bootstrap interval above 1: a ranker without that evidence is not served.
+Relevant items are the validation pairs the user had no interaction with before, and repeat purchases
+where the repurchase policy offers an item again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from features.feed import Candidates, Source
+from features.interactions import user_items_matrix
+from features.popularity import ItemPopularity, item_popularity
+from features.repurchase import NO_CATEGORY, RepurchasePolicy
+from features.served import (
+    ItemWeights,
+    Pipeline,
+    blocked_items,
+    fallback_steps,
+    final_list,
+    history_of,
+    personal_step,
+    seen_items,
+)
+from features.vocab import Vocabulary
+from features.weights import CONVERSION_TYPES
+from training.als import Factors, fit_als
+from training.evaluate import Targets, bootstrap_ratio, per_user_metrics, score_lists
+from training.params import ALSParams, TrainParams
+from training.sources import EaseSystem, ease_lambdas, fit_bm25, pruned
+
+FALLBACK_DEPTH = 2000
+SELECTION_K = 20
+BOOTSTRAP_SEED = 41
+
+
+def als_variants(params: TrainParams) -> dict[str, ALSParams]:
+    """The ALS settings tried: the configured one, plain confidence (alpha 1 on summed weights), and a wider,
+    lighter-regularized model."""
+    base = params.als
+    return {
+        "als": base,
+        "als_linear": base.model_copy(update={"alpha": 1.0, "confidence_scale": "linear"}),
+        "als_wide": base.model_copy(update={"factors": 128, "regularization": 0.01, "alpha": 1.0,
+                                            "confidence_scale": "linear"}),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One pipeline setting tried on validation."""
+
+    name: str  # e.g. "ease_l200", "als_linear"
+    pipeline: Pipeline
+    als: ALSParams | None = None
+    ease_lambda: float | None = None
+
+
+@dataclass(slots=True)
+class Selection:
+    """The pipeline chosen and the evidence it was chosen on."""
+
+    chosen: Candidate
+    exclude_seen: bool
+    scores: dict[str, float] = field(default_factory=dict)  # candidate -> NDCG@20 on validation
+    rows: dict[str, dict[str, float]] = field(default_factory=dict)  # candidate -> every metric on validation
+    comparison: dict[str, float | str] = field(default_factory=dict)  # ranker vs best single source
+    users: int = 0
+    note: str = ""
+
+    def evidence(self) -> dict[str, float]:
+        out = {f"validation.{name}.{metric}": value for name, row in self.rows.items()
+               for metric, value in row.items()}
+        out |= {f"selection.{k}": float(v) for k, v in self.comparison.items() if not isinstance(v, str)}
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationSet:
+    """The part the candidates are fitted on, with its vocabularies, and the users they are scored on."""
+
+    users: Vocabulary
+    items: Vocabulary
+    history: sp.csr_matrix  # users x items: summed weights of the fitted part (floored at 0)
+    bought: sp.csr_matrix  # users x items: bought in the fitted part
+    repeatable: np.ndarray  # per item: its category may be bought again
+    popularity: ItemPopularity
+    targets: Targets
+
+
+def relevant_targets(fit: pd.DataFrame, held: pd.DataFrame, users: Vocabulary, items: Vocabulary,
+                     repeatable: np.ndarray) -> Targets:
+    """Per user of `held`: the pairs with no interaction in `fit`, plus purchases of items they bought in
+    `fit` whose category may be bought again. Items `fit` does not know count as missed targets."""
+    seen = set(zip(fit["user_id"].tolist(), fit["item_id"].tolist(), strict=True))
+    bought = fit.loc[fit["event_type"].isin(CONVERSION_TYPES)]
+    bought_pairs = set(zip(bought["user_id"].tolist(), bought["item_id"].tolist(), strict=True))
+    pairs = held[["user_id", "item_id", "event_type"]]
+    item_idx = items.indexes(pairs["item_id"])
+    again = np.asarray([idx >= 0 and bool(repeatable[idx]) for idx in item_idx.tolist()], dtype=bool)
+    keys = list(zip(pairs["user_id"].tolist(), pairs["item_id"].tolist(), strict=True))
+    new = np.fromiter((key not in seen for key in keys), dtype=bool, count=len(keys))
+    repeat = pairs["event_type"].isin(CONVERSION_TYPES).to_numpy() & again & np.fromiter(
+        (key in bought_pairs for key in keys), dtype=bool, count=len(keys))
+    chosen = pairs.loc[new | repeat, ["user_id", "item_id"]].drop_duplicates()
+    chosen = chosen.assign(item_idx=items.indexes(chosen["item_id"]))
+    grouped = chosen.groupby("user_id", sort=True)
+    user_ids = np.asarray(list(grouped.groups.keys()), dtype=object)
+    per_user = [g["item_idx"].to_numpy() for _, g in grouped]
+    user_idx = users.indexes(pd.Series(user_ids, dtype="str"))
+    return Targets(
+        user_ids=user_ids, user_idx=user_idx, items=[t[t >= 0] for t in per_user],
+        n_targets=np.asarray([len(t) for t in per_user], dtype=np.int64), target_kind="new pairs and repeat buys",
+        unseen_item_share=float((chosen["item_idx"] < 0).mean()) if len(chosen) else 0.0,
+        cold_user_share=float((user_idx < 0).mean()) if len(user_idx) else 0.0,
+    )
+
+
+def validation_set(fit: pd.DataFrame, held: pd.DataFrame, users: Vocabulary, items: Vocabulary,
+                   item_category: np.ndarray, policy: RepurchasePolicy, params: TrainParams) -> ValidationSet:
+    weights = params.weights
+    as_of = fit["ts"].max()
+    history = user_items_matrix(fit, users, items, weights)
+    repeatable = policy.repeatable_mask(item_category)
+    bought = fit.loc[fit["event_type"].isin(CONVERSION_TYPES)]
+    rows, cols = users.indexes(bought["user_id"]), items.indexes(bought["item_id"])
+    keep = (rows >= 0) & (cols >= 0)
+    bought_matrix = sp.csr_matrix((np.ones(int(keep.sum()), dtype=np.float32), (rows[keep], cols[keep])),
+                                  shape=(len(users), len(items)))
+    bought_matrix.sum_duplicates()
+    popularity = item_popularity(fit, items, weights, as_of, params.popularity.trending_half_life_days)
+    targets = relevant_targets(fit, held, users, items, repeatable)
+    return ValidationSet(users, items, history, bought_matrix.tocsr(), repeatable, popularity, targets)
+
+
+def user_blocked(valid: ValidationSet, user: int, exclude_seen: bool) -> np.ndarray:
+    """The items a user's list skips, as serving computes them (`features.served.blocked_items`)."""
+    n_items = len(valid.items)
+    if user < 0:
+        return np.zeros(n_items, dtype=bool)
+    bought = valid.bought.indices[valid.bought.indptr[user] : valid.bought.indptr[user + 1]]
+    seen = seen_items(history_of(valid.history, user)[0], bought, valid.repeatable) if exclude_seen else None
+    return blocked_items(n_items, bought[~valid.repeatable[bought]], seen)
+
+
+PersonalFn = Callable[[int, np.ndarray], list[Candidates]]
+
+
+def lists_for(valid: ValidationSet, personal: PersonalFn, pipeline: Pipeline, exclude_seen: bool,
+              n: int = SELECTION_K) -> list[np.ndarray]:
+    """Every validation user's final list under one pipeline."""
+    pop = valid.popularity
+    fallback = fallback_steps(pop.trending, pop.popular, n + FALLBACK_DEPTH, pipeline)
+    out = []
+    for user in valid.targets.user_idx.tolist():
+        blocked = user_blocked(valid, user, exclude_seen)
+        steps = personal(user, blocked) if user >= 0 else []
+        out.append(final_list(steps, fallback, n, blocked).items)
+    return out
+
+
+def single_source(valid: ValidationSet, pipeline: Pipeline, *, factors: Factors | None = None,
+                  item_weights: ItemWeights | None = None, depth: int = SELECTION_K) -> PersonalFn:
+    def personal(user: int, blocked: np.ndarray) -> list[Candidates]:
+        step = personal_step(
+            pipeline, depth, blocked,
+            user_vector=factors.user_factors[user] if factors is not None else None,
+            item_factors=factors.item_factors if factors is not None else None,
+            item_weights=item_weights, history=history_of(valid.history, user))
+        return [step] if step is not None else []
+
+    return personal
+
+
+def ranked_personal(ranked: dict[int, np.ndarray]) -> PersonalFn:
+    """The ranker's ordered union per user row (scored elsewhere), as the personal step."""
+
+    def personal(user: int, blocked: np.ndarray) -> list[Candidates]:
+        items = ranked.get(user)
+        if items is None or not len(items):
+            return []
+        return [Candidates(Source.ALS, items, np.zeros(len(items), dtype=np.float32))]
+
+    return personal
+
+
+def select_pipeline(valid: ValidationSet, params: TrainParams, say: Callable[[str], None],
+                    ranker_lists: dict[int, np.ndarray] | None = None,
+                    als_fits: dict[str, Factors] | None = None) -> Selection:
+    """Fit each single source on the validation set's fitted part, score every pipeline on its users, and
+    choose; `ranker_lists` (user row -> ranked items) adds the ranker, `als_fits` reuses fitted ALS."""
+    targets = valid.targets
+    ks = (10, SELECTION_K)
+    n_items = len(valid.items)
+    results: dict[str, float] = {}
+    rows: dict[str, dict[str, float]] = {}
+    per_user: dict[str, np.ndarray] = {}
+    personal_of: dict[str, tuple[Candidate, PersonalFn]] = {}
+
+    def measure(candidate: Candidate, personal: PersonalFn, exclude_seen: bool = True) -> None:
+        lists = lists_for(valid, personal, candidate.pipeline, exclude_seen)
+        row = score_lists(lists, targets, ks, n_items)
+        key = candidate.name if exclude_seen else f"{candidate.name}_with_seen"
+        results[key] = row[f"ndcg_at_{SELECTION_K}"]
+        rows[key] = row
+        per_user[key] = per_user_metrics(lists, targets, SELECTION_K)
+        personal_of[key] = (candidate, personal)
+
+    for plain in (Pipeline.TRENDING, Pipeline.POPULAR):
+        measure(Candidate(plain.value, plain), lambda _u, _b: [])
+    fits = dict(als_fits or {})
+    for variant, als in als_variants(params).items():
+        factors = fits.get(variant) or fit_als(valid.history, als)
+        measure(Candidate(variant, Pipeline.ALS, als=als), single_source(valid, Pipeline.ALS, factors=factors))
+    measure(Candidate("item_knn", Pipeline.ITEM_KNN),
+            single_source(valid, Pipeline.ITEM_KNN, item_weights=fit_bm25(valid.history)))
+    lambdas = ease_lambdas(*valid.history.shape)
+    if lambdas:
+        system = EaseSystem(valid.history)
+        for lam in lambdas:
+            weights = pruned(system.weights(lam))
+            measure(Candidate(f"ease_l{lam:g}", Pipeline.EASE, ease_lambda=lam),
+                    single_source(valid, Pipeline.EASE, item_weights=weights))
+        del system
+    best_single = max(results, key=lambda key: results[key])
+    comparison: dict[str, float | str] = {"best_single": best_single}
+    chosen = best_single
+    note = f"{best_single} is the best single source on validation"
+    if ranker_lists is not None:
+        measure(Candidate("ranker", Pipeline.RANKER), ranked_personal(ranker_lists))
+        low, mid, high = bootstrap_ratio(per_user["ranker"], per_user[best_single],
+                                         np.random.default_rng(BOOTSTRAP_SEED))
+        comparison |= {"ranker_ratio": mid, "ranker_ci_low": low, "ranker_ci_high": high}
+        if low > 1.0:
+            chosen = "ranker"
+            note = f"the ranker beats {best_single} on validation: {mid:.3f} ({low:.3f} - {high:.3f})"
+        else:
+            note = (f"the ranker is not served: over {best_single} it scores {mid:.3f} ({low:.3f} - {high:.3f}), "
+                    "an interval that does not clear 1")
+    candidate, personal = personal_of[chosen]
+    measure(candidate, personal, exclude_seen=False)  # does keeping the user's own items help here?
+    exclude_seen = results[chosen] >= results[f"{chosen}_with_seen"]
+    say("validation NDCG@20 by pipeline: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                       sorted(results.items(), key=lambda kv: -kv[1])))
+    say(f"served pipeline: {chosen} ({note}); items the user already interacted with are "
+        f"{'left out' if exclude_seen else 'kept'}")
+    served = chosen if exclude_seen else f"{chosen}_with_seen"
+    rows["served"] = rows[served]
+    return Selection(candidate, exclude_seen, results, rows, comparison, len(targets.user_ids), note)
+
+
+def item_categories(meta: pd.DataFrame) -> np.ndarray:
+    return meta["category"].fillna(NO_CATEGORY).replace("nan", NO_CATEGORY).to_numpy(dtype=object)
+
+
+def ranker_rows_lists(user_rows: Sequence[int], ranked: Sequence[np.ndarray]) -> dict[int, np.ndarray]:
+    return {row: items for row, items in zip(user_rows, ranked, strict=True) if row >= 0}
