@@ -476,7 +476,7 @@ def markdown(results: list[dict[str, object]]) -> str:
                              for s in case["splits"])
             lines.append(f"| {result['data']} | {protocol} | {p['users']:,} | {served} | {p['means']['sharefeed']:.4f} "
                          f"| {p['best']} | {p['means'][p['best']]:.4f} | **{p['ratio']:.3f}** | "
-                         f"{p["ci"][0]:.3f} - {p["ci"][1]:.3f} | {seeds} | {cost} |")
+                         f"{p['ci'][0]:.3f} - {p['ci'][1]:.3f} | {seeds} | {cost} |")
             header = ["model", *next(iter(case["splits"][0]["table"].values())).keys()]
             detail.append(f"\n**{result['data']}, {protocol}** (first split: {case['splits'][0]['split']}; "
                           f"baseline choices {case['splits'][0]['chosen']})\n")
