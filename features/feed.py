@@ -27,6 +27,7 @@ class Source(StrEnum):
     SHARED = "shared"  # shared to the user recently
     FRIENDS_BOUGHT = "friends_bought"  # recent purchases of the people the user sees
     FRIENDS_TRENDING = "friends_trending"  # trending among the user's friends and their friends
+    FUSED = "fused"  # a blend of single sources (features.served.fuse); each item names the part that led it
     FOLD_IN = "fold_in"
     NEIGHBOURS = "neighbours"
     TRENDING_CATEGORY = "trending_category"  # trending in the category the caller asked for

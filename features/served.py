@@ -30,10 +30,13 @@ class Pipeline(StrEnum):
     EASE = "ease"  # EASE item weights summed over the user's history (catalogs small enough to invert)
     TRENDING = "trending"  # no personal step: trending, then popular
     POPULAR = "popular"  # no personal step: all-time popular first
+    FUSED = "fused"  # two of the above, each one's scores scaled to [0, 1] over its best items, then weighted
 
 
 ITEM_WEIGHT_PIPELINES = frozenset({Pipeline.ITEM_KNN, Pipeline.EASE})
-SOURCE_OF = {Pipeline.ALS: Source.ALS, Pipeline.ITEM_KNN: Source.ITEM_KNN, Pipeline.EASE: Source.EASE}
+SOURCE_OF = {Pipeline.ALS: Source.ALS, Pipeline.ITEM_KNN: Source.ITEM_KNN, Pipeline.EASE: Source.EASE,
+             Pipeline.TRENDING: Source.TRENDING, Pipeline.POPULAR: Source.POPULAR}
+FUSION_DEPTH = 200  # items of each part that a fused list is blended from
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +64,8 @@ def history_of(pair_weight: sp.csr_matrix, row: int) -> tuple[np.ndarray, np.nda
 
 def personal_step(pipeline: Pipeline, depth: int, blocked: np.ndarray, *, user_vector: np.ndarray | None = None,
                   item_factors: np.ndarray | None = None, item_weights: ItemWeights | None = None,
-                  history: tuple[np.ndarray, np.ndarray] | None = None) -> Candidates | None:
+                  history: tuple[np.ndarray, np.ndarray] | None = None,
+                  popularity: np.ndarray | None = None) -> Candidates | None:
     """The single-source pipeline's best `depth` items for one user, blocked items skipped; None when the
     pipeline has no personal step or knows nothing of the user (the fallback then answers)."""
     if pipeline in ITEM_WEIGHT_PIPELINES:
@@ -73,10 +77,38 @@ def personal_step(pipeline: Pipeline, depth: int, blocked: np.ndarray, *, user_v
         if user_vector is None or item_factors is None:
             return None
         scores = item_factors @ user_vector
+    elif pipeline in (Pipeline.TRENDING, Pipeline.POPULAR) and popularity is not None:
+        scores = np.where(popularity > 0, popularity, -np.inf)
     else:
         return None
     items, values = top_scores(scores, depth, blocked)
     return Candidates(SOURCE_OF[pipeline], items, values)
+
+
+def fuse(parts: Sequence[Candidates | None], weights: Sequence[float], depth: int) -> Candidates | None:
+    """One list from several parts: each part's scores scaled to [0, 1] between its last and its best item,
+    weighted and summed (an item a part did not propose gets 0 from it); each item keeps the source of the
+    part that gave it the most."""
+    present = [(c, w) for c, w in zip(parts, weights, strict=True) if c is not None and len(c.items)]
+    if not present:
+        return None
+    items = np.concatenate([c.items for c, _ in present])
+    scaled = []
+    for c, w in present:
+        s = c.scores.astype(np.float64)
+        span = float(s[0] - s[-1])
+        scaled.append(w * ((s - s[-1]) / span if span > 0 else np.ones(len(s))))
+    values = np.concatenate(scaled)
+    part = np.repeat(np.arange(len(present)), [len(c.items) for c, _ in present])
+    unique, at = np.unique(items, return_inverse=True)
+    total = np.bincount(at, weights=values, minlength=len(unique))
+    order = np.lexsort((unique, -total))[:depth]
+    strongest = np.lexsort((-values, at))  # per item, its largest contribution first
+    heads = strongest[np.flatnonzero(np.diff(at[strongest], prepend=-1))]
+    lead = np.empty(len(unique), dtype=np.int64)
+    lead[at[heads]] = part[heads]
+    sources = tuple(present[int(p)][0].source for p in lead[order])
+    return Candidates(Source.FUSED, unique[order].astype(np.int64), total[order].astype(np.float32), sources)
 
 
 def fallback_steps(trending: np.ndarray, popular: np.ndarray, depth: int, pipeline: Pipeline) -> list[Candidates]:

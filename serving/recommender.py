@@ -30,10 +30,12 @@ from features.foldin import FoldIn
 from features.online_view import SocialUpdates, blank_user_rows, user_view
 from features.repurchase import NO_CATEGORY
 from features.served import (
+    FUSION_DEPTH,
     ITEM_WEIGHT_PIPELINES,
     Pipeline,
     fallback_steps,
     final_list,
+    fuse,
     history_of,
     personal_step,
     seen_items,
@@ -65,7 +67,8 @@ SESSION_NEW_ITEMS = 3  # new catalog items of a session whose content neighbours
 SHARED_SECONDS = 72 * 3600  # a share this recent (to the newest event seen) is fresh news for its recipient ...
 SHARED_SHARE = 0.1  # ... and takes a seat at the top of the feed, up to this share of it (one at least)
 # sources whose picks are explained by a similar past item
-_HISTORY_SOURCES = frozenset({Source.ALS, Source.BPR, Source.ITEM_KNN, Source.FOLD_IN, Source.NEIGHBOURS})
+_HISTORY_SOURCES = frozenset({Source.ALS, Source.BPR, Source.ITEM_KNN, Source.EASE, Source.FOLD_IN,
+                              Source.NEIGHBOURS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +305,18 @@ class Recommender:
         return Candidates(chain_source, items[order], predicted[order].astype(np.float32),
                           tuple(SOURCE_ORDER[i] for i in first[order].tolist()))
 
+    def _fused(self, profile: _Profile, blocked: np.ndarray) -> Candidates | None:
+        """The served blend: each part's best FUSION_DEPTH items (ALS scored exactly, as evaluation did)."""
+        served = self.bundle.manifest.served
+        popularity = {Pipeline.TRENDING: self.bundle.popularity.trending,
+                      Pipeline.POPULAR: self.bundle.popularity.popular}
+        history = history_of(profile.state.pair_weight, profile.row)
+        parts = [personal_step(Pipeline(kind), FUSION_DEPTH, blocked, user_vector=profile.vector[0],
+                               item_factors=self.bundle.item_factors, item_weights=self.bundle.item_weights,
+                               history=history, popularity=popularity.get(Pipeline(kind)))
+                 for kind in served.parts]
+        return fuse(parts, served.weights, FUSION_DEPTH)
+
     def _seen(self, profile: _Profile, user_idx: int | None, context: UserContext | None) -> np.ndarray:
         """Items the user interacted with that the served pipeline keeps out of their list (repeat buys aside)."""
         history = history_of(profile.state.pair_weight, profile.row)[0]
@@ -408,6 +423,10 @@ class Recommender:
                                    history=history_of(profile.state.pair_weight, profile.row))
             if single is not None:
                 chain.append(single)
+        elif profile is not None and self.pipeline is Pipeline.FUSED:
+            fused = self._fused(profile, blocked)
+            if fused is not None:
+                chain.append(fused)
         elif profile is not None and self.pipeline is not Pipeline.TRENDING and self.pipeline is not Pipeline.POPULAR:
             retrieved = self._retrieve(profile.vector, n, blocked, category)
             chain.append(Candidates(Source.FOLD_IN if profile.online else Source.ALS, retrieved.items,

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 from features.synthetic import DemoDataConfig, generate_demo_data
-from training.params import ALSParams, PropensityParams, TrainParams
+from training.params import ALSParams, PropensityParams, SplitParams, TrainParams
 from training.pipeline import TrainResult, train
 from training.settings import TrainingSettings
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_ALS = ALSParams(factors=16, iterations=6, regularization=0.1, alpha=10.0)
 TINY_PROPENSITY = PropensityParams(min_positives=2)  # the tiny validation window has few buyers per target
+TIME = SplitParams(protocol="time")  # the tiny set has too few test users for auto to pick time
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +33,9 @@ def training_settings(tmp_path_factory: pytest.TempPathFactory) -> TrainingSetti
 def trained(demo_dir: Path, training_settings: TrainingSettings,
             tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     out = tmp_path_factory.mktemp("bundles") / "demo"
-    return train(demo_dir, out, TrainParams(als=TINY_ALS, propensity=TINY_PROPENSITY), training_settings,
-                 say=lambda _: None)
+    # the ranker pinned: most serving tests exercise its path (tests/test_selection.py trains an unpinned one)
+    return train(demo_dir, out, TrainParams(als=TINY_ALS, propensity=TINY_PROPENSITY, split=TIME, serve="ranker"),
+                 training_settings, say=lambda _: None)
 
 
 @pytest.fixture(autouse=True)

@@ -91,10 +91,12 @@ def test_recommend_gives_every_user_a_line_and_serve_agrees(trained: TrainResult
         assert unknown["step"] in {"trending", "popular"}
         known = client.get(f"/v1/users/{users[0]}/feed").json()
         assert known["personalized"] is True
-        assert known["items"][0]["source"] in {"als", "bpr", "item_knn", "repeat", "category_trending",
+        assert known["items"][0]["source"] in {"als", "bpr", "item_knn", "ease", "repeat", "category_trending",
                                                 "new_arrivals", "trending", "shared", "friends_bought",
                                                 "friends_trending"}
-        assert known["step"] == "als"  # the ranked union is the chain's first step, whatever source leads it
+        # the ranked union is the chain's first step whatever source leads it; a single source is its own step
+        served = bundle.manifest.served.pipeline
+        assert known["step"] == ("als" if served == "ranker" else served)
 
 
 def test_feed_never_offers_a_bought_item_of_a_once_only_category(trained: TrainResult) -> None:
@@ -259,9 +261,11 @@ def test_evaluate_command_prints_the_table_and_tracks_a_run(
     params = tmp_path / "params.yaml"
     params.write_text("als:\n  factors: 8\n  iterations: 3\nbpr:\n  factors: 8\n  iterations: 5\n")
     result = CliRunner().invoke(main, ["evaluate", "--data", str(demo_dir), "--params", str(params),
-                                       "--rejects", str(tmp_path / "rejects.csv")])
+                                       "--protocol", "time", "--rejects", str(tmp_path / "rejects.csv")])
     assert result.exit_code == 0, result.output
+    assert "protocol: time (--protocol time)" in result.output
     assert "ranker / best baseline" in result.output
+    assert "served pipeline: " in result.output
     run_id = result.output.strip().splitlines()[-1].removeprefix("MLflow run ")
     run = mlflow.MlflowClient(tracking_uri=training_settings.tracking_uri).get_run(run_id)
     assert run.data.tags["kind"] == "evaluation"

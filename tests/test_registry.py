@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_ALS
+from conftest import TIME, TINY_ALS
 from fastapi.testclient import TestClient
 
 from serving.app import app_from_environment, create_app
@@ -101,11 +101,11 @@ def store(request: pytest.FixtureRequest, demo_dir: Path,
         def fit(name: str, params: TrainParams) -> TrainResult:
             return train(demo_dir, home / name, params, settings, say=lambda _: None)
 
-        sound = fit("sound", TrainParams(als=TINY_ALS))
-        bad = fit("bad", TrainParams(als=BAD_ALS))
+        sound = fit("sound", TrainParams(als=TINY_ALS, split=TIME))
+        bad = fit("bad", TrainParams(als=BAD_ALS, split=TIME))
         cut = sound.manifest.holdout.cut
         assert cut is not None, sound.manifest.holdout
-        other = fit("other", TrainParams(als=TINY_ALS, split=SplitParams(cut=cut - timedelta(days=1))))
+        other = fit("other", TrainParams(als=TINY_ALS, split=SplitParams(protocol="time", cut=cut - timedelta(days=1))))
         # Which one wins depends on the whole pipeline (a ranker over several candidate sources can make up
         # for a poor ALS): the tests only need two different scores on the same holdout.
         worse, good = sorted([sound, bad], key=_headline)

@@ -74,6 +74,8 @@ class ServedInfo(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     pipeline: str
     candidate: str  # the setting that won, e.g. "ease_l200" or "als_linear"
+    parts: list[str] = []  # fused: the pipelines blended, leading one first ...
+    weights: list[float] = []  # ... and their weights
     exclude_seen: bool  # lists leave out items the user already interacted with (repeat buys aside)
     protocol: str  # the evaluation protocol it was chosen under: time, random or last
     note: str
@@ -330,7 +332,7 @@ def load_bundle(path: Path) -> Bundle:
                 popular=meta["popular"].to_numpy(np.float32), trending=meta["trending"].to_numpy(np.float32)
             ),
             item_weights=(ItemWeights(sp.load_npz(path / "item_weights.npz").tocsr(),
-                                      binary=manifest.served.pipeline == "ease")
+                                      binary="ease" in (manifest.served.pipeline, *manifest.served.parts))
                           if (path / "item_weights.npz").is_file() else None),
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
@@ -347,7 +349,8 @@ def load_bundle(path: Path) -> Bundle:
         "neighbours shape": (bundle.models.item_neighbours.shape, (n_items, n_items)),
         "bought_together shape": (bundle.bought_together.shape, (n_items, n_items)),
         "item weights": ((bundle.item_weights.weights.shape if bundle.item_weights is not None else None),
-                         ((n_items, n_items) if manifest.served.pipeline in ("item_knn", "ease") else None)),
+                         ((n_items, n_items) if {"item_knn", "ease"} & {manifest.served.pipeline,
+                                                                        *manifest.served.parts} else None)),
         "social graph's leading users": (bool(np.array_equal(bundle.social_graph.users.ids[:n_users],
                                                              bundle.users.ids)), True),
     }

@@ -165,6 +165,9 @@ class TrainParams(_Strict):
     repurchase: RepurchaseParams = RepurchaseParams()
     evaluation: EvalParams = EvalParams()
     max_reject_share: float = Field(0.01, ge=0.0, le=1.0)
+    # What answers feeds: auto (chosen on validation, training.selection), or pinned to one pipeline whatever
+    # validation says (its best setting is still chosen on validation); a pinned ranker needs the time protocol
+    serve: Literal["auto", "ranker", "fused", "als", "item_knn", "ease", "trending", "popular"] = "auto"
 
     def candidate_counts(self) -> dict[str, int]:
         """Items per source as fitted and served: the social sources are off when the ranker is not social."""

@@ -48,7 +48,7 @@ from training.evaluate import (
 from training.index import build_item_index, index_kind
 from training.params import TrainParams
 from training.replay import replay_lines, run_replay, serving_ranker
-from training.selection import Selection, item_categories, select_pipeline, validation_set
+from training.selection import Candidate, Selection, select_pipeline, validation_set
 from training.settings import TrainingSettings
 from training.sources import fit_bm25, fit_ease
 from training.split import Holdout, choose_protocol, protocol_holdout
@@ -120,7 +120,7 @@ def _select_on_holdout(data: Dataset, holdout: Holdout, params: TrainParams, clo
         items = item_vocabulary(train, data.items)
         meta = item_meta_frame(items, data.items, ITEM_META_COLUMNS)
         policy = repurchase_policy(train, data.items, params)
-    valid = validation_set(train, holdout.test, users, items, item_categories(meta), policy, params)
+    valid = validation_set(train, holdout.test, users, items, meta, policy, params)
     say(f"selection: {len(valid.targets.user_ids):,} users, targets {valid.targets.target_kind}")
     ranker_lists: dict[int, np.ndarray] | None = None
     als_fits: dict[str, Factors] = {}
@@ -138,12 +138,13 @@ def _select_on_holdout(data: Dataset, holdout: Holdout, params: TrainParams, clo
         return select_pipeline(valid, params, say, ranker_lists, als_fits)
 
 
-def _served_item_weights(pipeline: Pipeline, ease_lambda: float | None,
-                         history: sp.csr_matrix) -> ItemWeights | None:
-    """The item-to-item weights of a served neighbour or EASE pipeline, refit on all the data."""
-    if pipeline is Pipeline.ITEM_KNN:
+def _served_item_weights(chosen: Candidate, history: sp.csr_matrix) -> ItemWeights | None:
+    """The item-to-item weights of a served neighbour or EASE pipeline (or fused part), refit on all the data."""
+    kinds = set(chosen.parts) | {chosen.pipeline}
+    ease_lambda = chosen.ease_lambda
+    if Pipeline.ITEM_KNN in kinds:
         return fit_bm25(history)
-    if pipeline is Pipeline.EASE:
+    if Pipeline.EASE in kinds:
         assert ease_lambda is not None
         return fit_ease(history, ease_lambda)
     return None
@@ -280,7 +281,7 @@ def train(
             window = fit_window(events, data.items, params, now + pd.Timedelta(1, "ns"), ITEM_META_COLUMNS,
                                 data.social)
             users, items = window.users, window.items
-            item_weights = _served_item_weights(chosen.pipeline, chosen.ease_lambda, window.state.pair_weight)
+            item_weights = _served_item_weights(chosen, window.state.pair_weight)
             popularity = item_popularity(events, items, params.weights, now,
                                          params.popularity.trending_half_life_days)
         with clock.stage("social graph and attribution"):
@@ -318,6 +319,7 @@ def train(
                 social=attribution.rates,
                 propensity=evaluation.propensity,
                 served=ServedInfo(pipeline=chosen.pipeline.value, candidate=chosen.name,
+                                  parts=[p.value for p in chosen.parts], weights=list(chosen.weights),
                                   exclude_seen=selection.exclude_seen, protocol=evaluation.protocol,
                                   note=selection.note, evidence=selection.evidence()),
             )

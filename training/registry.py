@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 # The metric promotion compares, first present wins: the served list's NDCG@20 on the holdout (the ranker's
 # when the bundle has one, else the ALS retriever's). Higher is better.
-HEADLINE_METRICS = ("ranker.ndcg_at_20", "als.ndcg_at_20")
+HEADLINE_METRICS = ("ranker.ndcg_at_20", "als.ndcg_at_20", "validation.served.ndcg_at_20")
 DEFAULT_ALIAS = "champion"
 HISTORY_LENGTH = 50  # earlier holders kept per alias for rollback
 

@@ -17,16 +17,19 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from features.candidates import top_scores
 from features.feed import Candidates, Source
 from features.interactions import user_items_matrix
 from features.popularity import ItemPopularity, item_popularity
 from features.repurchase import NO_CATEGORY, RepurchasePolicy
 from features.served import (
+    FUSION_DEPTH,
     ItemWeights,
     Pipeline,
     blocked_items,
     fallback_steps,
     final_list,
+    fuse,
     history_of,
     personal_step,
     seen_items,
@@ -61,8 +64,10 @@ class Candidate:
 
     name: str  # e.g. "ease_l200", "als_linear"
     pipeline: Pipeline
-    als: ALSParams | None = None
+    als: ALSParams | None = None  # the ALS setting (of the pipeline, or of its ALS part)
     ease_lambda: float | None = None
+    parts: tuple[Pipeline, ...] = ()  # a fused pipeline's parts, leading one first
+    weights: tuple[float, ...] = ()
 
 
 @dataclass(slots=True)
@@ -95,6 +100,7 @@ class ValidationSet:
     repeatable: np.ndarray  # per item: its category may be bought again
     popularity: ItemPopularity
     targets: Targets
+    unavailable: np.ndarray | None = None  # per item: out of stock in the catalog (serving never shows it)
 
 
 def relevant_targets(fit: pd.DataFrame, held: pd.DataFrame, users: Vocabulary, items: Vocabulary,
@@ -126,11 +132,12 @@ def relevant_targets(fit: pd.DataFrame, held: pd.DataFrame, users: Vocabulary, i
 
 
 def validation_set(fit: pd.DataFrame, held: pd.DataFrame, users: Vocabulary, items: Vocabulary,
-                   item_category: np.ndarray, policy: RepurchasePolicy, params: TrainParams) -> ValidationSet:
+                   meta: pd.DataFrame, policy: RepurchasePolicy, params: TrainParams) -> ValidationSet:
     weights = params.weights
     as_of = fit["ts"].max()
     history = user_items_matrix(fit, users, items, weights)
-    repeatable = policy.repeatable_mask(item_category)
+    repeatable = policy.repeatable_mask(item_categories(meta))
+    unavailable = (meta["in_stock"] == False).fillna(False).to_numpy(dtype=bool)  # noqa: E712
     bought = fit.loc[fit["event_type"].isin(CONVERSION_TYPES)]
     rows, cols = users.indexes(bought["user_id"]), items.indexes(bought["item_id"])
     keep = (rows >= 0) & (cols >= 0)
@@ -139,20 +146,28 @@ def validation_set(fit: pd.DataFrame, held: pd.DataFrame, users: Vocabulary, ite
     bought_matrix.sum_duplicates()
     popularity = item_popularity(fit, items, weights, as_of, params.popularity.trending_half_life_days)
     targets = relevant_targets(fit, held, users, items, repeatable)
-    return ValidationSet(users, items, history, bought_matrix.tocsr(), repeatable, popularity, targets)
+    return ValidationSet(users, items, history, bought_matrix.tocsr(), repeatable, popularity, targets, unavailable)
 
 
 def user_blocked(valid: ValidationSet, user: int, exclude_seen: bool) -> np.ndarray:
     """The items a user's list skips, as serving computes them (`features.served.blocked_items`)."""
     n_items = len(valid.items)
     if user < 0:
-        return np.zeros(n_items, dtype=bool)
+        return np.zeros(n_items, dtype=bool) if valid.unavailable is None else valid.unavailable.copy()
     bought = valid.bought.indices[valid.bought.indptr[user] : valid.bought.indptr[user + 1]]
     seen = seen_items(history_of(valid.history, user)[0], bought, valid.repeatable) if exclude_seen else None
-    return blocked_items(n_items, bought[~valid.repeatable[bought]], seen)
+    mask = blocked_items(n_items, bought[~valid.repeatable[bought]], seen)
+    if valid.unavailable is not None:
+        mask |= valid.unavailable
+    return mask
 
 
 PersonalFn = Callable[[int, np.ndarray], list[Candidates]]
+PartFn = Callable[[int, np.ndarray, int], Candidates | None]  # (user row, blocked, depth) -> a part's best items
+FAMILY = {Pipeline.ALS: "als", Pipeline.ITEM_KNN: "item", Pipeline.EASE: "item", Pipeline.TRENDING: "popularity",
+          Pipeline.POPULAR: "popularity"}
+FUSION_WEIGHTS = (0.25, 0.5, 0.75)  # the leading part's share in a fused list
+CHUNK = 128
 
 
 def lists_for(valid: ValidationSet, personal: PersonalFn, pipeline: Pipeline, exclude_seen: bool,
@@ -168,14 +183,57 @@ def lists_for(valid: ValidationSet, personal: PersonalFn, pipeline: Pipeline, ex
     return out
 
 
+def als_part(valid: ValidationSet, factors: Factors) -> PartFn:
+    """ALS's best items per validation user, scored a chunk of users at a time (one matrix product, not one
+    pass over the catalog per user), deep enough for any list built from them."""
+    rows = np.unique(valid.targets.user_idx[valid.targets.user_idx >= 0])
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for start in range(0, len(rows), CHUNK):
+        chunk = rows[start:start + CHUNK]
+        scores = factors.user_factors[chunk] @ factors.item_factors.T
+        for user, row in zip(chunk.tolist(), scores, strict=True):
+            extra = int(valid.history.indptr[user + 1] - valid.history.indptr[user])
+            base = user_blocked(valid, user, exclude_seen=False)
+            cache[user] = top_scores(row, FUSION_DEPTH + extra, base)
+
+    def part(user: int, blocked: np.ndarray, depth: int) -> Candidates | None:
+        if user not in cache:
+            return None
+        items, values = cache[user]
+        keep = ~blocked[items]
+        return Candidates(Source.ALS, items[keep][:depth], values[keep][:depth])
+
+    return part
+
+
+def scored_part(valid: ValidationSet, pipeline: Pipeline, item_weights: ItemWeights | None = None) -> PartFn:
+    popularity = {Pipeline.TRENDING: valid.popularity.trending, Pipeline.POPULAR: valid.popularity.popular}
+
+    def part(user: int, blocked: np.ndarray, depth: int) -> Candidates | None:
+        return personal_step(pipeline, depth, blocked, item_weights=item_weights,
+                             history=history_of(valid.history, user), popularity=popularity.get(pipeline))
+
+    return part
+
+
 def single_source(valid: ValidationSet, pipeline: Pipeline, *, factors: Factors | None = None,
-                  item_weights: ItemWeights | None = None, depth: int = SELECTION_K) -> PersonalFn:
+                  item_weights: ItemWeights | None = None) -> PersonalFn:
+    """The personal step of one source, as `features.served.personal_step` builds it for serving."""
+    return part_personal(als_part(valid, factors) if factors is not None else scored_part(valid, pipeline,
+                                                                                         item_weights))
+
+
+def part_personal(part: PartFn) -> PersonalFn:
     def personal(user: int, blocked: np.ndarray) -> list[Candidates]:
-        step = personal_step(
-            pipeline, depth, blocked,
-            user_vector=factors.user_factors[user] if factors is not None else None,
-            item_factors=factors.item_factors if factors is not None else None,
-            item_weights=item_weights, history=history_of(valid.history, user))
+        step = part(user, blocked, SELECTION_K)
+        return [step] if step is not None else []
+
+    return personal
+
+
+def fused_personal(parts: Sequence[PartFn], weights: Sequence[float]) -> PersonalFn:
+    def personal(user: int, blocked: np.ndarray) -> list[Candidates]:
+        step = fuse([p(user, blocked, FUSION_DEPTH) for p in parts], weights, FUSION_DEPTH)
         return [step] if step is not None else []
 
     return personal
@@ -205,6 +263,7 @@ def select_pipeline(valid: ValidationSet, params: TrainParams, say: Callable[[st
     rows: dict[str, dict[str, float]] = {}
     per_user: dict[str, np.ndarray] = {}
     personal_of: dict[str, tuple[Candidate, PersonalFn]] = {}
+    parts: dict[str, tuple[Candidate, PartFn]] = {}
 
     def measure(candidate: Candidate, personal: PersonalFn, exclude_seen: bool = True) -> None:
         lists = lists_for(valid, personal, candidate.pipeline, exclude_seen)
@@ -215,37 +274,56 @@ def select_pipeline(valid: ValidationSet, params: TrainParams, say: Callable[[st
         per_user[key] = per_user_metrics(lists, targets, SELECTION_K)
         personal_of[key] = (candidate, personal)
 
+    def single(candidate: Candidate, part: PartFn) -> None:
+        parts[candidate.name] = (candidate, part)
+        measure(candidate, part_personal(part))
+
     for plain in (Pipeline.TRENDING, Pipeline.POPULAR):
-        measure(Candidate(plain.value, plain), lambda _u, _b: [])
+        single(Candidate(plain.value, plain), scored_part(valid, plain))
     fits = dict(als_fits or {})
     for variant, als in als_variants(params).items():
         factors = fits.get(variant) or fit_als(valid.history, als)
-        measure(Candidate(variant, Pipeline.ALS, als=als), single_source(valid, Pipeline.ALS, factors=factors))
-    measure(Candidate("item_knn", Pipeline.ITEM_KNN),
-            single_source(valid, Pipeline.ITEM_KNN, item_weights=fit_bm25(valid.history)))
+        single(Candidate(variant, Pipeline.ALS, als=als), als_part(valid, factors))
+    single(Candidate("item_knn", Pipeline.ITEM_KNN),
+           scored_part(valid, Pipeline.ITEM_KNN, fit_bm25(valid.history)))
     lambdas = ease_lambdas(*valid.history.shape)
     if lambdas:
         system = EaseSystem(valid.history)
         for lam in lambdas:
-            weights = pruned(system.weights(lam))
-            measure(Candidate(f"ease_l{lam:g}", Pipeline.EASE, ease_lambda=lam),
-                    single_source(valid, Pipeline.EASE, item_weights=weights))
+            single(Candidate(f"ease_l{lam:g}", Pipeline.EASE, ease_lambda=lam),
+                   scored_part(valid, Pipeline.EASE, pruned(system.weights(lam))))
         del system
     best_single = max(results, key=lambda key: results[key])
-    comparison: dict[str, float | str] = {"best_single": best_single}
-    chosen = best_single
-    note = f"{best_single} is the best single source on validation"
+    lead, lead_part = parts[best_single]
+    for family in sorted(set(FAMILY.values()) - {FAMILY[lead.pipeline]}):
+        other = max((name for name, (c, _) in parts.items() if FAMILY[c.pipeline] == family),
+                    key=lambda name: results[name])
+        second, second_part = parts[other]
+        for weight in FUSION_WEIGHTS:
+            fused = Candidate(f"fused_{lead.name}_{second.name}_w{weight:g}", Pipeline.FUSED,
+                              als=lead.als or second.als, ease_lambda=lead.ease_lambda or second.ease_lambda,
+                              parts=(lead.pipeline, second.pipeline), weights=(weight, 1.0 - weight))
+            measure(fused, fused_personal([lead_part, second_part], fused.weights))
+    best = max(results, key=lambda key: results[key])
+    comparison: dict[str, float | str] = {"best_single": best_single, "best_without_ranker": best}
+    chosen = best
+    note = f"{best} is the best on validation"
     if ranker_lists is not None:
         measure(Candidate("ranker", Pipeline.RANKER), ranked_personal(ranker_lists))
-        low, mid, high = bootstrap_ratio(per_user["ranker"], per_user[best_single],
-                                         np.random.default_rng(BOOTSTRAP_SEED))
+        low, mid, high = bootstrap_ratio(per_user["ranker"], per_user[best], np.random.default_rng(BOOTSTRAP_SEED))
         comparison |= {"ranker_ratio": mid, "ranker_ci_low": low, "ranker_ci_high": high}
         if low > 1.0:
             chosen = "ranker"
-            note = f"the ranker beats {best_single} on validation: {mid:.3f} ({low:.3f} - {high:.3f})"
+            note = f"the ranker beats {best} on validation: {mid:.3f} ({low:.3f} - {high:.3f})"
         else:
-            note = (f"the ranker is not served: over {best_single} it scores {mid:.3f} ({low:.3f} - {high:.3f}), "
+            note = (f"the ranker is not served: over {best} it scores {mid:.3f} ({low:.3f} - {high:.3f}), "
                     "an interval that does not clear 1")
+    if params.serve != "auto":
+        pinned = [name for name, (c, _) in personal_of.items() if c.pipeline.value == params.serve]
+        if not pinned:
+            raise ValueError(f"serve: {params.serve} was not trained under this protocol (the ranker needs time)")
+        chosen = max(pinned, key=lambda name: results[name])
+        note = f"pinned by the parameters (serve: {params.serve}); {note}"
     candidate, personal = personal_of[chosen]
     measure(candidate, personal, exclude_seen=False)  # does keeping the user's own items help here?
     exclude_seen = results[chosen] >= results[f"{chosen}_with_seen"]
@@ -260,7 +338,3 @@ def select_pipeline(valid: ValidationSet, params: TrainParams, say: Callable[[st
 
 def item_categories(meta: pd.DataFrame) -> np.ndarray:
     return meta["category"].fillna(NO_CATEGORY).replace("nan", NO_CATEGORY).to_numpy(dtype=object)
-
-
-def ranker_rows_lists(user_rows: Sequence[int], ranked: Sequence[np.ndarray]) -> dict[int, np.ndarray]:
-    return {row: items for row, items in zip(user_rows, ranked, strict=True) if row >= 0}
