@@ -482,6 +482,8 @@ def test_fresh_shares_take_the_first_seats_one_per_sharer_and_explain_from_the_u
     user = bundle.users.id_of(row)
     now = time.time()
     owned = {bundle.items.id_of(int(i)) for i in bundle.bought[row].indices}
+    if bundle.manifest.served.exclude_seen:  # the user's own items are kept out of their list too
+        owned |= {bundle.items.id_of(int(i)) for i in bundle.state.pair_weight[row].indices}
     free = [i for i in bundle.items.ids.tolist() if i not in owned]
 
     def shared(sharer: str, item: str, age_hours: float) -> OnlineEvent:

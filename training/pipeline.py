@@ -219,7 +219,9 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
         say(f"evaluated {report.users:,} users on {report.target_kind}; unseen-item share "
             f"{report.unseen_item_share:.1%}, cold-user share {report.cold_user_share:.1%}")
         say(report.table().round(4).to_string())
-    report.rows |= {f"select.{name}": row for name, row in selection.rows.items()}
+    if not report.rows:  # no two-stage table under this protocol: the selection's is the run's table
+        report.rows = dict(selection.rows)
+        report.users, report.target_kind = selection.users, "new pairs and repeat buys"
     say("selection table (targets: " + "new pairs and repeat buys" + "):")
     say(pd.DataFrame.from_dict(selection.rows, orient="index").round(4).to_string())
     if report.comparison:
@@ -246,7 +248,8 @@ def evaluate(data_dir: Path, params: TrainParams, settings: TrainingSettings, *,
     with tracking.tracked_run(settings, run_name=f"evaluate {Path(data_dir).name}") as run_id:
         tracking.log_params(params.flat() | {"data_dir": str(data_dir)})
         evaluation = _evaluate(data, params, clock, say)
-        tracking.log_metrics(evaluation.report.flat_metrics() | {f"time.{k}_s": v for k, v in clock.seconds.items()})
+        tracking.log_metrics(evaluation.report.flat_metrics() | evaluation.selection.evidence()
+                             | {f"time.{k}_s": v for k, v in clock.seconds.items()})
         tracking.log_metric_curves(evaluation.report.curves, CURVE_K)
         tracking.set_tags({"holdout": evaluation.holdout.kind, "kind": "evaluation"})
     return evaluation.report, run_id
@@ -335,7 +338,8 @@ def train(
                 item_weights=item_weights,
             )
             manifest = write_bundle(out, bundle, manifest)
-        tracking.log_metrics(report.flat_metrics() | {f"time.{k}_s": v for k, v in clock.seconds.items()})
+        tracking.log_metrics(report.flat_metrics() | selection.evidence()
+                             | {f"time.{k}_s": v for k, v in clock.seconds.items()})
         tracking.set_tags({"served_pipeline": chosen.name, "protocol": evaluation.protocol,
                            "bundle_version": manifest.bundle_version, "holdout": holdout.kind,
                            "ranker_training": evaluation.ranker_training})
