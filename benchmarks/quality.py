@@ -203,6 +203,17 @@ def top_lists(scores_for, users: list[str], user_index: pd.Index, items: pd.Inde
     return out
 
 
+def first_open(order: list[str], ban: set[str]) -> list[str]:
+    """The first K items of `order` that are not banned, each once (stops as soon as it has them)."""
+    picks: list[str] = []
+    for item in order:
+        if item not in ban and item not in picks:
+            picks.append(item)
+            if len(picks) == K:
+                break
+    return picks
+
+
 def popular_order(frame: pd.DataFrame, now: pd.Timestamp, days: int | None) -> list[str]:
     part = frame if days is None else frame.loc[frame["_ts"] > now - pd.Timedelta(days=days)]
     counts = part.groupby("item_id")["user_id"].nunique()
@@ -285,15 +296,15 @@ def baselines(split: Split, users: list[str], blocked: dict[str, set[str]], vali
 
     train_now, now = split.train["_ts"].max(), before["_ts"].max()
     windows = {f"{d}d": d for d in POPULARITY_DAYS} | {"all": None}
-    best_window = max(windows, key=lambda w: v_score(
-        {u: [i for i in popular_order(split.train, train_now, windows[w]) if i not in v_blocked.get(u, set())][:K]
-         for u in v_users}))
+    orders = {w: popular_order(split.train, train_now, days) for w, days in windows.items()}
+    best_window = max(windows, key=lambda w: v_score({u: first_open(orders[w], v_blocked.get(u, set()))
+                                                      for u in v_users}))
     chosen["popular_recent"] = best_window
     fill = popular_order(before, now, None)
     out: dict[str, dict[str, list[str]]] = {}
     for name, days in (("popular_recent", windows[best_window]), ("popular_all", None)):
         order = popular_order(before, now, days) + fill
-        out[name] = {u: [i for i in dict.fromkeys(order) if i not in blocked.get(u, set())][:K] for u in users}
+        out[name] = {u: first_open(order, blocked.get(u, set())) for u in users}
     out["als_untuned"] = top_lists(fit_als(m_all, False), users, f_users, t_items, blocked, fill)
     out["als_defaults"] = top_lists(fit_als(m_all, True), users, f_users, t_items, blocked, fill)
     out["bm25_knn"] = top_lists(fit_bm25(m_all), users, f_users, t_items, blocked, fill)

@@ -41,6 +41,7 @@ from training.bundle import (
     ServedInfo,
     write_bundle,
 )
+from training.crossfit import cross_fit
 from training.evaluate import (
     CURVE_K,
     EvalReport,
@@ -57,9 +58,6 @@ from training.window import (
     bought_matrix,
     candidate_rows,
     fit_window,
-    item_meta_frame,
-    item_vocabulary,
-    repurchase_policy,
 )
 
 RECENT_ITEMS = 50  # per user, kept in the bundle for explanations and history-based candidates
@@ -109,33 +107,38 @@ def _recent(events: pd.DataFrame, users: Vocabulary, items: Vocabulary, weights:
 
 
 def _select_on_holdout(data: Dataset, holdout: Holdout, params: TrainParams, clock: StageClock,
-                       say: Callable[[str], None], two_stage: TwoStageResult | None = None) -> Selection:
-    """Score every pipeline on the holdout's users (the ranker too when `two_stage` trained one) and choose."""
+                       say: Callable[[str], None], two_stage: TwoStageResult | None = None
+                       ) -> tuple[Selection, str | None]:
+    """Score every pipeline on the holdout's users and choose. Under `time` the ranker is the two-stage one
+    (`two_stage`); otherwise a ranker is cross-fitted on the holdout's own pairs (`training.crossfit`).
+    Returns the selection and, without a time window, the cross-fitted ranker for the bundle."""
     train = holdout.train
     if two_stage is not None:  # the window the ranker was measured on: its vocabularies and fitted ALS
         window = two_stage.test_window
-        users, items, meta, policy = window.users, window.items, window.item_meta, window.policy
     else:
-        users = Vocabulary.from_ids(train["user_id"])
-        items = item_vocabulary(train, data.items)
-        meta = item_meta_frame(items, data.items, ITEM_META_COLUMNS)
-        policy = repurchase_policy(train, data.items, params)
-    valid = validation_set(train, holdout.test, users, items, meta, policy, params)
+        with clock.stage("fit on the holdout training part"):
+            window = fit_window(train, data.items, params, train["ts"].max() + pd.Timedelta(1, "ns"),
+                                ITEM_META_COLUMNS, data.social)
+    valid = validation_set(train, holdout.test, window.users, window.items, window.item_meta, window.policy, params)
     say(f"selection: {len(valid.targets.user_ids):,} users, targets {valid.targets.target_kind}")
-    ranker_lists: dict[int, np.ndarray] | None = None
-    als_fits: dict[str, Factors] = {}
+    als_fits = {"als": Factors(window.models.als_users, window.models.als_items, params.als.regularization,
+                               params.als.alpha)}
+    ranker_text: str | None = None
     if two_stage is not None:
-        window = two_stage.test_window
         known = [str(u) for u, row in zip(valid.targets.user_ids, valid.targets.user_idx, strict=True) if row >= 0]
         rows = candidate_rows(window, known, params, UNION_SIZE)
         if not params.ranker.social:
             blank_social(rows)
         ranked = ranked_rows(rows, two_stage.rankers["ranker"].predict(rows.features))
-        ranker_lists = {int(r): items_ for r, items_ in zip(rows.user_idx.tolist(), ranked, strict=True)}
-        als_fits["als"] = Factors(window.models.als_users, window.models.als_items, params.als.regularization,
-                                  params.als.alpha)
+        ranker_lists: dict[int, np.ndarray] | None = {
+            int(r): items_ for r, items_ in zip(rows.user_idx.tolist(), ranked, strict=True)}
+    else:
+        with clock.stage("cross-fitted ranker"):
+            crossed = cross_fit(window, holdout.test, valid.targets, params, say)
+        ranker_lists = crossed.lists if crossed is not None else None
+        ranker_text = crossed.ranker.to_string() if crossed is not None else None
     with clock.stage("pipeline selection"):
-        return select_pipeline(valid, params, say, ranker_lists, als_fits)
+        return select_pipeline(valid, params, say, ranker_lists, als_fits), ranker_text
 
 
 def _served_item_weights(chosen: Candidate, history: sp.csr_matrix) -> ItemWeights | None:
@@ -146,7 +149,7 @@ def _served_item_weights(chosen: Candidate, history: sp.csr_matrix) -> ItemWeigh
         return fit_bm25(history)
     if Pipeline.EASE in kinds:
         assert ease_lambda is not None
-        return fit_ease(history, ease_lambda)
+        return fit_ease(history, ease_lambda, chosen.ease_dropout)
     return None
 
 
@@ -214,7 +217,9 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
                     "the request-time validation groups")
     else:
         say(f"protocol {protocol}: the ranker learns from a time window, so the single sources compete alone")
-    selection = _select_on_holdout(data, holdout, params, clock, say, two_stage)
+    selection, crossed_ranker = _select_on_holdout(data, holdout, params, clock, say, two_stage)
+    if two_stage is None:
+        ranker_text = crossed_ranker
     if report.rows:
         say(f"evaluated {report.users:,} users on {report.target_kind}; unseen-item share "
             f"{report.unseen_item_share:.1%}, cold-user share {report.cold_user_share:.1%}")

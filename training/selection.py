@@ -11,7 +11,7 @@ where the repurchase policy offers an item again.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -39,9 +39,10 @@ from features.weights import CONVERSION_TYPES
 from training.als import Factors, fit_als
 from training.evaluate import Targets, bootstrap_ratio, per_user_metrics, score_lists
 from training.params import ALSParams, TrainParams
-from training.sources import EaseSystem, ease_lambdas, fit_bm25, pruned
+from training.sources import EASE_DROPOUTS, EASE_LAMBDAS, EaseSystem, ease_lambdas, fit_bm25, pruned
 
 FALLBACK_DEPTH = 2000
+MAX_USERS = 10_000  # validation users a choice is made on (a seeded sample when there are more)
 SELECTION_K = 20
 BOOTSTRAP_SEED = 41
 
@@ -66,6 +67,7 @@ class Candidate:
     pipeline: Pipeline
     als: ALSParams | None = None  # the ALS setting (of the pipeline, or of its ALS part)
     ease_lambda: float | None = None
+    ease_dropout: float = 0.0
     parts: tuple[Pipeline, ...] = ()  # a fused pipeline's parts, leading one first
     weights: tuple[float, ...] = ()
 
@@ -131,6 +133,14 @@ def relevant_targets(fit: pd.DataFrame, held: pd.DataFrame, users: Vocabulary, i
     )
 
 
+def _sampled(targets: Targets, most: int, seed: int) -> Targets:
+    if len(targets.user_ids) <= most:
+        return targets
+    keep = np.sort(np.random.default_rng(seed).choice(len(targets.user_ids), most, replace=False))
+    return replace(targets, user_ids=targets.user_ids[keep], user_idx=targets.user_idx[keep],
+                   items=[targets.items[i] for i in keep.tolist()], n_targets=targets.n_targets[keep])
+
+
 def validation_set(fit: pd.DataFrame, held: pd.DataFrame, users: Vocabulary, items: Vocabulary,
                    meta: pd.DataFrame, policy: RepurchasePolicy, params: TrainParams) -> ValidationSet:
     weights = params.weights
@@ -145,7 +155,7 @@ def validation_set(fit: pd.DataFrame, held: pd.DataFrame, users: Vocabulary, ite
                                   shape=(len(users), len(items)))
     bought_matrix.sum_duplicates()
     popularity = item_popularity(fit, items, weights, as_of, params.popularity.trending_half_life_days)
-    targets = relevant_targets(fit, held, users, items, repeatable)
+    targets = _sampled(relevant_targets(fit, held, users, items, repeatable), MAX_USERS, params.split.random_seed)
     return ValidationSet(users, items, history, bought_matrix.tocsr(), repeatable, popularity, targets, unavailable)
 
 
@@ -292,6 +302,10 @@ def select_pipeline(valid: ValidationSet, params: TrainParams, say: Callable[[st
         for lam in lambdas:
             single(Candidate(f"ease_l{lam:g}", Pipeline.EASE, ease_lambda=lam),
                    scored_part(valid, Pipeline.EASE, pruned(system.weights(lam))))
+        lam = max(lambdas, key=lambda value: results[f"ease_l{value:g}"])
+        for dropout in EASE_DROPOUTS if len(lambdas) == len(EASE_LAMBDAS) else ():  # cheap inversions only
+            single(Candidate(f"ease_l{lam:g}_d{dropout:g}", Pipeline.EASE, ease_lambda=lam, ease_dropout=dropout),
+                   scored_part(valid, Pipeline.EASE, pruned(system.weights(lam, dropout))))
         del system
     best_single = max(results, key=lambda key: results[key])
     lead, lead_part = parts[best_single]
@@ -302,6 +316,7 @@ def select_pipeline(valid: ValidationSet, params: TrainParams, say: Callable[[st
         for weight in FUSION_WEIGHTS:
             fused = Candidate(f"fused_{lead.name}_{second.name}_w{weight:g}", Pipeline.FUSED,
                               als=lead.als or second.als, ease_lambda=lead.ease_lambda or second.ease_lambda,
+                              ease_dropout=max(lead.ease_dropout, second.ease_dropout),
                               parts=(lead.pipeline, second.pipeline), weights=(weight, 1.0 - weight))
             measure(fused, fused_personal([lead_part, second_part], fused.weights))
     best = max(results, key=lambda key: results[key])
@@ -310,8 +325,11 @@ def select_pipeline(valid: ValidationSet, params: TrainParams, say: Callable[[st
     note = f"{best} is the best on validation"
     if ranker_lists is not None:
         measure(Candidate("ranker", Pipeline.RANKER), ranked_personal(ranker_lists))
-        low, mid, high = bootstrap_ratio(per_user["ranker"], per_user[best], np.random.default_rng(BOOTSTRAP_SEED))
-        comparison |= {"ranker_ratio": mid, "ranker_ci_low": low, "ranker_ci_high": high}
+        ranked = np.isin(targets.user_idx, np.fromiter(ranker_lists, dtype=np.int64, count=len(ranker_lists)))
+        low, mid, high = bootstrap_ratio(per_user["ranker"][ranked], per_user[best][ranked],
+                                         np.random.default_rng(BOOTSTRAP_SEED))
+        comparison |= {"ranker_ratio": mid, "ranker_ci_low": low, "ranker_ci_high": high,
+                       "ranker_users": float(ranked.sum())}
         if low > 1.0:
             chosen = "ranker"
             note = f"the ranker beats {best} on validation: {mid:.3f} ({low:.3f} - {high:.3f})"

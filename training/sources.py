@@ -20,6 +20,7 @@ BM25_B = 0.75
 EASE_MAX_ITEMS = 20_000  # the catalog size up to which EASE's dense item x item system is formed at all
 EASE_KEEP = 1000  # weights kept per item row for serving (the largest in absolute value; as good as dense here)
 EASE_LAMBDAS = (10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 3000.0)
+EASE_DROPOUTS = (0.25, 0.5)  # tried at the best lambda: the dropout-regularized form
 EASE_SECONDS_BUDGET = 60.0  # the lambda search is cut to what fits in about this much inversion time
 _INVERT_SECONDS_AT_10K = 50.0  # one dense float32 inversion of 10k x 10k on this machine kind (2 cores)
 
@@ -63,24 +64,27 @@ class EaseSystem:
             gram = (binary @ binary.T) if self.wide else (binary.T @ binary)
         self.gram = np.asarray(gram.todense(), dtype=np.float64)
 
-    def precision(self, lam: float) -> np.ndarray:
-        """P = (X'X + lambda I)^-1, items x items (float32)."""
+    def precision(self, lam: float, dropout: float = 0.0) -> np.ndarray:
+        """P = (X'X + D)^-1, items x items (float32), with D = lam + dropout / (1 - dropout) * diag(X'X): plain
+        EASE at dropout 0, and the dropout-regularized form (Steck, 2020) above it, where popular items are
+        held back harder."""
+        counts = np.asarray(self.x.sum(axis=0)).ravel() if self.wide else np.diag(self.gram)
+        d = lam + dropout / (1.0 - dropout) * counts
         with threadpool_limits(2, "blas"):
             if not self.wide:
-                system = self.gram + lam * np.eye(self.n_items)
-                return np.linalg.inv(system).astype(np.float32)
-            # Woodbury: (X'X + lam I)^-1 = (I - X' (X X' + lam I)^-1 X) / lam
-            inner = np.linalg.inv(self.gram + lam * np.eye(self.n_users)).astype(np.float32)
+                return np.linalg.inv(self.gram + np.diag(d)).astype(np.float32)
+            # Woodbury: (X'X + D)^-1 = D^-1 - D^-1 X' (I + X D^-1 X')^-1 X D^-1
+            scaled = self.x.toarray() / d[None, :]  # X D^-1, users x items
             dense_x = self.x.toarray()
-            out = -(dense_x.T @ (inner @ dense_x))
-            out[np.diag_indices_from(out)] += 1.0
-            out /= lam
+            inner = np.linalg.inv(np.eye(self.n_users) + scaled @ dense_x.T).astype(np.float32)
+            out = -(scaled.T.astype(np.float32) @ (inner @ scaled.astype(np.float32)))
+            out[np.diag_indices_from(out)] += (1.0 / d).astype(np.float32)
             result: np.ndarray = out
             return result
 
-    def weights(self, lam: float) -> np.ndarray:
+    def weights(self, lam: float, dropout: float = 0.0) -> np.ndarray:
         """Dense B: B[j, i] is how much a user's item j speaks for item i; zero diagonal."""
-        p = self.precision(lam)
+        p = self.precision(lam, dropout)
         b = -p / np.diag(p)[None, :]
         np.fill_diagonal(b, 0.0)
         return b
@@ -98,5 +102,5 @@ def pruned(dense: np.ndarray, keep: int = EASE_KEEP) -> ItemWeights:
     return ItemWeights(matrix, binary=True)
 
 
-def fit_ease(user_items: sp.csr_matrix, lam: float) -> ItemWeights:
-    return pruned(EaseSystem(user_items).weights(lam))
+def fit_ease(user_items: sp.csr_matrix, lam: float, dropout: float = 0.0) -> ItemWeights:
+    return pruned(EaseSystem(user_items).weights(lam, dropout))
