@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def repeatable_items(before: pd.DataFrame, item_category: dict[str, str]) -> set
     """Items whose category (or, without categories, the data as a whole) is bought again."""
     buys = before.loc[before["event_type"] == "purchase"]
     occasions = buys.groupby(["user_id", "item_id"])["_ts"].nunique().reset_index()
-    occasions["category"] = occasions["item_id"].map(item_category).fillna("")
+    occasions["category"] = occasions["item_id"].map(item_category).astype(object).fillna("")
     rates = occasions.groupby("category")["_ts"].agg(pairs="size", again=lambda s: float((s >= 2).mean()))
     overall = float((occasions["_ts"] >= 2).mean()) if len(occasions) else 0.0
     default = len(occasions) >= REPEAT_MIN_PAIRS and overall >= REPEAT_SHARE
@@ -446,7 +447,9 @@ def item_categories(data_dir: Path) -> dict[str, str]:
     return {}
 
 
-def evaluate_data(data_dir: Path, seeds: int, protocols: list[str], keep: Path | None) -> dict[str, object]:
+def evaluate_data(data_dir: Path, seeds: int, protocols: list[str], keep: Path | None,
+                  checkpoint: Callable[[dict[str, object]], None] = lambda _: None) -> dict[str, object]:
+    """Every case of one data set; `checkpoint` gets the result so far after each split."""
     events, events_path = read_events(data_dir)
     categories = item_categories(data_dir)
     has_order = events["_ts"].nunique() > 1
@@ -469,7 +472,8 @@ def evaluate_data(data_dir: Path, seeds: int, protocols: list[str], keep: Path |
                   f"{case['best']} = {case['ratio']:.3f} [{case['ci'][0]:.3f}, {case['ci'][1]:.3f}], "  # type: ignore[index]
                   f"{case['users']} users", flush=True)
             cases.append(case)
-        result["cases"][protocol] = {"splits": cases, "pooled": pooled(cases)}  # type: ignore[index]
+            result["cases"][protocol] = {"splits": cases, "pooled": pooled(cases)}  # type: ignore[index]
+            checkpoint(result)
     return result
 
 
@@ -513,11 +517,14 @@ def main() -> None:
         return
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
-    results = []
-    for data_dir in args.data:
-        results.append(evaluate_data(data_dir, args.seeds, args.protocols, args.logs))
+    results: list[dict[str, object]] = []
+
+    def save(partial: dict[str, object]) -> None:
         if args.out:
-            args.out.write_text(json.dumps(results))
+            args.out.write_text(json.dumps([*results, partial]))
+
+    for data_dir in args.data:
+        results.append(evaluate_data(data_dir, args.seeds, args.protocols, args.logs, save))
     print(markdown(results))
 
 

@@ -78,7 +78,12 @@ def holdout_targets(test: pd.DataFrame, users: Vocabulary, items: Vocabulary,
         positive = [t for t, w in weights.items() if w > 0]
         conversions = test.loc[test["event_type"].isin(positive)]
         kind = "positive events"
-    pairs = conversions[["user_id", "item_id"]].drop_duplicates()
+    return targets_from_pairs(conversions[["user_id", "item_id"]], users, items, kind)
+
+
+def targets_from_pairs(pairs: pd.DataFrame, users: Vocabulary, items: Vocabulary, kind: str) -> Targets:
+    """Targets from (user_id, item_id) rows: each user's distinct items, as indexes of `items`."""
+    pairs = pairs[["user_id", "item_id"]].drop_duplicates()
     pairs = pairs.assign(item_idx=items.indexes(pairs["item_id"]))
     grouped = pairs.groupby("user_id", sort=True)
     user_ids = np.asarray(list(grouped.groups.keys()), dtype=object)

@@ -24,6 +24,7 @@ from features.popularity import ItemPopularity, item_popularity
 from features.repurchase import NO_CATEGORY, RepurchasePolicy
 from features.served import (
     FUSION_DEPTH,
+    SOURCE_OF,
     ItemWeights,
     Pipeline,
     blocked_items,
@@ -37,7 +38,7 @@ from features.served import (
 from features.vocab import Vocabulary
 from features.weights import CONVERSION_TYPES
 from training.als import Factors, fit_als
-from training.evaluate import Targets, bootstrap_ratio, per_user_metrics, score_lists
+from training.evaluate import Targets, bootstrap_ratio, per_user_metrics, score_lists, targets_from_pairs
 from training.params import ALSParams, TrainParams
 from training.sources import EASE_DROPOUTS, EASE_LAMBDAS, EaseSystem, ease_lambdas, fit_bm25, pruned
 
@@ -119,18 +120,7 @@ def relevant_targets(fit: pd.DataFrame, held: pd.DataFrame, users: Vocabulary, i
     new = np.fromiter((key not in seen for key in keys), dtype=bool, count=len(keys))
     repeat = pairs["event_type"].isin(CONVERSION_TYPES).to_numpy() & again & np.fromiter(
         (key in bought_pairs for key in keys), dtype=bool, count=len(keys))
-    chosen = pairs.loc[new | repeat, ["user_id", "item_id"]].drop_duplicates()
-    chosen = chosen.assign(item_idx=items.indexes(chosen["item_id"]))
-    grouped = chosen.groupby("user_id", sort=True)
-    user_ids = np.asarray(list(grouped.groups.keys()), dtype=object)
-    per_user = [g["item_idx"].to_numpy() for _, g in grouped]
-    user_idx = users.indexes(pd.Series(user_ids, dtype="str"))
-    return Targets(
-        user_ids=user_ids, user_idx=user_idx, items=[t[t >= 0] for t in per_user],
-        n_targets=np.asarray([len(t) for t in per_user], dtype=np.int64), target_kind="new pairs and repeat buys",
-        unseen_item_share=float((chosen["item_idx"] < 0).mean()) if len(chosen) else 0.0,
-        cold_user_share=float((user_idx < 0).mean()) if len(user_idx) else 0.0,
-    )
+    return targets_from_pairs(pairs.loc[new | repeat], users, items, "new pairs and repeat buys")
 
 
 def _sampled(targets: Targets, most: int, seed: int) -> Targets:
@@ -218,6 +208,17 @@ def als_part(valid: ValidationSet, factors: Factors) -> PartFn:
 
 def scored_part(valid: ValidationSet, pipeline: Pipeline, item_weights: ItemWeights | None = None) -> PartFn:
     popularity = {Pipeline.TRENDING: valid.popularity.trending, Pipeline.POPULAR: valid.popularity.popular}
+    if pipeline in popularity:  # one order for everyone: each user's part is its first open items
+        scores = popularity[pipeline]
+        positive = np.flatnonzero(scores > 0)
+        order = positive[np.lexsort((positive, -scores[positive]))]
+
+        def ranked(user: int, blocked: np.ndarray, depth: int) -> Candidates | None:
+            del user
+            keep = order[~blocked[order]][:depth]
+            return Candidates(SOURCE_OF[pipeline], keep.astype(np.int64), scores[keep].astype(np.float32))
+
+        return ranked
 
     def part(user: int, blocked: np.ndarray, depth: int) -> Candidates | None:
         return personal_step(pipeline, depth, blocked, item_weights=item_weights,
