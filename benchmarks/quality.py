@@ -447,7 +447,7 @@ def item_categories(data_dir: Path) -> dict[str, str]:
     return {}
 
 
-def evaluate_data(data_dir: Path, seeds: int, protocols: list[str], keep: Path | None,
+def evaluate_data(data_dir: Path, seeds: range, protocols: list[str], keep: Path | None,
                   checkpoint: Callable[[dict[str, object]], None] = lambda _: None) -> dict[str, object]:
     """Every case of one data set; `checkpoint` gets the result so far after each split."""
     events, events_path = read_events(data_dir)
@@ -458,7 +458,7 @@ def evaluate_data(data_dir: Path, seeds: int, protocols: list[str], keep: Path |
     for protocol in protocols:
         if protocol == "time" and not has_order:
             continue
-        splits = [random_split(events, s) for s in range(seeds)] if protocol == "random" else [time_split(events)]
+        splits = [random_split(events, s) for s in seeds] if protocol == "random" else [time_split(events)]
         cases = []
         for split in splits:
             work = Path(tempfile.mkdtemp(prefix=f"quality-{data_dir.name}-"))
@@ -506,6 +506,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, action="append", default=[])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="split seeds run from this one on")
     parser.add_argument("--protocols", nargs="+", default=["random", "time"], choices=["random", "time"])
     parser.add_argument("--out", type=Path, help="JSON results")
     parser.add_argument("--logs", type=Path, help="keep each run's train log in this folder")
@@ -524,7 +525,8 @@ def main() -> None:
             args.out.write_text(json.dumps([*results, partial]))
 
     for data_dir in args.data:
-        results.append(evaluate_data(data_dir, args.seeds, args.protocols, args.logs, save))
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        results.append(evaluate_data(data_dir, seeds, args.protocols, args.logs, save))
     print(markdown(results))
 
 
