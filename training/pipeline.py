@@ -216,7 +216,7 @@ def _evaluate(data: Dataset, params: TrainParams, clock: StageClock, say: Callab
                 say(f"the bundle's ranker is trained {ranker_training} ({served.rounds} rounds), the way kept on "
                     "the request-time validation groups")
     else:
-        say(f"protocol {protocol}: the ranker learns from a time window, so the single sources compete alone")
+        say(f"protocol {protocol}: the ranker learns from the held-out pairs, cross-fitted over users")
     selection, crossed_ranker = _select_on_holdout(data, holdout, params, clock, say, two_stage)
     if two_stage is None:
         ranker_text = crossed_ranker

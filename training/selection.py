@@ -27,7 +27,6 @@ from features.served import (
     SOURCE_OF,
     ItemWeights,
     Pipeline,
-    blocked_items,
     fallback_steps,
     final_list,
     fuse,
@@ -43,7 +42,7 @@ from training.params import ALSParams, TrainParams
 from training.sources import EASE_DROPOUTS, EASE_LAMBDAS, EaseSystem, ease_lambdas, fit_bm25, pruned
 
 FALLBACK_DEPTH = 2000
-MAX_USERS = 10_000  # validation users a choice is made on (a seeded sample when there are more)
+MAX_USERS = 5_000  # validation users a choice is made on (a seeded sample when there are more)
 SELECTION_K = 20
 BOOTSTRAP_SEED = 41
 
@@ -149,17 +148,33 @@ def validation_set(fit: pd.DataFrame, held: pd.DataFrame, users: Vocabulary, ite
     return ValidationSet(users, items, history, bought_matrix.tocsr(), repeatable, popularity, targets, unavailable)
 
 
-def user_blocked(valid: ValidationSet, user: int, exclude_seen: bool) -> np.ndarray:
-    """The items a user's list skips, as serving computes them (`features.served.blocked_items`)."""
-    n_items = len(valid.items)
+def user_blocked_items(valid: ValidationSet, user: int, exclude_seen: bool) -> np.ndarray:
+    """The items a user's list skips beyond the unavailable ones, as serving computes them
+    (`features.served.blocked_items`): bought once-only items, and seen ones when the pipeline blocks them."""
     if user < 0:
-        return np.zeros(n_items, dtype=bool) if valid.unavailable is None else valid.unavailable.copy()
-    bought = valid.bought.indices[valid.bought.indptr[user] : valid.bought.indptr[user + 1]]
-    seen = seen_items(history_of(valid.history, user)[0], bought, valid.repeatable) if exclude_seen else None
-    mask = blocked_items(n_items, bought[~valid.repeatable[bought]], seen)
-    if valid.unavailable is not None:
-        mask |= valid.unavailable
-    return mask
+        return np.empty(0, dtype=np.int64)
+    bought = valid.bought.indices[valid.bought.indptr[user] : valid.bought.indptr[user + 1]].astype(np.int64)
+    once: np.ndarray = bought[~valid.repeatable[bought]]
+    if not exclude_seen:
+        return once
+    items: np.ndarray = np.union1d(once, seen_items(history_of(valid.history, user)[0], bought, valid.repeatable))
+    return items
+
+
+class _Mask:
+    """One blocked-items mask reused user after user: the unavailable items always, a user's own for a while."""
+
+    def __init__(self, valid: ValidationSet) -> None:
+        n_items = len(valid.items)
+        self.base = valid.unavailable if valid.unavailable is not None else np.zeros(n_items, dtype=bool)
+        self.mask = self.base.copy()
+
+    def set(self, items: np.ndarray) -> np.ndarray:
+        self.mask[items] = True
+        return self.mask
+
+    def reset(self, items: np.ndarray) -> None:
+        self.mask[items] = self.base[items]
 
 
 PersonalFn = Callable[[int, np.ndarray], list[Candidates]]
@@ -176,10 +191,13 @@ def lists_for(valid: ValidationSet, personal: PersonalFn, pipeline: Pipeline, ex
     pop = valid.popularity
     fallback = fallback_steps(pop.trending, pop.popular, n + FALLBACK_DEPTH, pipeline)
     out = []
+    shared = _Mask(valid)
     for user in valid.targets.user_idx.tolist():
-        blocked = user_blocked(valid, user, exclude_seen)
+        items = user_blocked_items(valid, user, exclude_seen)
+        blocked = shared.set(items)
         steps = personal(user, blocked) if user >= 0 else []
         out.append(final_list(steps, fallback, n, blocked).items)
+        shared.reset(items)
     return out
 
 
@@ -188,13 +206,15 @@ def als_part(valid: ValidationSet, factors: Factors) -> PartFn:
     pass over the catalog per user), deep enough for any list built from them."""
     rows = np.unique(valid.targets.user_idx[valid.targets.user_idx >= 0])
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    shared = _Mask(valid)
     for start in range(0, len(rows), CHUNK):
         chunk = rows[start:start + CHUNK]
         scores = factors.user_factors[chunk] @ factors.item_factors.T
         for user, row in zip(chunk.tolist(), scores, strict=True):
             extra = int(valid.history.indptr[user + 1] - valid.history.indptr[user])
-            base = user_blocked(valid, user, exclude_seen=False)
-            cache[user] = top_scores(row, FUSION_DEPTH + extra, base)
+            items = user_blocked_items(valid, user, exclude_seen=False)
+            cache[user] = top_scores(row, FUSION_DEPTH + extra, shared.set(items))
+            shared.reset(items)
 
     def part(user: int, blocked: np.ndarray, depth: int) -> Candidates | None:
         if user not in cache:
