@@ -42,7 +42,7 @@ from training.params import ALSParams, TrainParams
 from training.sources import EASE_DROPOUTS, EASE_LAMBDAS, EaseSystem, ease_lambdas, fit_bm25, pruned
 
 FALLBACK_DEPTH = 2000
-MAX_USERS = 5_000  # validation users a choice is made on (a seeded sample when there are more)
+MAX_USERS = 10_000  # validation users a choice is made on (a seeded sample when there are more)
 SELECTION_K = 20
 BOOTSTRAP_SEED = 41
 
