@@ -134,13 +134,3 @@ def seen_items(history: np.ndarray, bought: np.ndarray, repeatable: np.ndarray) 
     the ones bought in a category that is bought again (a repeat buy may be due)."""
     again = bought[repeatable[bought]]
     return history[~np.isin(history, again)]
-
-
-def blocked_items(n_items: int, once_only_bought: np.ndarray, seen: np.ndarray | None) -> np.ndarray:
-    """Items a user's list must not show: bought in a category not offered again, and, when the served
-    pipeline blocks them, every item the user already interacted with."""
-    mask = np.zeros(n_items, dtype=bool)
-    mask[once_only_bought] = True
-    if seen is not None:
-        mask[seen] = True
-    return mask

@@ -6,19 +6,15 @@ that the repurchase policy does not allow again), so the numbers describe what s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
-from features.feed import Candidates, Source, compose_feed
-from features.popularity import ItemPopularity, ranked
 from features.vocab import Vocabulary
 from features.weights import CONVERSION_TYPES
 
-CHUNK_USERS = 256
 CURVE_K = (1, 2, 5, 10, 15, 20)
 
 
@@ -147,60 +143,6 @@ def score_lists(lists: Sequence[np.ndarray], targets: Targets, ks: Sequence[int]
     shown = np.unique(np.concatenate([recs[: max(ks)] for recs in lists])) if lists else np.array([])
     row["coverage"] = float(len(shown) / n_items) if n_items else 0.0
     return row
-
-
-def fallback_chain(popularity: ItemPopularity, limit: int) -> list[Candidates]:
-    """The non-personal end of the chain: trending, then popular."""
-    trending = ranked(popularity.trending, limit)
-    popular = ranked(popularity.popular, limit)
-    return [
-        Candidates(Source.TRENDING, trending, popularity.trending[trending]),
-        Candidates(Source.POPULAR, popular, popularity.popular[popular]),
-    ]
-
-
-def recommend_lists(
-    targets: Targets, n: int, n_items: int, blocked_by_user: sp.csr_matrix, chains: Callable[[np.ndarray],
-                                                                                            list[list[Candidates]]]
-) -> list[np.ndarray]:
-    """Compose each evaluated user's list from the chains built for a chunk of users at a time."""
-    mask = np.zeros(n_items, dtype=bool)
-    out: list[np.ndarray] = []
-    for start in range(0, len(targets.user_idx), CHUNK_USERS):
-        chunk = targets.user_idx[start : start + CHUNK_USERS]
-        for user, chain in zip(chunk.tolist(), chains(chunk), strict=True):
-            blocked = blocked_by_user.indices[blocked_by_user.indptr[user] : blocked_by_user.indptr[user + 1]] \
-                if user >= 0 else np.empty(0, dtype=np.int64)
-            mask[blocked] = True
-            out.append(compose_feed(chain, n, mask).items)
-            mask[blocked] = False
-    return out
-
-
-def als_chains(user_factors: np.ndarray, item_factors: np.ndarray, blocked_by_user: sp.csr_matrix,
-               fallback: list[Candidates], n: int) -> Callable[[np.ndarray], list[list[Candidates]]]:
-    """ALS top items (exact inner product) ahead of the fallback; cold users get the fallback alone."""
-
-    def chains(chunk: np.ndarray) -> list[list[Candidates]]:
-        known = chunk[chunk >= 0]
-        scores = user_factors[known] @ item_factors.T if len(known) else np.empty((0, len(item_factors)))
-        result: list[list[Candidates]] = []
-        row = 0
-        for user in chunk.tolist():
-            if user < 0:
-                result.append(fallback)
-                continue
-            user_scores = scores[row]
-            row += 1
-            blocked = blocked_by_user.indices[blocked_by_user.indptr[user] : blocked_by_user.indptr[user + 1]]
-            take = min(n + len(blocked), len(user_scores))
-            top = np.argpartition(-user_scores, take - 1)[:take] if take < len(user_scores) else \
-                np.arange(len(user_scores))
-            top = top[np.argsort(-user_scores[top], kind="stable")]
-            result.append([Candidates(Source.ALS, top, user_scores[top]), *fallback])
-        return result
-
-    return chains
 
 
 def metric_curves(lists: Sequence[np.ndarray], targets: Targets, n_items: int) -> dict[str, list[float]]:

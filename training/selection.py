@@ -149,8 +149,8 @@ def validation_set(fit: pd.DataFrame, held: pd.DataFrame, users: Vocabulary, ite
 
 
 def user_blocked_items(valid: ValidationSet, user: int, exclude_seen: bool) -> np.ndarray:
-    """The items a user's list skips beyond the unavailable ones, as serving computes them
-    (`features.served.blocked_items`): bought once-only items, and seen ones when the pipeline blocks them."""
+    """The items a user's list skips beyond the unavailable ones, as serving computes them: bought items of
+    once-only categories, and seen ones (`features.served.seen_items`) when the pipeline blocks them."""
     if user < 0:
         return np.empty(0, dtype=np.int64)
     bought = valid.bought.indices[valid.bought.indptr[user] : valid.bought.indptr[user + 1]].astype(np.int64)
@@ -245,13 +245,6 @@ def scored_part(valid: ValidationSet, pipeline: Pipeline, item_weights: ItemWeig
                              history=history_of(valid.history, user), popularity=popularity.get(pipeline))
 
     return part
-
-
-def single_source(valid: ValidationSet, pipeline: Pipeline, *, factors: Factors | None = None,
-                  item_weights: ItemWeights | None = None) -> PersonalFn:
-    """The personal step of one source, as `features.served.personal_step` builds it for serving."""
-    return part_personal(als_part(valid, factors) if factors is not None else scored_part(valid, pipeline,
-                                                                                         item_weights))
 
 
 def part_personal(part: PartFn) -> PersonalFn:
